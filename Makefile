@@ -1,0 +1,32 @@
+# Two entry points, each doing all set-up on a machine with only Python and pip:
+#   make demo   train on scikit-learn's digits (device auto), write runs/digits/
+#   make test   run the test suite
+# PREINSTALL is installed first (CI pins torch there); EXTRAS picks the extras.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= cli,test
+PREINSTALL ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(PREINSTALL),$(BIN)/python -m pip install -q $(PREINSTALL))
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/gpubackprop train --dataset digits --hidden 128 64 --epochs 30 --device auto --out runs/digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/cpu_table.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

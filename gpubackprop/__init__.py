@@ -1,0 +1,16 @@
+"""gpubackprop: fast, verified backpropagation for multilayer perceptrons.
+
+    import gpubackprop as gb
+    model = gb.MLP([64, 128, 64, 10], device="auto", seed=0)
+    history = model.fit(X, y, epochs=30, batch_size=32, optimizer=gb.optim.Adam(1e-3))
+    model.evaluate(X_test, y_test)          # {"loss": ..., "accuracy": ...}
+"""
+
+from . import optim
+from .backend import DeviceUnavailableError, get_backend
+from .gradcheck import gradcheck
+from .io import load
+from .model import MLP
+
+__version__ = "0.1.0"
+__all__ = ["MLP", "optim", "gradcheck", "load", "get_backend", "DeviceUnavailableError", "__version__"]

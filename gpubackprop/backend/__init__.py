@@ -1,0 +1,136 @@
+"""Backends: where arrays live and how the fused primitives of a train step run.
+
+A Backend owns an array module (``xp``: NumPy or CuPy) and implements the few
+primitives a train step is made of. The model layer calls only these, so a new
+device needs a new Backend and nothing else:
+
+    dense_forward    a_l = g(a_{l-1} W_l^T + b_l)                (bias and g fused on the GEMM output)
+    dense_backward   delta_l = dL/da_l * g'(a_l)                 (from the stored activation)
+                     dL/db_l = sum over the batch of delta_l,
+                     dL/dW_l = delta_l^T a_{l-1},  dL/da_{l-1} = delta_l W_l
+    loss             cross entropy or MSE: the loss and delta_L in one pass
+    sgd_update, adam_update   one update over the flat parameter buffer
+
+Arrays are row-major with the batch first: a_l is (B, n_l), W_l is (n_l, n_{l-1})
+as in PyTorch, so a row of a is a sample and W matches ``torch.nn.Linear.weight``.
+
+``get_backend("cpu" | "cuda" | "cuda:N" | "auto")`` returns one shared Backend
+per device.
+"""
+
+import functools
+import logging
+import re
+
+log = logging.getLogger("gpubackprop")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device cannot be used; the message says why and what to do."""
+
+
+def get_backend(device="cpu"):
+    """The Backend for ``device``: "cpu", "cuda", "cuda:N", "auto", or a Backend.
+
+    "auto" takes the first GPU when CuPy can use it, else the CPU, and logs which
+    (logger "gpubackprop", INFO) with the reason; ``backend.note`` keeps it.
+    """
+    if isinstance(device, Backend):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'cpu', 'cuda:0' or 'auto', not {type(device).__name__}")
+    return _backend_for(device.strip().lower())
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_for(name):
+    from .numpy_backend import NumpyBackend
+
+    if name == "cpu":
+        return NumpyBackend()
+    if name == "auto":
+        try:
+            backend = _cuda_backend(0)
+        except DeviceUnavailableError as e:
+            backend = NumpyBackend(note=f"device='auto' chose cpu: {e}")
+        else:
+            backend.note = f"device='auto' chose {backend.name}"
+        log.info(backend.note)
+        return backend
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match:
+        return _cuda_backend(int(match.group(1) or 0))
+    raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+
+
+def _cuda_backend(index):
+    from .cupy_backend import CupyBackend
+
+    return CupyBackend(index)
+
+
+class Backend:
+    """One device's array module and primitives. Subclasses fill in the primitives.
+
+    Every primitive writes into buffers it is given and allocates nothing, so a
+    train step after the first of its batch size allocates nothing either.
+    """
+
+    name = "?"
+    xp = None
+    note = ""
+
+    # ---- arrays -------------------------------------------------------------
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def asarray(self, x, dtype=None):
+        """x (host or device array, or nested lists) as a C-contiguous array here."""
+        raise NotImplementedError
+
+    def to_host(self, x):
+        """A NumPy array with x's values (x itself when already on the host)."""
+        raise NotImplementedError
+
+    def is_native(self, x):
+        """Whether x is already an array of this backend's module."""
+        return isinstance(x, self.xp.ndarray)
+
+    def gather_rows(self, src, index, out):
+        """out[i] = src[index[i]]: a batch cut from a data set kept on this device."""
+        raise NotImplementedError
+
+    def context(self):
+        """A context manager that makes this device current while it is open."""
+        raise NotImplementedError
+
+    # ---- the fused primitives ----------------------------------------------
+    def dense_forward(self, a_prev, W, b, act, out, z, scratch):
+        """out = g(a_prev W^T + b). z receives the pre-activation when ``act.needs_z``
+        (else None: out doubles as z)."""
+        raise NotImplementedError
+
+    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
+        """Turn grad = dL/da into delta = grad * g'(a) in place, then
+        db = delta^T 1 (``ones`` is a (B,) vector of ones), dW = delta^T a_prev and,
+        unless ``grad_prev`` is None (first layer), grad_prev = delta W."""
+        raise NotImplementedError
+
+    def loss(self, name, z, y, delta, row):
+        """The loss called ``name`` of logits z against targets y; delta = dL/dz."""
+        raise NotImplementedError
+
+    def softmax(self, z, out, row):
+        raise NotImplementedError
+
+    def sgd_update(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first):
+        raise NotImplementedError
+
+    def adam_update(self, p, g, m, v, scratch, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,427 @@
+"""The multilayer perceptron: parameters in one flat buffer, forward, backward, fit.
+
+For layers l = 1..L with weights W_l (n_l, n_{l-1}) and biases b_l (n_l,), a batch
+of B samples flows as rows:
+
+    a_0 = X,   z_l = a_{l-1} W_l^T + b_l,   a_l = g(z_l) (hidden),   a_L = z_L (logits)
+    delta_L = dL/dz_L                       from the loss (gpubackprop.losses)
+    dL/dW_l = delta_l^T a_{l-1},   dL/db_l = sum over the batch of delta_l
+    delta_{l-1} = (delta_l W_l) * g'(z_{l-1})
+
+Every W_l and b_l is a view into one flat parameter buffer, and every gradient a
+view into one flat gradient buffer of the same layout, so an optimizer updates all
+parameters in one pass. All per-step buffers live in a workspace made once per
+batch size; a step allocates nothing after the first of its size.
+"""
+
+import collections
+
+import numpy as np
+
+from . import validation
+from .activations import ACTIVATIONS, get_activation
+from .backend import get_backend
+from .losses import LOSSES
+from .optim import Adam, Optimizer
+from .progress import Progress
+
+_IDENTITY = ACTIVATIONS["identity"]
+DTYPES = ("float32", "float64")
+_EVAL_BATCH = 2048
+_WORKSPACES_KEPT = 4  # the training batch, its last partial batch, and evaluation's
+
+
+class _Workspace:
+    """The buffers of one train step at batch size B (index l: layer l, 0 = input).
+
+    a[l] activations, z[l] pre-activations (only where g' needs z), g[l] dL/da_l
+    turned into delta_l in place, scratch[l] the activation's temporaries.
+    """
+
+    def __init__(self, backend, sizes, act, batch, dtype):
+        L = len(sizes) - 1
+        empty = backend.empty
+        self.batch = batch
+        self.a = [empty((batch, n), dtype) for n in sizes]
+        self.g = [None] + [empty((batch, n), dtype) for n in sizes[1:]]
+        self.z = [None] * (L + 1)
+        self.scratch = [()] * (L + 1)
+        for l in range(1, L):
+            if act.needs_z:
+                self.z[l] = empty((batch, sizes[l]), dtype)
+            self.scratch[l] = tuple(empty((batch, sizes[l]), dtype) for _ in range(act.n_scratch))
+        self.target = empty((batch, sizes[-1]), dtype)
+        self.row = empty((batch,), dtype)
+        self.ones = backend.xp.ones((batch,), dtype)
+        self.pred = empty((batch,), np.int64)
+        self.label = empty((batch,), np.int64)
+        self.hit = empty((batch,), np.bool_)
+
+
+class MLP:
+    """A multilayer perceptron trained by backpropagation.
+
+    sizes       layer widths, input first: [784, 256, 256, 10]
+    activation  hidden activation: relu, leaky_relu, tanh, sigmoid, gelu, identity
+                (the output layer is linear)
+    loss        "cross_entropy" (softmax + mean negative log-likelihood) or
+                "mse" (mean over all elements of (y_hat - y)^2)
+    device      "cpu", "cuda", "cuda:N" or "auto"
+    dtype       "float32" or "float64"
+    seed        makes initialisation and shuffling reproducible
+
+    Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
+    Glorot-uniform (limit sqrt(6 / (n_in + n_out))) otherwise; biases at zero.
+    """
+
+    def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None):
+        self.sizes = validation.check_sizes(sizes)
+        self._act = get_activation(activation)
+        self.activation = activation
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+        self.loss = loss
+        self.dtype = _check_dtype(dtype)
+        if seed is not None:
+            seed = validation.check_positive_int("seed", seed, minimum=0)
+        self.seed = seed
+        init_seq, shuffle_seq = np.random.SeedSequence(seed).spawn(2)
+        self._shuffle_rng = np.random.default_rng(shuffle_seq)
+        self.backend = get_backend(device)
+        self.stop_training = False
+        self._set_params(self._initial_params(np.random.default_rng(init_seq)))
+
+    # ---- parameters -------------------------------------------------------------
+    @property
+    def device(self):
+        return self.backend.name
+
+    @property
+    def n_params(self):
+        return sum(o * i + o for i, o in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def _layout(self):
+        """(weight slice, bias slice, out, in) of each layer in the flat buffer."""
+        start = 0
+        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
+            w_end = start + n_out * n_in
+            yield slice(start, w_end), slice(w_end, w_end + n_out), n_out, n_in
+            start = w_end + n_out
+
+    def _initial_params(self, rng):
+        # Drawn in float64 whatever the dtype, so float32 and float64 models of one
+        # seed start from the same weights up to rounding.
+        flat = np.zeros(self.n_params)
+        for w, _, n_out, n_in in self._layout():
+            if self._act.he_init:
+                flat[w] = rng.normal(0.0, np.sqrt(2.0 / n_in), n_out * n_in)
+            else:
+                limit = np.sqrt(6.0 / (n_in + n_out))
+                flat[w] = rng.uniform(-limit, limit, n_out * n_in)
+        return flat
+
+    def _set_params(self, flat_host):
+        b = self.backend
+        with b.context():
+            self._params = b.asarray(flat_host, dtype=self.dtype)
+            self._grads = b.zeros(self._params.shape, self.dtype)
+        self._W, self._b, self._dW, self._db = [], [], [], []
+        for w, bias, n_out, n_in in self._layout():
+            self._W.append(self._params[w].reshape(n_out, n_in))
+            self._b.append(self._params[bias])
+            self._dW.append(self._grads[w].reshape(n_out, n_in))
+            self._db.append(self._grads[bias])
+        self._workspaces = collections.OrderedDict()
+
+    def _names(self):
+        for i in range(len(self.sizes) - 1):
+            yield i, f"layers.{i}.weight", f"layers.{i}.bias"
+
+    def state_dict(self):
+        """Host NumPy copies: layers.{i}.weight (out, in) and layers.{i}.bias (out,)."""
+        host = self.backend.to_host(self._params).copy()
+        d = {}
+        for (i, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
+            d[wn] = host[w].reshape(n_out, n_in)
+            d[bn] = host[b]
+        return d
+
+    def load_state_dict(self, state):
+        """Copy parameters in; names, shapes, dtypes and values are all checked first."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state).__name__}")
+        expected = {n for _, wn, bn in self._names() for n in (wn, bn)}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise KeyError(f"state_dict does not match {self.sizes}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        flat = np.empty(self.n_params, dtype=self.dtype)
+        for (i, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
+            for name, sl, shape in ((wn, w, (n_out, n_in)), (bn, b, (n_out,))):
+                arr = np.asarray(self.backend.to_host(state[name]))
+                if arr.shape != shape:
+                    raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+                if arr.dtype.kind != "f":
+                    raise TypeError(f"{name} has dtype {arr.dtype}, expected a float dtype")
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"{name} contains NaN or Inf")
+                flat[sl] = arr.ravel()
+        with self.backend.context():
+            self.backend.xp.copyto(self._params, self.backend.asarray(flat))
+
+    def to(self, device):
+        """Move the model to ``device`` (in place; returns the model)."""
+        backend = get_backend(device)
+        if backend is not self.backend:
+            host = self.backend.to_host(self._params)
+            self.backend = backend
+            self._set_params(host)
+        return self
+
+    # ---- one step -----------------------------------------------------------------
+    def _workspace(self, batch):
+        ws = self._workspaces.pop(batch, None)
+        if ws is None:
+            with self.backend.context():
+                ws = _Workspace(self.backend, self.sizes, self._act, batch, self.dtype)
+            while len(self._workspaces) >= _WORKSPACES_KEPT:
+                self._workspaces.popitem(last=False)
+        self._workspaces[batch] = ws
+        return ws
+
+    def _forward(self, ws):
+        L = len(self._W)
+        for l in range(1, L + 1):
+            act = self._act if l < L else _IDENTITY
+            self.backend.dense_forward(ws.a[l - 1], self._W[l - 1], self._b[l - 1], act, ws.a[l], ws.z[l], ws.scratch[l])
+
+    def _loss(self, ws):
+        return self.backend.loss(self.loss, ws.a[-1], ws.target, ws.g[-1], ws.row)
+
+    def _backward(self, ws):
+        L = len(self._W)
+        for l in range(L, 0, -1):
+            act = self._act if l < L else _IDENTITY
+            self.backend.dense_backward(
+                ws.g[l], ws.a[l], ws.z[l], ws.a[l - 1], self._W[l - 1], act, ws.scratch[l],
+                self._dW[l - 1], self._db[l - 1], ws.g[l - 1] if l > 1 else None, ws.ones,
+            )
+
+    def _load_batch(self, X, T):
+        ws = self._workspace(X.shape[0])
+        xp = self.backend.xp
+        xp.copyto(ws.a[0], X)
+        xp.copyto(ws.target, T)
+        return ws
+
+    def _prepare(self, X, y):
+        X = validation.check_X(X, self.sizes[0], self.dtype, self.backend)
+        T = validation.check_targets(y, X.shape[0], self.loss, self.sizes[-1], self.dtype, self.backend)
+        return X, T
+
+    def loss_and_grad(self, X, y):
+        """(loss, gradients under state_dict's names): one forward and backward pass, no update."""
+        with self.backend.context():
+            ws = self._load_batch(*self._prepare(X, y))
+            self._forward(ws)
+            loss = float(self._loss(ws))
+            self._backward(ws)
+            grads = self.backend.to_host(self._grads).copy()
+        out = {}
+        for (i, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
+            out[wn], out[bn] = grads[w].reshape(n_out, n_in), grads[b]
+        return loss, out
+
+    def train_step(self, X, y, optimizer):
+        """One forward, backward and optimizer update on the batch (X, y); returns the loss."""
+        _check_optimizer(optimizer)
+        with self.backend.context():
+            ws = self._load_batch(*self._prepare(X, y))
+            return float(self._step(ws, optimizer))
+
+    def _step(self, ws, optimizer):
+        self._forward(ws)
+        loss = self._loss(ws)
+        self._backward(ws)
+        optimizer.step(self)
+        return loss
+
+    # ---- training -------------------------------------------------------------------
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
+            validation_data=None, progress=True, callbacks=None):
+        """Mini-batch training, reshuffled every epoch; returns the history.
+
+        The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
+        entropy) or "mse", averaged over the epoch's batches as they were trained,
+        and "val_loss", "val_accuracy" / "val_mse" when ``validation_data=(X, y)``.
+        The optimizer defaults to Adam(lr=1e-3). Callbacks are objects with optional
+        ``on_epoch_begin(model, epoch)`` and ``on_epoch_end(model, epoch, logs)``;
+        setting ``model.stop_training = True`` ends training after the epoch.
+        """
+        epochs = validation.check_positive_int("epochs", epochs, minimum=0)
+        batch_size = validation.check_positive_int("batch_size", batch_size)
+        optimizer = Adam() if optimizer is None else _check_optimizer(optimizer)
+        callbacks = list(callbacks or ())
+        b, xp = self.backend, self.backend.xp
+        with b.context():
+            X, T = self._prepare(X, y)
+            val = self._prepare(*validation_data) if validation_data is not None else None
+            classify = self.loss == "cross_entropy"
+            labels = xp.argmax(T, axis=1) if classify else None
+            n = X.shape[0]
+            batch_size = min(batch_size, n)
+            steps = -(-n // batch_size)
+            bar = Progress(epochs, steps, enabled=bool(progress))
+            history = collections.defaultdict(list)
+            self.stop_training = False
+            for epoch in range(epochs):
+                for cb in callbacks:
+                    getattr(cb, "on_epoch_begin", _noop)(self, epoch)
+                bar.start_epoch(epoch)
+                order = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
+                order = b.asarray(order)
+                # Accumulated on the device in float64: no sync per step, no float32 drift.
+                total_loss, correct = xp.zeros((), np.float64), 0
+                for s, start in enumerate(range(0, n, batch_size)):
+                    index = order[start:start + batch_size]
+                    ws = self._workspace(index.shape[0])
+                    b.gather_rows(X, index, ws.a[0])
+                    b.gather_rows(T, index, ws.target)
+                    total_loss += self._step(ws, optimizer) * ws.batch
+                    if classify:
+                        correct += self._count_correct(ws, labels, index)
+                    if s % 16 == 15:  # reading the loss is a device sync: not every step
+                        bar.step(16, {"loss": float(total_loss) / min(n, start + ws.batch)})
+                bar.step(steps % 16)
+                logs = {"loss": float(total_loss) / n}
+                if classify:
+                    logs["accuracy"] = int(correct) / n
+                else:
+                    logs["mse"] = logs["loss"]
+                if val is not None:
+                    logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+                for k, v in logs.items():
+                    history[k].append(v)
+                bar.end_epoch(epoch, logs)
+                for cb in callbacks:
+                    getattr(cb, "on_epoch_end", _noop)(self, epoch, logs)
+                if self.stop_training:
+                    break
+        return dict(history)
+
+    def _count_correct(self, ws, labels, index):
+        xp = self.backend.xp
+        xp.argmax(ws.a[-1], axis=1, out=ws.pred)
+        self.backend.gather_rows(labels, index, ws.label)
+        xp.equal(ws.pred, ws.label, out=ws.hit)
+        return xp.count_nonzero(ws.hit)
+
+    # ---- inference ----------------------------------------------------------------------
+    def _batches(self, X, T=None):
+        """Forward passes over X in chunks; yields (workspace, rows)."""
+        for start in range(0, X.shape[0], _EVAL_BATCH):
+            rows = slice(start, start + _EVAL_BATCH)
+            ws = self._workspace(X[rows].shape[0])
+            self.backend.xp.copyto(ws.a[0], X[rows])
+            if T is not None:
+                self.backend.xp.copyto(ws.target, T[rows])
+            self._forward(ws)
+            yield ws, rows
+
+    def _outputs(self, X, kind):
+        """Run X forward and collect "logits", "proba" or "labels" on the device."""
+        b, xp = self.backend, self.backend.xp
+        Xd = validation.check_X(X, self.sizes[0], self.dtype, b)
+        out = b.empty((Xd.shape[0],) if kind == "labels" else (Xd.shape[0], self.sizes[-1]),
+                      np.int64 if kind == "labels" else self.dtype)
+        for ws, rows in self._batches(Xd):
+            if kind == "labels":
+                xp.argmax(ws.a[-1], axis=1, out=ws.pred)
+                out[rows] = ws.pred
+            elif kind == "proba":
+                b.softmax(ws.a[-1], ws.g[-1], ws.row)
+                out[rows] = ws.g[-1]
+            else:
+                out[rows] = ws.a[-1]
+        # Device arrays in, device arrays out; anything else gets NumPy.
+        keep = b.is_native(X) and not isinstance(X, np.ndarray)
+        return out if keep else b.to_host(out)
+
+    def forward(self, X):
+        """The network's raw outputs (logits for cross entropy), no softmax."""
+        with self.backend.context():
+            return self._outputs(X, "logits")
+
+    def predict(self, X):
+        """Class labels (cross_entropy) or outputs (mse) for the rows of X."""
+        with self.backend.context():
+            return self._outputs(X, "labels" if self.loss == "cross_entropy" else "logits")
+
+    def predict_proba(self, X):
+        """Softmax class probabilities, (n, classes)."""
+        if self.loss != "cross_entropy":
+            raise ValueError("predict_proba needs a cross_entropy model; use predict for an mse model")
+        with self.backend.context():
+            return self._outputs(X, "proba")
+
+    def evaluate(self, X, y):
+        """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X."""
+        with self.backend.context():
+            return self._evaluate(*self._prepare(X, y))
+
+    def _evaluate(self, X, T):
+        xp = self.backend.xp
+        n = X.shape[0]
+        total, correct = xp.zeros((), np.float64), 0
+        for ws, rows in self._batches(X, T):
+            total += self._loss(ws) * ws.batch
+            if self.loss == "cross_entropy":
+                xp.argmax(ws.a[-1], axis=1, out=ws.pred)
+                xp.argmax(ws.target, axis=1, out=ws.label)
+                xp.equal(ws.pred, ws.label, out=ws.hit)
+                correct += xp.count_nonzero(ws.hit)
+        logs = {"loss": float(total) / n}
+        if self.loss == "cross_entropy":
+            logs["accuracy"] = int(correct) / n
+        else:
+            logs["mse"] = logs["loss"]
+        return logs
+
+    # ---- files -----------------------------------------------------------------------
+    def save(self, path, optimizer=None, metadata=None):
+        """Write a safetensors file (atomically); see gpubackprop.io.save."""
+        from . import io
+
+        io.save(self, path, optimizer=optimizer, metadata=metadata)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        from . import io
+
+        return io.load(path, device=device)
+
+    def config(self):
+        return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss, "dtype": self.dtype}
+
+    def __repr__(self):
+        return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
+                f"device={self.device!r}, dtype={self.dtype!r})")
+
+
+def _check_dtype(dtype):
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return name
+
+
+def _check_optimizer(optimizer):
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a gpubackprop.optim optimizer such as SGD(lr=0.1), got {optimizer!r}")
+    return optimizer
+
+
+def _noop(*args):
+    pass
