@@ -46,6 +46,7 @@ class Activation:
     needs_z: bool = False
     n_scratch: int = 1
     he_init: bool = False  # He init for the ReLU family, Glorot otherwise
+    smooth: bool = True  # False where g' jumps at z = 0 (the ReLU family)
 
 
 def _relu_fwd(xp, z, out, scratch):
@@ -139,8 +140,8 @@ def _identity_fwd(xp, z, out, scratch):
 ACTIVATIONS = {
     a.name: a
     for a in (
-        Activation("relu", _relu_fwd, _relu_bwd, he_init=True),
-        Activation("leaky_relu", _leaky_fwd, _leaky_bwd, he_init=True),
+        Activation("relu", _relu_fwd, _relu_bwd, he_init=True, smooth=False),
+        Activation("leaky_relu", _leaky_fwd, _leaky_bwd, he_init=True, smooth=False),
         Activation("tanh", _tanh_fwd, _tanh_bwd),
         Activation("sigmoid", _sigmoid_fwd, _sigmoid_bwd),
         Activation("gelu", _gelu_fwd, _gelu_bwd, needs_z=True, n_scratch=2),

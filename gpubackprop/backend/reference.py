@@ -1,0 +1,102 @@
+"""The network's maths in plain float64 NumPy, written to be read, used only by tests.
+
+Nothing here is fused, in place or fast: z is kept for every layer and g'(z) is
+computed from z, so it checks the backends' tricks (g' from the activation,
+buffers reused in place) rather than repeating them.
+"""
+
+import math
+
+import numpy as np
+
+from ..activations import LEAKY_SLOPE
+
+_C, _K = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def activation(name, z):
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, LEAKY_SLOPE * z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "sigmoid":
+        return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z) without overflow
+    if name == "gelu":
+        return 0.5 * z * (1.0 + np.tanh(_C * (z + _K * z**3)))
+    if name == "identity":
+        return z
+    raise ValueError(name)
+
+
+def activation_grad(name, z):
+    """g'(z)."""
+    if name == "relu":
+        return (z > 0).astype(float)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, LEAKY_SLOPE)
+    if name == "tanh":
+        return 1.0 - np.tanh(z) ** 2
+    if name == "sigmoid":
+        s = activation("sigmoid", z)
+        return s * (1.0 - s)
+    if name == "gelu":
+        t = np.tanh(_C * (z + _K * z**3))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t**2) * _C * (1.0 + 3.0 * _K * z**2)
+    if name == "identity":
+        return np.ones_like(z)
+    raise ValueError(name)
+
+
+def loss_and_delta(name, z, y):
+    """(L, dL/dz) for logits z (B, C) and dense targets y (B, C)."""
+    B = z.shape[0]
+    if name == "cross_entropy":
+        lse = np.log(np.sum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)) + z.max(axis=1)
+        log_q = z - lse[:, None]
+        return -np.sum(y * log_q) / B, (np.exp(log_q) - y) / B
+    if name == "mse":
+        return np.mean((z - y) ** 2), 2.0 * (z - y) / z.size
+    raise ValueError(name)
+
+
+def backprop(weights, biases, X, y, activation_name, loss_name):
+    """(loss, [dL/dW_l], [dL/db_l]) for one batch, from the textbook equations."""
+    a = [np.asarray(X, float)]
+    zs = []
+    L = len(weights)
+    for l, (W, b) in enumerate(zip(weights, biases), start=1):
+        z = a[-1] @ W.T + b
+        zs.append(z)
+        a.append(activation(activation_name, z) if l < L else z)
+    loss, delta = loss_and_delta(loss_name, a[-1], np.asarray(y, float))
+    dWs, dbs = [None] * L, [None] * L
+    for l in range(L, 0, -1):
+        dWs[l - 1] = delta.T @ a[l - 1]
+        dbs[l - 1] = delta.sum(axis=0)
+        if l > 1:
+            delta = (delta @ weights[l - 1]) * activation_grad(activation_name, zs[l - 2])
+    return loss, dWs, dbs
+
+
+def sgd(p, g, buf, step, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    """One torch.optim.SGD step; returns (p, buf)."""
+    d = g + weight_decay * p
+    if momentum:
+        buf = d.copy() if step == 1 else momentum * buf + (1 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+    return p - lr * d, buf
+
+
+def adam(p, g, m, v, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+    """One torch.optim.Adam (decoupled=False) or AdamW step; returns (p, m, v)."""
+    b1, b2 = betas
+    if decoupled:
+        p = p * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+    return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
