@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?= cli,test
 PREINSTALL ?=
+comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-comma := ,
 
 .PHONY: demo test bench clean
 
