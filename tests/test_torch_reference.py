@@ -1,0 +1,94 @@
+"""Gradients and optimizer steps against PyTorch autograd and torch.optim (float64)."""
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop.activations import ACTIVATIONS
+
+from .helpers import random_batch
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+TORCH_ACT = {
+    "relu": torch.nn.ReLU,
+    "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
+    "tanh": torch.nn.Tanh,
+    "sigmoid": torch.nn.Sigmoid,
+    "gelu": lambda: torch.nn.GELU(approximate="tanh"),
+    "identity": torch.nn.Identity,
+}
+
+
+def torch_twin(model):
+    """An nn.Sequential holding ``model``'s parameters, in float64."""
+    layers = []
+    L = len(model.sizes) - 1
+    for i, (n_in, n_out) in enumerate(zip(model.sizes[:-1], model.sizes[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out).double())
+        if i < L - 1:
+            layers.append(TORCH_ACT[model.activation]())
+    net = torch.nn.Sequential(*layers)
+    net.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in _sequential_names(model).items()})
+    return net
+
+
+def _sequential_names(model):
+    """state_dict names of ours -> nn.Sequential's (Linear layers sit at even indices)."""
+    return {f"{2 * i}.{kind}": v for name, v in model.state_dict().items()
+            for i, kind in [(int(name.split(".")[1]), name.split(".")[2])]}
+
+
+def torch_loss(model, out, y):
+    if model.loss == "cross_entropy":
+        return torch.nn.functional.cross_entropy(out, torch.from_numpy(y))
+    return torch.nn.functional.mse_loss(out, torch.from_numpy(y))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_gradients_match_autograd(act, loss, rng):
+    model = gb.MLP([9, 8, 7, 4], activation=act, loss=loss, dtype="float64", seed=1)
+    X, y = random_batch(rng, model.sizes, loss, 13)
+    value, grads = model.loss_and_grad(X, y)
+    net = torch_twin(model)
+    t_loss = torch_loss(model, net(torch.from_numpy(X)), y)
+    t_loss.backward()
+    assert value == pytest.approx(t_loss.item(), rel=1e-12)
+    for name, p in net.named_parameters():
+        i, kind = int(name.split(".")[0]) // 2, name.split(".")[1]
+        np.testing.assert_allclose(grads[f"layers.{i}.{kind}"], p.grad.numpy(), rtol=1e-10, atol=1e-13)
+
+
+OPTIMIZERS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    ("SGD", dict(lr=0.1, momentum=0.5, dampening=0.2)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
+    ("AdamW", dict(lr=1e-2)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
+@pytest.mark.parametrize("name,hyper", OPTIMIZERS, ids=[f"{n}-{h}" for n, h in OPTIMIZERS])
+def test_training_steps_match_torch_optim(name, hyper, dtype, tol, rng):
+    model = gb.MLP([6, 10, 5, 3], activation="tanh", dtype=dtype, seed=2)
+    net = torch_twin(model)
+    if dtype == "float32":
+        net = net.float()
+    ours = getattr(gb.optim, name)(**hyper)
+    theirs = getattr(torch.optim, name)(net.parameters(), **hyper)
+    for step in range(6):
+        X, y = random_batch(rng, model.sizes, "cross_entropy", 16)
+        loss = model.train_step(X, y, ours)
+        theirs.zero_grad()
+        t_loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(X.astype(dtype))), torch.from_numpy(y))
+        t_loss.backward()
+        theirs.step()
+        assert loss == pytest.approx(t_loss.item(), rel=tol, abs=tol)
+    for key, value in _sequential_names(model).items():
+        np.testing.assert_allclose(value, net.state_dict()[key].numpy(), rtol=tol, atol=tol)
