@@ -1,0 +1,214 @@
+"""The ``gpubackprop`` command: train an MLP on a data set, or describe this install.
+
+    gpubackprop train --dataset digits --hidden 128 64 --epochs 30 --device auto
+    gpubackprop info
+
+``train`` writes <out>/model.safetensors (model and optimizer state, with the
+preprocessing in its metadata), <out>/history.json and <out>/curves.png.
+Bad input ends with ``gpubackprop: error: ...`` on stderr and exit code 2.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+
+import gpubackprop as gb
+
+from . import data
+from .activations import ACTIVATIONS
+
+OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="gpubackprop", description="Backpropagation for multilayer perceptrons.")
+    parser.add_argument("--version", action="version", version=f"gpubackprop {gb.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = commands.add_parser("train", help="train an MLP classifier and evaluate it on held-out data")
+    t.add_argument("--dataset", default="digits", help="'digits', or a .npz, .csv or MNIST IDX images file (default digits)")
+    t.add_argument("--labels", metavar="FILE", help="the IDX labels file that goes with an IDX images --dataset")
+    t.add_argument("--hidden", type=int, nargs="*", default=[128, 64], metavar="N", help="hidden layer widths (default 128 64)")
+    t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
+    t.add_argument("--lr", type=float, help="learning rate (default 1e-3; 0.01 for sgd)")
+    t.add_argument("--momentum", type=float, nargs="?", const=0.9, metavar="M",
+                   help="SGD momentum (0.9 when given without a value; default none)")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--test-fraction", type=float, default=0.2, help="share of the data held out (default 0.2)")
+    t.add_argument("--out", help="output folder (default runs/<dataset name>)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    commands.add_parser("info", help="versions, BLAS, threads and whether a GPU can be used")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (2), --help and --version (0)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    try:
+        return train(args) if args.command == "train" else info()
+    except (OSError, ValueError, TypeError, ImportError, gb.DeviceUnavailableError) as e:
+        print(f"gpubackprop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpubackprop: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- train -----------------------------------------------------------------------------
+def _optimizer(args):
+    if args.momentum is not None and args.optimizer != "sgd":
+        raise ValueError(f"--momentum is for --optimizer sgd; {args.optimizer} keeps its own moments")
+    lr = args.lr if args.lr is not None else 0.01 if args.optimizer == "sgd" else 1e-3
+    if args.optimizer == "sgd":
+        return gb.optim.SGD(lr, momentum=args.momentum or 0.0)
+    return OPTIMIZERS[args.optimizer](lr)
+
+
+def train(args):
+    optimizer = _optimizer(args)
+    backend = gb.get_backend(args.device)  # fails fast, before the data is read
+    print(f"device: {backend.name}")
+    if backend.note:
+        print(f"  ({backend.note})")
+
+    kind = data.dataset_format(args.dataset)
+    X, y = data.load_dataset(args.dataset, labels=args.labels)
+    if y.dtype.kind not in "iu" or y.min() < 0:
+        raise ValueError(f"{args.dataset}: labels must be non-negative integer class ids for classification")
+    n_classes = int(y.max()) + 1
+    if n_classes < 2:
+        raise ValueError(f"{args.dataset}: needs at least two classes, found labels {np.unique(y).tolist()}")
+    X_train, X_test, y_train, y_test = data.train_test_split(X, y, args.test_fraction, args.seed)
+    scaling = None
+    if kind not in ("digits", "idx"):  # those are pixels already in [0, 1]
+        X_train, X_test, mean, std = data.standardize(X_train, X_test)
+        scaling = {"mean": mean.tolist(), "std": std.tolist()}
+    print(f"data: {args.dataset}: {X.shape[0]} samples, {X.shape[1]} features, {n_classes} classes; "
+          f"{len(y_train)} for training, {len(y_test)} held out")
+
+    model = gb.MLP([X.shape[1], *args.hidden, n_classes], activation=args.activation,
+                   device=backend, dtype=args.dtype, seed=args.seed)
+    print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
+    history = model.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+                        validation_data=(X_test, y_test), progress=not args.no_progress)
+    accuracy = model.evaluate(X_test, y_test)["accuracy"]
+    print(f"held-out accuracy: {accuracy:.4f} ({len(y_test)} samples)")
+
+    out = args.out or os.path.join("runs", _run_name(args.dataset))
+    os.makedirs(out, exist_ok=True)
+    metadata = {
+        "dataset": args.dataset, "labels": args.labels, "standardize": scaling,
+        "seed": args.seed, "test_fraction": args.test_fraction, "epochs": args.epochs,
+        "batch_size": args.batch_size, "held_out_accuracy": accuracy,
+    }
+    model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    written = ["model.safetensors", "history.json"]
+    if plot_curves(history, os.path.join(out, "curves.png"), title=f"{args.dataset}: MLP {model.sizes}"):
+        written.append("curves.png")
+    print(f"wrote {', '.join(written)} to {out}")
+    return 0
+
+
+def _run_name(dataset):
+    name = os.path.basename(os.path.normpath(dataset))
+    for ext in (".gz", ".npz", ".csv"):
+        name = name[: -len(ext)] if name.lower().endswith(ext) else name
+    return name or "run"
+
+
+def plot_curves(history, path, title=""):
+    """Loss and accuracy per epoch, training and held-out, side by side; False without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("note: matplotlib is not installed, so no curves.png; pip install 'gpubackprop[plot]'")
+        return False
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("cross-entropy loss", "accuracy")):
+        for name, style in ((key, "-"), (f"val_{key}", "--")):
+            values = history.get(name)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, marker=".",
+                        label="held-out" if name.startswith("val_") else "training (mean during the epoch)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+# ---- info ------------------------------------------------------------------------------
+def info():
+    print(f"gpubackprop {gb.__version__}")
+    print(f"Python {platform.python_version()} ({platform.python_implementation()}, {platform.platform()})")
+    print(f"NumPy {np.__version__}, BLAS: {_blas()}")
+    print(f"threads: {_threads()}")
+    print(f"CUDA: {_cuda()}")
+    print(f"torch: {_version('torch') or 'not installed'}")
+    return 0
+
+
+def _blas():
+    try:
+        deps = np.show_config(mode="dicts")["Build Dependencies"]
+        blas = deps["blas"]
+    except (TypeError, KeyError):  # NumPy < 1.25 has no mode=; builds without the key
+        return "unknown (this NumPy does not report it)"
+    return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+
+
+def _threads():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"{os.cpu_count()} CPUs (install threadpoolctl to see the BLAS thread pools)"
+    pools = [f"{p.get('internal_api')} {p.get('num_threads')}" for p in threadpool_info()]
+    return f"{os.cpu_count()} CPUs; pools: {', '.join(pools) or 'none loaded'}"
+
+
+def _cuda():
+    try:
+        backend = gb.get_backend("cuda")
+    except gb.DeviceUnavailableError as e:
+        return f"not available: {e}"
+    cupy = backend.xp
+    runtime = cupy.cuda.runtime
+    props = runtime.getDeviceProperties(backend.index)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    driver = runtime.driverGetVersion()
+    return (f"{backend.name} {name} ({props['totalGlobalMem'] / 2**30:.0f} GiB), "
+            f"CuPy {cupy.__version__}, driver CUDA {driver // 1000}.{driver % 1000 // 10}")
+
+
+def _version(package):
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
