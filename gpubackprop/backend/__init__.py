@@ -26,7 +26,14 @@ log = logging.getLogger("gpubackprop")
 
 
 class DeviceUnavailableError(RuntimeError):
-    """The requested device cannot be used; the message says why and what to do."""
+    """The requested device cannot be used; the message says why and what to do.
+
+    ``cause`` holds the why alone (used by device="auto" to explain its choice).
+    """
+
+    def __init__(self, cause, fix="use device='cpu', or device='auto' to fall back to the CPU"):
+        super().__init__(f"{cause}; {fix}.")
+        self.cause = cause
 
 
 def get_backend(device="cpu"):
@@ -52,7 +59,7 @@ def _backend_for(name):
         try:
             backend = _cuda_backend(0)
         except DeviceUnavailableError as e:
-            backend = NumpyBackend(note=f"device='auto' chose cpu: {e}")
+            backend = NumpyBackend(note=f"device='auto' chose cpu: {e.cause}")
         else:
             backend.note = f"device='auto' chose {backend.name}"
         log.info(backend.note)

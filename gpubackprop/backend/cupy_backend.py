@@ -13,8 +13,6 @@ import numpy as np
 from . import DeviceUnavailableError
 from .numpy_backend import NumpyBackend
 
-_FIX = "use device='cpu', or device='auto' to fall back to the CPU"
-
 
 def _import_cupy():
     try:
@@ -23,7 +21,7 @@ def _import_cupy():
         raise DeviceUnavailableError(
             f"CuPy is not installed ({e}). Install it with "
             "`pip install 'gpubackprop[cuda13]'` (CUDA 13 drivers) or "
-            f"`pip install 'gpubackprop[cuda12]'` (CUDA 12), or {_FIX}."
+            "`pip install 'gpubackprop[cuda12]'` (CUDA 12)"
         ) from None
     return cupy
 
@@ -44,19 +42,19 @@ def _open_device(cupy, index):
             cause = f"no NVIDIA GPU is visible ({text}); check CUDA_VISIBLE_DEVICES and `nvidia-smi`"
         else:
             cause = f"the CUDA driver did not answer ({text}); check that the NVIDIA driver is installed (`nvidia-smi`)"
-        raise DeviceUnavailableError(f"cannot use CUDA: {cause}; or {_FIX}.") from None
+        raise DeviceUnavailableError(f"cannot use CUDA: {cause}") from None
     if count == 0:
-        raise DeviceUnavailableError(f"cannot use CUDA: no NVIDIA GPU found; {_FIX}.")
+        raise DeviceUnavailableError("cannot use CUDA: no NVIDIA GPU found")
     if index >= count:
         raise DeviceUnavailableError(
-            f"cuda:{index} requested but only {count} GPU(s) found (cuda:0..cuda:{count - 1}); {_FIX}."
+            f"cuda:{index} requested but only {count} GPU(s) found (cuda:0..cuda:{count - 1})"
         )
     try:
         with cupy.cuda.Device(index):
             (cupy.arange(4, dtype=cupy.float32) * 2.0).sum().item()
     except Exception as e:  # a broken install surfaces as any of CuPy's many errors
         raise DeviceUnavailableError(
-            f"cuda:{index} was found but could not run a kernel ({type(e).__name__}: {e}); {_FIX}."
+            f"cuda:{index} was found but could not run a kernel ({type(e).__name__}: {e})"
         ) from None
 
 
