@@ -72,29 +72,30 @@ class NumpyBackend(Backend):
     # ---- optimizers (maths in gpubackprop.optim) --------------------------------
     def sgd_update(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first):
         xp = self.xp
-        d = scratch
+        s = scratch
+        d = g  # read in place, never written: the model's gradients stay inspectable
         if weight_decay:
-            xp.multiply(p, weight_decay, out=d)
-            xp.add(d, g, out=d)
-        else:
-            xp.copyto(d, g)
+            xp.multiply(p, weight_decay, out=s)
+            xp.add(s, g, out=s)
+            d = s
         if momentum:
             if first:
                 xp.copyto(buf, d)
             else:
                 xp.multiply(buf, momentum, out=buf)
-                if dampening:  # torch forbids nesterov with dampening, so d is free
-                    xp.multiply(d, 1.0 - dampening, out=d)
+                if dampening:  # torch forbids nesterov with dampening, so d is not needed again
+                    xp.multiply(d, 1.0 - dampening, out=s)
+                    d = s
                 xp.add(buf, d, out=buf)
             if nesterov:  # p -= lr (d + momentum buf), as two passes with no temporary
-                xp.multiply(d, lr, out=d)
-                xp.subtract(p, d, out=p)
-                xp.multiply(buf, lr * momentum, out=d)
+                xp.multiply(d, lr, out=s)
+                xp.subtract(p, s, out=p)
+                xp.multiply(buf, lr * momentum, out=s)
             else:
-                xp.multiply(buf, lr, out=d)
+                xp.multiply(buf, lr, out=s)
         else:
-            xp.multiply(d, lr, out=d)
-        xp.subtract(p, d, out=p)
+            xp.multiply(d, lr, out=s)
+        xp.subtract(p, s, out=p)
 
     def adam_update(self, p, g, m, v, scratch, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
         xp = self.xp
