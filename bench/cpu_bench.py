@@ -1,0 +1,356 @@
+"""CPU train-step measurements shared by ``cpu_table.py`` and ``test_bench_cpu.py``.
+
+A "train step" is one forward pass, cross-entropy loss, backward pass and plain SGD
+update (lr 0.01, no momentum) in float32, ReLU hidden layers, 10 classes, on a
+fixed random batch. Each ``*_step`` factory below builds a model and its batch and
+returns a zero-argument callable that runs exactly one step, so the same bodies are
+timed by ``measure_case`` (the table) and by pytest-benchmark (the tests).
+
+    ours              model._step(ws, opt) on a workspace loaded once: what
+                      MLP.fit runs per batch, minus the batch gather
+    ours_train_step   model.train_step(X, y, opt): the public call, with input
+                      validation, one-hot encoding and copy-in every step
+    torch             nn.Sequential(Linear, ReLU, ...), F.cross_entropy, optim.SGD
+    sklearn           MLPClassifier(solver="sgd", ...).partial_fit on the batch
+
+Implementations of one case are timed interleaved: after warm-up, each repeat runs
+one ~0.5 s loop of every implementation in turn (after a short pause that lets the
+previous library's threads stop spinning), and the best repeat is kept.
+
+The sgemm ceiling is the best GFLOP/s of np.matmul on 4096x4096 float32 matrices:
+the most BLAS gives this process, against which a step's useful FLOPs are set.
+"""
+
+import importlib.util
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import gpubackprop as gb
+
+LR = 0.01
+N_CLASSES = 10
+DTYPE = np.float32
+SEED = 0
+# (layer sizes, batch size)
+CASES = (
+    ((784, 1024, 1024, 10), 256),
+    ((784, 1024, 1024, 10), 4096),
+    ((784, 128, 10), 64),
+)
+IMPLS = ("ours", "ours_train_step", "torch", "sklearn")
+TARGET_S = 0.5  # length of one timed repeat
+# Pause before timing one library after another. Thread pools spin for a while
+# after their last call (OpenBLAS ~0.1 s) and on 2 cores a spinning pool takes a
+# core from the next library's: without the pause torch ran up to 2x slower when
+# timed right after ours.
+SETTLE_S = 0.3
+REPEATS = 5
+CEILING_N = 4096
+
+
+def case_id(sizes, batch):
+    return f"{'-'.join(map(str, sizes))}_b{batch}"
+
+
+def n_cores():
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def have(module):
+    """Whether ``module`` (torch, sklearn) can be imported."""
+    return importlib.util.find_spec(module) is not None
+
+
+def make_batch(n_in, batch, seed=SEED):
+    """A fixed random batch: X uniform in [0, 1) (like scaled pixels), labels 0..9."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((batch, n_in), dtype=DTYPE)
+    y = rng.integers(0, N_CLASSES, batch).astype(np.int64)
+    return X, y
+
+
+def step_flops(sizes, batch):
+    """Useful FLOPs of one step: 2 B (3 P_w - n0 n1).
+
+    Forward, weight gradient and input gradient are one B x in x out GEMM each
+    (2 B in out FLOPs) for every layer, except that the first layer needs no input
+    gradient. Bias, activation, loss and update work is not counted.
+    """
+    p_w = sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+    return 2 * batch * (3 * p_w - sizes[0] * sizes[1])
+
+
+# ---- timing ------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    """Seconds per call: ``best`` of the per-repeat means, each over ``loop`` calls."""
+
+    best: float
+    loop: int
+    means: list = field(default_factory=list)
+
+    @property
+    def median(self):
+        return statistics.median(self.means)
+
+    def as_dict(self):
+        return {"best_s": self.best, "median_s": self.median, "loop": self.loop, "repeat_means_s": self.means}
+
+
+def calibrate(fn, target_s=TARGET_S, warmup_s=None):
+    """Warm ``fn`` up (at least twice, at least ``warmup_s``, default target_s / 2) and
+    return how many calls make a loop of ~``target_s``."""
+    warmup_s = target_s / 2 if warmup_s is None else warmup_s
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if calls >= 2 and elapsed >= warmup_s:
+            break
+    t1 = time.perf_counter()
+    fn()  # a steady-state call: the warm-up average still holds the first, cold ones
+    per_call = min(elapsed / calls, time.perf_counter() - t1)
+    return max(1, round(target_s / per_call))
+
+
+def loop_mean(fn, loop):
+    """Mean seconds per call over ``loop`` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(loop):
+        fn()
+    return (time.perf_counter() - t0) / loop
+
+
+def settle(seconds=SETTLE_S):
+    """Let the thread pools of whatever ran last go idle (see SETTLE_S)."""
+    time.sleep(seconds)
+
+
+def time_call(fn, target_s=TARGET_S, repeats=REPEATS):
+    """Best-of-``repeats`` mean time of ``fn()``, each repeat a loop of ~``target_s``."""
+    return time_interleaved({"fn": fn}, target_s, repeats)["fn"]
+
+
+def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS):
+    """Timings of several callables ({name: fn} -> {name: Timing}), repeats interleaved.
+
+    Each is warmed up and its loop sized first; then every repeat runs one loop of
+    each in turn, so a burst of load from elsewhere hits all of them alike instead
+    of only the one being timed at the moment. Each loop starts after ``settle()``
+    and one untimed call.
+    """
+    several = len(fns) > 1
+    loops = {}
+    for name, fn in fns.items():
+        if several:
+            settle()
+        loops[name] = calibrate(fn, target_s)
+    means = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            if several:
+                settle()
+                fn()  # its own threads and caches warm again after the pause
+            means[name].append(loop_mean(fn, loops[name]))
+    return {name: Timing(best=min(m), loop=loops[name], means=m) for name, m in means.items()}
+
+
+# ---- the steps -------------------------------------------------------------------------
+
+def ours_model(sizes):
+    return gb.MLP(list(sizes), activation="relu", loss="cross_entropy", dtype="float32", seed=SEED)
+
+
+def ours_step(sizes, batch):
+    """model._step on a workspace loaded once (fit's per-batch work minus the gather)."""
+    X, y = make_batch(sizes[0], batch)
+    model = ours_model(sizes)
+    opt = gb.optim.SGD(lr=LR)
+    ws = model._load_batch(*model._prepare(X, y))
+
+    def step():
+        return model._step(ws, opt)
+
+    return step
+
+
+def ours_train_step(sizes, batch):
+    """The public model.train_step(X, y, opt): validation, one-hot and copy-in included."""
+    X, y = make_batch(sizes[0], batch)
+    model = ours_model(sizes)
+    opt = gb.optim.SGD(lr=LR)
+
+    def step():
+        return model.train_step(X, y, opt)
+
+    return step
+
+
+def torch_step(sizes, batch, threads=None):
+    """PyTorch CPU, same sizes and starting weights (copied from ours at seed 0)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_num_threads(threads or n_cores())
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    net = nn.Sequential(*layers)
+    state = ours_model(sizes).state_dict()
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(linears):
+            lin.weight.copy_(torch.from_numpy(state[f"layers.{i}.weight"]))
+            lin.bias.copy_(torch.from_numpy(state[f"layers.{i}.bias"]))
+    X, y = make_batch(sizes[0], batch)
+    x, t = torch.from_numpy(X), torch.from_numpy(y)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.0)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), t)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def sklearn_step(sizes, batch):
+    """MLPClassifier.partial_fit on the one batch: one call is one SGD step.
+
+    shuffle=False so that partial_fit slices the batch instead of gathering a
+    shuffled copy of it every call (one batch, so the order does not matter).
+    """
+    from sklearn.neural_network import MLPClassifier
+
+    X, y = make_batch(sizes[0], batch)
+    clf = MLPClassifier(
+        hidden_layer_sizes=tuple(sizes[1:-1]), activation="relu", solver="sgd",
+        learning_rate_init=LR, momentum=0.0, batch_size=batch, alpha=0.0,
+        shuffle=False, random_state=SEED,
+    )
+    classes = np.arange(N_CLASSES)
+
+    def step():
+        return clf.partial_fit(X, y, classes=classes)
+
+    return step
+
+
+STEPS = {"ours": ours_step, "ours_train_step": ours_train_step, "torch": torch_step, "sklearn": sklearn_step}
+NEEDS = {"torch": "torch", "sklearn": "sklearn"}
+
+
+def available_impls():
+    """The implementations whose library is installed."""
+    return [name for name in IMPLS if name not in NEEDS or have(NEEDS[name])]
+
+
+# ---- the ceiling ---------------------------------------------------------------------------
+
+def sgemm_call(n=CEILING_N, seed=SEED):
+    """(callable running one n x n x n float32 np.matmul into a fixed output, its FLOPs)."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n), dtype=DTYPE)
+    B = rng.standard_normal((n, n), dtype=DTYPE)
+    C = np.empty((n, n), dtype=DTYPE)
+
+    def call():
+        np.matmul(A, B, out=C)
+
+    return call, 2 * n ** 3
+
+
+def sgemm_ceiling(n=CEILING_N, target_s=TARGET_S, repeats=REPEATS):
+    """(best GFLOP/s of np.matmul on n x n float32, its Timing)."""
+    call, flops = sgemm_call(n)
+    settle()
+    timing = time_call(call, target_s=target_s, repeats=repeats)
+    return flops / timing.best / 1e9, timing
+
+
+# ---- one case ---------------------------------------------------------------------------------
+
+NOISY = 1.15  # median / best above this marks a cell whose repeats disagree
+
+
+def measure_case(sizes, batch, ceiling_gflops=None, impls=None, target_s=TARGET_S, repeats=REPEATS):
+    """Every number of one table row, as a dict (None where an implementation is missing).
+
+    The implementations are timed interleaved (see time_interleaved). Without a
+    ceiling the fractions stay None until ``set_ceiling``.
+    """
+    impls = [name for name in IMPLS if name in (available_impls() if impls is None else impls)]
+    flops = step_flops(sizes, batch)
+    row = {"case": "-".join(map(str, sizes)), "sizes": list(sizes), "batch": batch, "step_flops": flops}
+    steps = {name: STEPS[name](sizes, batch) for name in impls}
+    timings = time_interleaved(steps, target_s=target_s, repeats=repeats)
+    for name in IMPLS:
+        if name not in impls:
+            row[name] = None
+            continue
+        timing = timings[name]
+        gflops = flops / timing.best / 1e9
+        row[name] = {
+            "step_s": timing.best,
+            "samples_per_s": batch / timing.best,
+            "gflops": gflops,
+            "ceiling_fraction": None,
+            "noisy": timing.median / timing.best > NOISY,
+            "timing": timing.as_dict(),
+            "last_loss": _loss_value(steps[name]()),
+        }
+    ours, torch_ = row.get("ours"), row.get("torch")
+    row["ours_over_torch"] = ours["samples_per_s"] / torch_["samples_per_s"] if ours and torch_ else None
+    if ceiling_gflops:
+        set_ceiling(row, ceiling_gflops)
+    return row
+
+
+def merge_rows(a, b):
+    """One row from two measurements of the same case: each cell keeps its faster
+    measurement, with the repeats of both in its timing."""
+    out = dict(a)
+    for name in IMPLS:
+        ca, cb_ = a.get(name), b.get(name)
+        if not (ca and cb_):
+            continue
+        best, other = (ca, cb_) if ca["step_s"] <= cb_["step_s"] else (cb_, ca)
+        cell = dict(best)
+        cell["timing"] = dict(best["timing"], repeat_means_s=ca["timing"]["repeat_means_s"] + cb_["timing"]["repeat_means_s"])
+        cell["timing"]["median_s"] = statistics.median(cell["timing"]["repeat_means_s"])
+        cell["noisy"] = cell["timing"]["median_s"] / cell["step_s"] > NOISY
+        out[name] = cell
+    ours, torch_ = out.get("ours"), out.get("torch")
+    out["ours_over_torch"] = ours["samples_per_s"] / torch_["samples_per_s"] if ours and torch_ else None
+    return out
+
+
+def set_ceiling(row, ceiling_gflops):
+    """Fill in each cell's fraction of the sgemm ceiling."""
+    for name in IMPLS:
+        if row.get(name):
+            row[name]["ceiling_fraction"] = row[name]["gflops"] / ceiling_gflops
+
+
+def _loss_value(result):
+    """The step's loss as a float (a sanity check that training did not blow up)."""
+    if hasattr(result, "loss_curve_"):  # sklearn returns the estimator
+        return float(result.loss_)
+    if hasattr(result, "item"):
+        return float(result.item())
+    return float(result)
