@@ -288,7 +288,8 @@ class MLP:
                     b.gather_rows(T, index, ws.target)
                     total_loss += self._step(ws, optimizer) * ws.batch
                     if classify:
-                        correct += self._count_correct(ws, labels, index)
+                        b.gather_rows(labels, index, ws.label)
+                        correct += self._count_correct(ws)
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
                         bar.step(16, {"loss": float(total_loss) / min(n, start + ws.batch)})
                 bar.step(steps % 16)
@@ -308,10 +309,10 @@ class MLP:
                     break
         return dict(history)
 
-    def _count_correct(self, ws, labels, index):
+    def _count_correct(self, ws):
+        """How many rows of the forward pass in ``ws`` predict ``ws.label``."""
         xp = self.backend.xp
         xp.argmax(ws.a[-1], axis=1, out=ws.pred)
-        self.backend.gather_rows(labels, index, ws.label)
         xp.equal(ws.pred, ws.label, out=ws.hit)
         return xp.count_nonzero(ws.hit)
 
@@ -375,10 +376,8 @@ class MLP:
         for ws, rows in self._batches(X, T):
             total += self._loss(ws) * ws.batch
             if self.loss == "cross_entropy":
-                xp.argmax(ws.a[-1], axis=1, out=ws.pred)
                 xp.argmax(ws.target, axis=1, out=ws.label)
-                xp.equal(ws.pred, ws.label, out=ws.hit)
-                correct += xp.count_nonzero(ws.hit)
+                correct += self._count_correct(ws)
         logs = {"loss": float(total) / n}
         if self.loss == "cross_entropy":
             logs["accuracy"] = int(correct) / n
