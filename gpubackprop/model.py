@@ -137,14 +137,17 @@ class MLP:
         for i in range(len(self.sizes) - 1):
             yield i, f"layers.{i}.weight", f"layers.{i}.bias"
 
+    def _named(self, flat):
+        """A host copy of a flat buffer (parameters or gradients), split under state_dict's names."""
+        host = self.backend.to_host(flat).copy()
+        d = {}
+        for (_, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
+            d[wn], d[bn] = host[w].reshape(n_out, n_in), host[b]
+        return d
+
     def state_dict(self):
         """Host NumPy copies: layers.{i}.weight (out, in) and layers.{i}.bias (out,)."""
-        host = self.backend.to_host(self._params).copy()
-        d = {}
-        for (i, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
-            d[wn] = host[w].reshape(n_out, n_in)
-            d[bn] = host[b]
-        return d
+        return self._named(self._params)
 
     def load_state_dict(self, state):
         """Copy parameters in; names, shapes, dtypes and values are all checked first."""
@@ -155,7 +158,7 @@ class MLP:
         if missing or unexpected:
             raise KeyError(f"state_dict does not match {self.sizes}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         flat = np.empty(self.n_params, dtype=self.dtype)
-        for (i, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
+        for (_, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
             for name, sl, shape in ((wn, w, (n_out, n_in)), (bn, b, (n_out,))):
                 arr = np.asarray(self.backend.to_host(state[name]))
                 if arr.shape != shape:
@@ -225,11 +228,7 @@ class MLP:
             self._forward(ws)
             loss = float(self._loss(ws))
             self._backward(ws)
-            grads = self.backend.to_host(self._grads).copy()
-        out = {}
-        for (i, wn, bn), (w, b, n_out, n_in) in zip(self._names(), self._layout()):
-            out[wn], out[bn] = grads[w].reshape(n_out, n_in), grads[b]
-        return loss, out
+            return loss, self._named(self._grads)
 
     def train_step(self, X, y, optimizer):
         """One forward, backward and optimizer update on the batch (X, y); returns the loss."""
@@ -293,11 +292,7 @@ class MLP:
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
                         bar.step(16, {"loss": float(total_loss) / min(n, start + ws.batch)})
                 bar.step(steps % 16)
-                logs = {"loss": float(total_loss) / n}
-                if classify:
-                    logs["accuracy"] = int(correct) / n
-                else:
-                    logs["mse"] = logs["loss"]
+                logs = self._logs(total_loss, correct, n)
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 for k, v in logs.items():
@@ -378,7 +373,11 @@ class MLP:
             if self.loss == "cross_entropy":
                 xp.argmax(ws.target, axis=1, out=ws.label)
                 correct += self._count_correct(ws)
-        logs = {"loss": float(total) / n}
+        return self._logs(total, correct, n)
+
+    def _logs(self, total_loss, correct, n):
+        """The per-epoch metrics from sums over n samples (the only host syncs of an epoch)."""
+        logs = {"loss": float(total_loss) / n}
         if self.loss == "cross_entropy":
             logs["accuracy"] = int(correct) / n
         else:

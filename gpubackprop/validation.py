@@ -37,16 +37,13 @@ def check_positive_int(name, value, minimum=1):
 
 
 def _as_numeric(name, x, backend):
-    if backend.is_native(x):
+    if backend.is_native(x) or isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
         arr = x
     else:
-        if hasattr(x, "__cuda_array_interface__") or isinstance(x, np.ndarray):
-            arr = x
-        else:
-            try:
-                arr = np.asarray(x)
-            except (ValueError, TypeError) as e:
-                raise TypeError(f"{name} could not be read as an array: {e}") from None
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as e:
+            raise TypeError(f"{name} could not be read as an array: {e}") from None
     kind = arr.dtype.kind
     if kind not in "biuf":
         raise TypeError(
