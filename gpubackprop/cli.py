@@ -13,12 +13,14 @@ import json
 import os
 import platform
 import sys
+from io import BytesIO
 
 import numpy as np
 
 import gpubackprop as gb
 
 from . import data
+from .io import atomic_write
 from .activations import ACTIVATIONS
 
 OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
@@ -115,8 +117,7 @@ def train(args):
         "batch_size": args.batch_size, "held_out_accuracy": accuracy,
     }
     model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
-    with open(os.path.join(out, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)
+    atomic_write(os.path.join(out, "history.json"), json.dumps(history, indent=1).encode())
     written = ["model.safetensors", "history.json"]
     if plot_curves(history, os.path.join(out, "curves.png"), title=f"{args.dataset}: MLP {model.sizes}"):
         written.append("curves.png")
@@ -154,7 +155,9 @@ def plot_curves(history, path, title=""):
         if ax.lines:
             ax.legend()
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+    png = BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    atomic_write(path, png.getvalue())
     return True
 
 
