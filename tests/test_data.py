@@ -136,31 +136,20 @@ def test_csv_gzipped(tmp_path):
     assert X.tolist() == [[1.0], [2.0]] and y.tolist() == [0, 1]
 
 
-def test_csv_non_numeric_cell_names_row_and_column(tmp_path):
-    path = tmp_path / "bad.csv"
-    path.write_text("x,y,label\n1,2,0\n3,oops,1\n")
-    with pytest.raises(ValueError, match=r"bad\.csv, row 3, column 2: 'oops' is not a number"):
-        data.load_dataset(path)
-
-
-def test_csv_mixed_first_row_is_an_error_not_a_header(tmp_path):
-    path = tmp_path / "bad.csv"
-    path.write_text("1,x,0\n3,4,1\n")
-    with pytest.raises(ValueError, match=r"row 1, column 2"):
-        data.load_dataset(path)
-
-
-def test_csv_ragged_rows(tmp_path):
-    path = tmp_path / "ragged.csv"
-    path.write_text("1,2,0\n3,1\n")
-    with pytest.raises(ValueError, match=r"ragged\.csv, row 2: 2 columns"):
-        data.load_dataset(path)
-
-
-def test_csv_nan_cell(tmp_path):
-    path = tmp_path / "nan.csv"
-    path.write_text("1,2,0\n3,nan,1\n")
-    with pytest.raises(ValueError, match=r"row 2, column 2: 'nan' is not a finite number"):
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.csv", "x,y,label\n1,2,0\n3,oops,1\n", r"bad\.csv, row 3, column 2: 'oops' is not a number"),
+        ("bad.csv", "1,x,0\n3,4,1\n", r"row 1, column 2"),  # a mixed first row is an error, not a header
+        ("ragged.csv", "1,2,0\n3,1\n", r"ragged\.csv, row 2: 2 columns"),
+        ("nan.csv", "1,2,0\n3,nan,1\n", r"row 2, column 2: 'nan' is not a finite number"),
+    ],
+    ids=["non-numeric cell", "mixed first row", "ragged rows", "nan cell"],
+)
+def test_csv_errors_name_file_row_and_column(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
         data.load_dataset(path)
 
 
