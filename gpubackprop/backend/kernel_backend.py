@@ -1,0 +1,179 @@
+"""The CUDA backend's primitives as launches of our kernels in ``kernels/*.cu``.
+
+KernelBackend holds everything about those launches that is not CUDA itself:
+which instantiation of which template, the grid and block shapes, the scalars
+the host precomputes, and the scratch buffers of the cross-block reductions.
+It runs kernels through a ``module`` with one method,
+
+    module.launch(name_expression, grid, block, args)
+
+and leaves the matrix products to ``xp.matmul``. The CUDA backend gives it CuPy
+and cupy.RawModule (cuBLAS does the GEMMs); the tests give it NumPy and the same
+sources compiled for the CPU by the host harness (tests/kernels/cuda_host.h), so
+CI runs every line here and every kernel's source without a GPU.
+
+Per primitive, with the kernel that does it:
+
+    dense_forward    z = a_prev W^T (GEMM), then bias_act_forward: a = g(z + b)
+    dense_backward   act_backward_bias_grad: delta = g * g'(a), db = sum_rows delta
+                     (one launch), then dW = delta^T a_prev, grad_prev = delta W (GEMMs)
+    loss             softmax_cross_entropy / mean_squared_error: delta_L and the
+                     loss, summed on the device, in one launch
+    sgd_update, adam_update   one launch over the flat parameter buffer
+"""
+
+import importlib.resources
+import math
+import re
+
+import numpy as np
+
+from .. import losses
+from .numpy_backend import NumpyBackend
+
+CTYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+LOW_PRECISION = ("float16", "bfloat16")  # storage types whose arithmetic runs in float32
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}  # common.cuh
+
+
+def instance(template, dtype, *ints):
+    """The name expression of one instantiation, e.g. ``bias_act_forward<float, 1>``."""
+    return f"{template}<{', '.join([CTYPES[dtype], *map(str, ints)])}>"
+
+
+def _per_activation(template, dtypes):
+    return [instance(template, t, code) for t in dtypes for code in ACTIVATION_CODES.values()]
+
+
+# Every instantiation of every source file: CuPy, nvcc (CI) and the host harness
+# all compile exactly these.
+SOURCES = {
+    "bias_activation.cu": _per_activation("bias_act_forward", CTYPES),
+    "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
+    "loss.cu": [instance(k, t) for k in ("softmax_cross_entropy", "mean_squared_error") for t in CTYPES],
+    "optimizers.cu": [instance(k, t) for k in ("sgd_update", "adam_update") for t in ("float32", "float64")],
+}
+FILE_OF = {name: filename for filename, names in SOURCES.items() for name in names}
+
+
+def is_low_precision(name):
+    return any(CTYPES[t] in name for t in LOW_PRECISION)
+
+
+def source(filename):
+    """The text of ``kernels/filename`` with its local ``#include "..."`` lines inlined.
+
+    CuPy keys its compile cache on the code string alone, so a header's text must
+    be part of that string for an edited header to be recompiled.
+    """
+    text = (importlib.resources.files("gpubackprop.kernels") / filename).read_text()
+    return re.sub(r'^#include "([^"]+)"$', lambda m: source(m.group(1)), text, flags=re.M)
+
+
+class KernelBackend(NumpyBackend):
+    """The primitives of ``Backend`` through kernels; see the module docstring.
+
+    ``n_sm`` is the device's multiprocessor count: grids are sized to fill it
+    (8 blocks of 256 threads per multiprocessor) and loop over the rest. One
+    backend serves one stream at a time: its reduction scratch is shared.
+    """
+
+    BLOCK = 256
+
+    def __init__(self, xp, module, n_sm, note=""):
+        super().__init__(note)
+        self.xp = xp
+        self.module = module
+        self.max_blocks = 8 * n_sm
+        self._partials = {}  # compute dtype -> buffer of per-block partial sums
+        self._counters = None  # arrival counters of the last-block reductions, kept zero by the kernels
+
+    # ---- launches -----------------------------------------------------------------
+    def _launch(self, template, dtype, ints, grid, block, args):
+        name = instance(template, np.dtype(dtype).name, *ints)
+        self.module.launch(name, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)), args)
+
+    @staticmethod
+    def _compute(dtype):
+        """The scalar type the kernel computes in for storage ``dtype`` (float64 or float32)."""
+        return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+    def _scratch(self, dtype, n):
+        compute = self._compute(dtype)
+        buf = self._partials.get(compute)
+        if buf is None or buf.size < n:
+            buf = self._partials[compute] = self.xp.empty(max(n, 2 * self.max_blocks), compute)
+        return buf
+
+    def _counter(self, n):
+        if self._counters is None or self._counters.size < n:
+            self._counters = self.xp.zeros(max(n, 1024), np.uint32)
+        return self._counters
+
+    def _grid_1d(self, n):
+        return (max(1, min(-(-n // self.BLOCK), self.max_blocks)),)
+
+    # ---- layers --------------------------------------------------------------------
+    def dense_forward(self, a_prev, W, b, act, out, z, scratch):
+        zbuf = out if z is None else z
+        self.xp.matmul(a_prev, W.T, out=zbuf)
+        rows, cols = zbuf.shape
+        # A warp covers up to 32 columns of one row (all of a narrow layer's), and
+        # the block's other threads take the next rows.
+        bx = min(32, 1 << (cols - 1).bit_length())
+        by = self.BLOCK // bx
+        gx = -(-cols // bx)
+        gy = max(1, min(-(-rows // by), self.max_blocks // gx, 65535))
+        self._launch("bias_act_forward", zbuf.dtype, (ACTIVATION_CODES[act.name],), (gx, gy), (bx, by),
+                     (zbuf, b, out, np.int32(rows), np.int32(cols)))
+
+    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
+        rows, cols = grad.shape
+        tiles = -(-cols // 32)
+        # Enough row slices to fill the device, each of at least 64 rows.
+        slices = max(1, min(-(-rows // 64), -(-self.max_blocks // tiles), 65535))
+        rows_per_slice = -(-rows // slices)
+        slices = -(-rows // rows_per_slice)
+        self._launch(
+            "act_backward_bias_grad", grad.dtype, (ACTIVATION_CODES[act.name],), (tiles, slices), (32, 8),
+            (grad, a, a if z is None else z, db, self._scratch(grad.dtype, slices * cols),
+             self._counter(tiles), np.int32(rows), np.int32(cols), np.int32(rows_per_slice)),
+        )
+        self.xp.matmul(grad.T, a_prev, out=dW)
+        if grad_prev is not None:
+            self.xp.matmul(grad, W, out=grad_prev)
+
+    def loss(self, name, z, y, delta, row):
+        losses.get_loss(name)  # the error for an unknown name
+        rows, cols = z.shape
+        c = self._compute(z.dtype)
+        loss = self.xp.empty((), z.dtype)
+        if name == "cross_entropy":
+            warps = self.BLOCK // 32
+            grid = (max(1, min(-(-rows // warps), self.max_blocks)),)
+            args = (z, y, delta, np.int32(rows), np.int32(cols), c(1.0 / rows))
+            template = "softmax_cross_entropy"
+        else:
+            n = z.size
+            grid = self._grid_1d(n)
+            args = (z, y, delta, np.int64(n), c(2.0 / n), c(1.0 / n))
+            template = "mean_squared_error"
+        self._launch(template, z.dtype, (), grid, (self.BLOCK,),
+                     args + (self._scratch(z.dtype, grid[0]), self._counter(1), loss))
+        return loss
+
+    # ---- optimizers (maths in gpubackprop.optim) -----------------------------------------
+    def sgd_update(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first):
+        c = self._compute(p.dtype)
+        self._launch("sgd_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
+            p, g, p if buf is None else buf, np.int64(p.size), c(lr), c(momentum), c(1.0 - dampening),
+            c(weight_decay), c(lr * momentum), np.int32(nesterov), np.int32(first), np.int32(dampening != 0),
+        ))
+
+    def adam_update(self, p, g, m, v, scratch, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+        c = self._compute(p.dtype)
+        self._launch("adam_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
+            p, g, m, v, np.int64(p.size), c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(eps),
+            c(lr / (1.0 - beta1**step)), c(math.sqrt(1.0 - beta2**step)), c(weight_decay),
+            c(1.0 - lr * weight_decay), np.int32(decoupled),
+        ))

@@ -1,0 +1,21 @@
+// Dense forward epilogue: a = g(z + b) on the GEMM output z = a_prev W^T.
+//
+// One pass over the (rows, cols) output: z is read once, a written once (and z + b
+// written back only for GELU, whose g' needs z). a may be z itself.
+// Block (bx, by): threadIdx.x walks columns, so a warp reads consecutive
+// addresses and each thread loads its bias once per column it owns.
+#include "common.cuh"
+
+template <typename T, int ACT>
+__global__ void bias_act_forward(T* z, const T* __restrict__ b, T* a, int rows, int cols) {
+    typedef typename Compute<T>::type C;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        const C bias = ld(b + c);
+        for (int r = blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += gridDim.y * blockDim.y) {
+            const size_t i = (size_t)r * cols + c;
+            const C zi = ld(z + i) + bias;
+            if (ACT == ACT_GELU) st(z + i, zi);
+            st(a + i, act_forward<ACT>(zi));
+        }
+    }
+}

@@ -1,0 +1,55 @@
+// Losses with their gradient delta_L = dL/dz, one pass over the logits, and the
+// loss summed on the device (maths in gpubackprop/losses.py).
+#include "common.cuh"
+
+// Softmax cross entropy. A warp per row (rows striding over the grid): the row's
+// max m, then s = sum e^(z - m) and y.(z - m) in one read, then
+// delta = (e^(z - m) / s - y) / B. The row's loss log s - y.(z - m) is summed
+// over the batch in a fixed order; *loss = that sum / B.
+template <typename T>
+__global__ void softmax_cross_entropy(const T* __restrict__ z, const T* __restrict__ y, T* __restrict__ delta,
+                                      int rows, int cols, typename Compute<T>::type inv_batch,
+                                      typename Compute<T>::type* partials, unsigned* counter, T* loss) {
+    typedef typename Compute<T>::type C;
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    C total = C(0);
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
+        const T* zr = z + (size_t)r * cols;
+        const T* yr = y + (size_t)r * cols;
+        T* dr = delta + (size_t)r * cols;
+        C m = ld(zr + (lane < cols ? lane : 0));
+        for (int c = lane + 32; c < cols; c += 32) {
+            const C v = ld(zr + c);
+            m = v > m ? v : m;
+        }
+        m = warp_max(m);
+        C s = C(0), y_dot = C(0);
+        for (int c = lane; c < cols; c += 32) {
+            const C shifted = ld(zr + c) - m;
+            s += c_exp(shifted);
+            y_dot += ld(yr + c) * shifted;
+        }
+        s = warp_sum(s);
+        y_dot = warp_sum(y_dot);
+        for (int c = lane; c < cols; c += 32) st(dr + c, (c_exp(ld(zr + c) - m) / s - ld(yr + c)) * inv_batch);
+        total += c_log(s) - y_dot;
+    }
+    sum_over_grid(total, partials, counter, loss, inv_batch);
+}
+
+// Mean squared error over all n = B C elements: delta = 2 (z - y) / n,
+// *loss = sum (z - y)^2 / n.
+template <typename T>
+__global__ void mean_squared_error(const T* __restrict__ z, const T* __restrict__ y, T* __restrict__ delta,
+                                   long long n, typename Compute<T>::type two_over_n,
+                                   typename Compute<T>::type inv_n, typename Compute<T>::type* partials,
+                                   unsigned* counter, T* loss) {
+    typedef typename Compute<T>::type C;
+    C acc = C(0);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
+        const C d = ld(z + i) - ld(y + i);
+        acc += d * d;
+        st(delta + i, d * two_over_n);
+    }
+    sum_over_grid(warp_sum(acc), partials, counter, loss, inv_n);
+}
