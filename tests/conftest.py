@@ -1,3 +1,4 @@
+import os
 import zlib
 
 import numpy as np
@@ -38,3 +39,38 @@ class StrictFloat32:
 @pytest.fixture
 def strict_float32():
     return StrictFloat32()
+
+
+def require_tool(what):
+    """Skip for a missing compiler, except in CI (.ci/run sets
+    GPUBACKPROP_REQUIRE_KERNEL_TOOLS), where CI must prove the kernels."""
+    if os.environ.get("GPUBACKPROP_REQUIRE_KERNEL_TOOLS"):
+        pytest.fail(f"{what} is missing, and CI must compile and run the kernels")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="session")
+def host_module(tmp_path_factory):
+    """kernels/*.cu compiled for the CPU through the host harness (tests/kernels)."""
+    from .kernels.host_module import CXX, HostModule
+
+    if CXX is None:
+        require_tool("a C++ compiler (g++)")
+    return HostModule(str(tmp_path_factory.mktemp("host_kernels")))
+
+
+@pytest.fixture(scope="session", params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel_backend(request):
+    """The CUDA backend's code path: on the CPU through the host harness ("host"),
+    and on a real GPU ("cuda", skipped without one). A small multiprocessor count
+    for the host makes modest test sizes reach the kernels' grid-stride loops and
+    multi-block reductions."""
+    from gpubackprop.backend import DeviceUnavailableError, get_backend
+    from gpubackprop.backend.kernel_backend import KernelBackend
+
+    if request.param == "host":
+        return KernelBackend(np, request.getfixturevalue("host_module"), n_sm=2)
+    try:
+        return get_backend("cuda")
+    except DeviceUnavailableError as e:
+        pytest.skip(str(e))

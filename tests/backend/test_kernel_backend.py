@@ -1,0 +1,221 @@
+"""The CUDA backend's code path (KernelBackend launching kernels/*.cu) gives the
+NumPy backend's answers.
+
+Each test runs once per kernel runner (fixture ``kernel_backend``): the kernel
+sources compiled for the CPU by the host harness, always (this is what CI runs),
+and the real CUDA backend where a GPU is present (``pytest -m gpu``). Inputs are
+fresh random numbers; sizes are odd, off the block sizes, and large enough to
+take the kernels' grid-stride loops and multi-block reductions; every output is
+poisoned with NaN first, so an element a kernel fails to write fails the test.
+"""
+
+import types
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop import optim
+from gpubackprop.activations import ACTIVATIONS
+from gpubackprop.backend import kernel_backend as kb
+from gpubackprop.backend.numpy_backend import NumpyBackend
+
+from ..helpers import random_batch
+
+CPU = NumpyBackend()
+TOL = {np.float32: 1e-5, np.float64: 1e-12}  # max error over the largest magnitude
+LOW_TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # normwise, as the device METHOD gives for 16-bit
+# (batch, n_in, n_out): one element; odd; several row slices in the bias-gradient
+# reduction; columns past one 32-wide tile and not a multiple of it; many rows of a
+# narrow layer (the forward epilogue's grid-stride loop over rows).
+SHAPES = [(1, 1, 1), (3, 5, 7), (333, 17, 45), (70, 129, 33), (5000, 2, 3)]
+
+
+def close(actual, expected, tol, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    assert np.isfinite(actual).all(), f"{what}: unwritten (still NaN) or non-finite elements"
+    err = np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def poisoned(be, shape, dtype):
+    return be.asarray(np.full(shape, np.nan), dtype)
+
+
+def dense_layer(be, act, dtype, a_prev, W, b, grad):
+    """One layer forward and backward on ``be``; every result as a host array."""
+    B, n_out, n_in = a_prev.shape[0], W.shape[0], W.shape[1]
+    put = lambda x: be.asarray(np.array(x, dtype))  # noqa: E731  (a copy: the backward writes grad)
+    with be.context():
+        a_prev, W, b, grad = map(put, (a_prev, W, b, grad))
+        out = poisoned(be, (B, n_out), dtype)
+        z = poisoned(be, (B, n_out), dtype) if act.needs_z else None
+        scratch = tuple(poisoned(be, (B, n_out), dtype) for _ in range(act.n_scratch))
+        be.dense_forward(a_prev, W, b, act, out, z, scratch)
+        a = be.to_host(out).copy()
+        dW, db, grad_prev = (poisoned(be, s, dtype) for s in ((n_out, n_in), (n_out,), (B, n_in)))
+        be.dense_backward(grad, out, z, a_prev, W, act, scratch, dW, db, grad_prev, put(np.ones(B)))
+        return {k: be.to_host(v) for k, v in
+                dict(a=a, delta=grad, dW=dW, db=db, grad_prev=grad_prev).items()}
+
+
+def layer_inputs(rng, B, n_in, n_out):
+    return dict(a_prev=rng.standard_normal((B, n_in)), W=rng.standard_normal((n_out, n_in)) / np.sqrt(n_in),
+                b=rng.standard_normal(n_out), grad=rng.standard_normal((B, n_out)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_dense_layer_matches_numpy(kernel_backend, name, shape, dtype, rng):
+    inputs = layer_inputs(rng, *shape)
+    got = dense_layer(kernel_backend, ACTIVATIONS[name], dtype, **inputs)
+    want = dense_layer(CPU, ACTIVATIONS[name], dtype, **inputs)
+    for k in want:
+        close(got[k], want[k], TOL[dtype], k)
+
+
+def run_loss(be, name, z, y, dtype):
+    with be.context():
+        z, y = be.asarray(np.array(z, dtype)), be.asarray(np.array(y, dtype))
+        delta = poisoned(be, z.shape, dtype)
+        loss = be.loss(name, z, y, delta, poisoned(be, z.shape[:1], dtype))
+        assert loss.shape == () and loss.dtype == dtype
+        return float(loss), be.to_host(delta)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,C", [(1, 1), (5, 3), (37, 10), (300, 70), (257, 19)])
+@pytest.mark.parametrize("scale", [3.0, 300.0])  # 300: logits far past exp's range
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_loss_matches_numpy(kernel_backend, loss, scale, B, C, dtype, rng):
+    z = rng.standard_normal((B, C)) * scale
+    y = rng.random((B, C))
+    y /= y.sum(axis=1, keepdims=True)  # soft targets: rows of probabilities
+    (lk, dk), (lc, dc) = (run_loss(be, loss, z, y, dtype) for be in (kernel_backend, CPU))
+    close(lk, lc, TOL[dtype], "loss")
+    close(dk, dc, TOL[dtype], "delta")
+
+
+OPTIMIZERS = [
+    optim.SGD(0.1),
+    optim.SGD(0.1, momentum=0.9),
+    optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    optim.SGD(0.1, momentum=0.5, dampening=0.3, weight_decay=1e-3),
+    optim.Adam(1e-2),
+    optim.Adam(1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
+    optim.AdamW(1e-2, weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 1001, 5003])  # 5003 > the host's grid: the grid-stride loop
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+def test_optimizer_matches_numpy(kernel_backend, opt, n, dtype, rng):
+    """Three steps through the real optimizer classes, state and all."""
+    p0, grads = rng.standard_normal(n), [rng.standard_normal(n) for _ in range(3)]
+    results = []
+    for be in (kernel_backend, CPU):
+        fresh = optim.from_state_dict(opt.state_dict())
+        with be.context():
+            model = types.SimpleNamespace(backend=be, _params=be.asarray(np.array(p0, dtype)), _grads=None)
+            for g in grads:
+                model._grads = be.asarray(g, dtype)
+                fresh.step(model)
+            results.append([be.to_host(model._params)] + [be.to_host(v) for v in fresh.state.values()])
+    for got, want in zip(*results):
+        close(got, want, TOL[dtype])
+
+
+def test_reductions_are_deterministic(kernel_backend, rng):
+    """db over several row slices and the loss over several blocks: same bits twice."""
+    inputs = layer_inputs(rng, 4099, 37, 300)
+    z, y = rng.standard_normal((4099, 300)), rng.random((4099, 300))
+    runs = [(dense_layer(kernel_backend, ACTIVATIONS["tanh"], np.float32, **inputs)["db"],
+             run_loss(kernel_backend, "cross_entropy", z, y, np.float32)[0]) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
+# ---- float16 / bfloat16: the kernels' storage types for mixed precision -----------
+def low_precision_dtype(kernel_backend, name):
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        try:
+            kernel_backend.asarray(np.zeros(1), ml_dtypes.bfloat16)
+        except (TypeError, ValueError) as e:
+            pytest.skip(f"{kernel_backend.name} holds no bfloat16 arrays: {e}")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def normwise(actual, expected, tol, what):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert np.isfinite(actual).all(), f"{what}: unwritten (still NaN) or non-finite elements"
+    err = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert err <= tol, f"{what}: normwise relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("low", kb.LOW_PRECISION)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_low_precision_kernels(kernel_backend, name, low, rng):
+    """16-bit storage, float32 arithmetic, against float32 NumPy on the same rounded
+    inputs. W = I makes the GEMM exact in any precision, so what is compared is our
+    kernels' work (a, delta, db, the losses), not how a 16-bit GEMM accumulates."""
+    dtype = low_precision_dtype(kernel_backend, low)
+    inputs = {k: v.astype(dtype).astype(np.float32) for k, v in layer_inputs(rng, 131, 45, 45).items()}
+    inputs["W"] = np.eye(45, dtype=np.float32)
+    got = dense_layer(kernel_backend, ACTIVATIONS[name], dtype, **inputs)
+    want = dense_layer(CPU, ACTIVATIONS[name], np.float32, **inputs)
+    for k in ("a", "delta", "db"):
+        normwise(got[k], want[k], LOW_TOL[low], k)
+    z, y = inputs["grad"] * 3, np.eye(45)[rng.integers(0, 45, 131)]
+    for loss in ("cross_entropy", "mse"):
+        (lk, dk), (lc, dc) = run_loss(kernel_backend, loss, z, y, dtype), run_loss(CPU, loss, z, y, np.float32)
+        normwise(lk, lc, LOW_TOL[low], f"{loss} loss")
+        normwise(dk, dc, LOW_TOL[low], f"{loss} delta")
+
+
+# ---- whole models ------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_model_gradients_match_cpu(kernel_backend, act, loss, rng):
+    sizes = [33, 17, 65, 5]  # odd sizes, none a multiple of a block
+    X, y = random_batch(rng, sizes, loss, 37)
+    (lk, gk), (lc, gc) = (gb.MLP(sizes, activation=act, loss=loss, dtype="float64", seed=0, device=be)
+                          .loss_and_grad(X, y) for be in (kernel_backend, CPU))
+    close(lk, lc, 1e-12, "loss")
+    for k in gc:
+        close(gk[k], gc[k], 1e-10, k)
+
+
+def test_hundred_steps_match_cpu_losses(kernel_backend, rng):
+    """100 float32 Adam steps, loss by loss, track the CPU to 1e-4."""
+    sizes = [20, 48, 32, 4]
+    X, y = random_batch(rng, sizes, "cross_entropy", 400)
+    batches = [rng.choice(400, 32, replace=False) for _ in range(100)]
+    runs = []
+    for be in (kernel_backend, CPU):
+        m, opt = gb.MLP(sizes, activation="gelu", seed=1, device=be), optim.Adam(3e-3)
+        runs.append([m.train_step(X[i], y[i], opt) for i in batches])
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4)
+    assert runs[0][-1] < 0.9 * runs[0][0]  # and it learned
+
+
+def test_fit_matches_cpu_and_moves_between_devices(kernel_backend, rng):
+    """fit's device path (data copied once, batches gathered on the device, losses
+    summed there), with reshuffled epochs, a partial last batch and validation."""
+    X, y = random_batch(rng, [20, 32, 4], "cross_entropy", 300)
+    runs = []
+    for be in (kernel_backend, CPU):
+        m = gb.MLP([20, 32, 4], seed=1, device=be)
+        runs.append((m, m.fit(X, y, epochs=3, batch_size=32, optimizer=optim.SGD(0.1, momentum=0.9),
+                              validation_data=(X[:50], y[:50]), progress=False)))
+    (moved, hk), (cpu, hc) = runs
+    for k in hc:
+        np.testing.assert_allclose(hk[k], hc[k], rtol=1e-4, err_msg=k)
+    moved.to("cpu")
+    assert moved.device == "cpu"
+    for k, v in cpu.state_dict().items():
+        np.testing.assert_allclose(moved.state_dict()[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
