@@ -7,10 +7,10 @@
 """
 
 from . import optim
-from .backend import DeviceUnavailableError, get_backend
+from .backend import DeviceUnavailableError, OutOfMemoryError, get_backend
 from .gradcheck import gradcheck
 from .io import load, load_metadata, load_optimizer
 from .model import MLP
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "optim", "gradcheck", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "__version__"]
+__all__ = ["MLP", "optim", "gradcheck", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]

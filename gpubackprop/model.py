@@ -20,7 +20,7 @@ import numpy as np
 
 from . import validation
 from .activations import ACTIVATIONS, get_activation
-from .backend import get_backend
+from .backend import OutOfMemoryError, get_backend
 from .losses import LOSSES
 from .optim import Adam, Optimizer
 from .progress import Progress
@@ -56,6 +56,13 @@ class _Workspace:
         self.pred = empty((batch,), np.int64)
         self.label = empty((batch,), np.int64)
         self.hit = empty((batch,), np.bool_)
+
+    @staticmethod
+    def nbytes(sizes, act, batch, itemsize):
+        """The bytes __init__ allocates (a test holds the two together)."""
+        hidden = sum(sizes[1:-1])
+        floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * (act.needs_z + act.n_scratch) + sizes[-1] + 2)
+        return floats * itemsize + batch * (8 + 8 + 1)
 
 
 class MLP:
@@ -184,8 +191,12 @@ class MLP:
     def _workspace(self, batch):
         ws = self._workspaces.pop(batch, None)
         if ws is None:
-            with self.backend.context():
-                ws = _Workspace(self.backend, self.sizes, self._act, batch, self.dtype)
+            try:
+                with self.backend.context():
+                    ws = _Workspace(self.backend, self.sizes, self._act, batch, self.dtype)
+            except MemoryError:
+                need = _Workspace.nbytes(self.sizes, self._act, batch, np.dtype(self.dtype).itemsize)
+                raise self._out_of_memory(f"the buffers of a batch of {batch} rows", need, "use a smaller batch_size") from None
             while len(self._workspaces) >= _WORKSPACES_KEPT:
                 self._workspaces.popitem(last=False)
         self._workspaces[batch] = ws
@@ -217,9 +228,22 @@ class MLP:
         return ws
 
     def _prepare(self, X, y):
-        X = validation.check_X(X, self.sizes[0], self.dtype, self.backend)
-        T = validation.check_targets(y, X.shape[0], self.loss, self.sizes[-1], self.dtype, self.backend)
+        """X and the target rows T, checked and copied to the device (once per call)."""
+        try:
+            X = validation.check_X(X, self.sizes[0], self.dtype, self.backend)
+            T = validation.check_targets(y, X.shape[0], self.loss, self.sizes[-1], self.dtype, self.backend)
+        except MemoryError:
+            rows = len(X)
+            need = rows * (self.sizes[0] + self.sizes[-1]) * np.dtype(self.dtype).itemsize
+            raise self._out_of_memory(f"a copy of {rows} rows of data", need,
+                                      "pass fewer rows at a time (fit on a subset, or call train_step per batch)") from None
         return X, T
+
+    def _out_of_memory(self, what, need, fix):
+        free = self.backend.free_bytes()
+        free = "" if free is None else f", {_megabytes(free)} free"
+        return OutOfMemoryError(f"{self.device} ran out of memory allocating {what}: "
+                                f"{_megabytes(need)} needed{free}; {fix}. The model is unchanged.")
 
     def loss_and_grad(self, X, y):
         """(loss, gradients under state_dict's names): one forward and backward pass, no update."""
@@ -262,8 +286,15 @@ class MLP:
         callbacks = list(callbacks or ())
         b, xp = self.backend, self.backend.xp
         with b.context():
+            # The data set goes to the device once; batches are gathered there.
             X, T = self._prepare(X, y)
             val = self._prepare(*validation_data) if validation_data is not None else None
+            try:
+                optimizer._bind(self)  # its state allocated now, not after a step has begun
+            except MemoryError:
+                need = self._params.nbytes * (len(optimizer._buffers) + optimizer._n_scratch)
+                raise self._out_of_memory(f"the state of {optimizer!r}", need,
+                                          "use SGD without momentum, or a smaller model") from None
             classify = self.loss == "cross_entropy"
             labels = xp.argmax(T, axis=1) if classify else None
             n = X.shape[0]
@@ -276,6 +307,8 @@ class MLP:
                 for cb in callbacks:
                     getattr(cb, "on_epoch_begin", _noop)(self, epoch)
                 bar.start_epoch(epoch)
+                # Drawn on the host from the model's seeded generator, so a seed gives
+                # the same batches on every device; one small copy per epoch.
                 order = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
                 order = b.asarray(order)
                 # Accumulated on the device in float64: no sync per step, no float32 drift.
@@ -403,6 +436,10 @@ class MLP:
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
                 f"device={self.device!r}, dtype={self.dtype!r})")
+
+
+def _megabytes(n):
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _check_dtype(dtype):

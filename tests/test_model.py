@@ -239,3 +239,55 @@ def test_to_cpu_keeps_parameters():
     assert model.to("cpu") is model
     assert_same_params(params_of(model), before)
     assert model.device == "cpu" and "cpu" in repr(model)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_workspace_nbytes_counts_what_it_allocates(act):
+    from gpubackprop.model import _Workspace
+
+    sizes = [7, 13, 5, 3]
+    ws = _Workspace(NumpyBackend(), sizes, ACTIVATIONS[act], 11, "float32")
+    arrays = [x for v in vars(ws).values() if isinstance(v, (list, tuple, np.ndarray))
+              for x in (v if isinstance(v, (list, tuple)) else [v])]
+    arrays = [y for x in arrays for y in (x if isinstance(x, tuple) else [x]) if y is not None]
+    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4) == sum(a.nbytes for a in arrays)
+
+
+class _OutOfMemoryBackend(NumpyBackend):
+    """The CPU backend, with a device memory of ``limit`` bytes per allocation."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def empty(self, shape, dtype):
+        if np.prod(shape) * np.dtype(dtype).itemsize > self.limit:
+            raise MemoryError("out of memory")
+        return super().empty(shape, dtype)
+
+    def free_bytes(self):
+        return self.limit
+
+
+def test_out_of_memory_names_the_batch_and_bytes_and_changes_nothing(rng):
+    # The parameters (77 kB) and a batch of 10 fit; a batch of 100 (102 kB for a_1) does not.
+    model = gb.MLP([64, 256, 10], seed=0, device=_OutOfMemoryBackend(limit=90_000))
+    before = params_of(model)
+    X, y = random_batch(rng, [64, 256, 10], "cross_entropy", 100)
+    opt = gb.optim.Adam()
+    with pytest.raises(gb.OutOfMemoryError, match=r"batch of 100 rows: 0\.\d MiB needed, 0\.1 MiB free; use a smaller batch_size"):
+        model.fit(X, y, batch_size=100, optimizer=opt, progress=False)
+    assert_same_params(before, params_of(model))
+    assert opt.steps == 0
+    model.fit(X, y, epochs=1, batch_size=10, optimizer=opt, progress=False)  # a batch that fits trains
+    assert opt.steps == 10
+
+
+def test_out_of_memory_for_optimizer_state_is_raised_before_any_step(rng):
+    backend = _OutOfMemoryBackend(limit=10**6)
+    model = gb.MLP([64, 256, 10], seed=0, device=backend)
+    backend.limit = 70_000  # the parameters are in; Adam's state (77 kB a buffer) will not fit
+    before = params_of(model)
+    with pytest.raises(gb.OutOfMemoryError, match=r"the state of Adam\(.*\): 0\.3 MiB needed"):
+        model.fit(*random_batch(rng, [64, 256, 10], "cross_entropy", 20), optimizer=gb.optim.Adam(), progress=False)
+    assert_same_params(before, params_of(model))

@@ -36,6 +36,11 @@ class DeviceUnavailableError(RuntimeError):
         self.cause = cause
 
 
+class OutOfMemoryError(MemoryError):
+    """A device ran out of memory; the message names what was being allocated, the
+    bytes it needed and what to change. Raised before the model is changed."""
+
+
 def get_backend(device="cpu"):
     """The Backend for ``device``: "cpu", "cuda", "cuda:N", "auto", or a Backend.
 
@@ -113,6 +118,10 @@ class Backend:
     def context(self):
         """A context manager that makes this device current while it is open."""
         raise NotImplementedError
+
+    def free_bytes(self):
+        """Bytes this device can still allocate, or None where that is not known."""
+        return None
 
     # ---- the fused primitives ----------------------------------------------
     def dense_forward(self, a_prev, W, b, act, out, z, scratch):
