@@ -6,8 +6,9 @@ size), every matrix product (and the bias-gradient reduction, as a GEMV with a
 ones vector, 2x faster than ``sum(axis=0)``) goes to BLAS, and no float64 leaks
 into float32 work (scalars are Python floats, which NumPy 2 keeps "weak").
 
-The primitives are written against ``self.xp``; the CuPy backend inherits them
-until a kernel of its own replaces one.
+The primitives are written against ``self.xp``. The CUDA backend (through
+``kernel_backend``) replaces the fused ones with kernels of its own and keeps
+these for the rest (softmax for predict_proba), run through CuPy.
 """
 
 import contextlib

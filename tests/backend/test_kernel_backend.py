@@ -219,3 +219,17 @@ def test_fit_matches_cpu_and_moves_between_devices(kernel_backend, rng):
     assert moved.device == "cpu"
     for k, v in cpu.state_dict().items():
         np.testing.assert_allclose(moved.state_dict()[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_fit_copies_the_data_once_and_gathers_batches_on_the_device(kernel_backend, rng, monkeypatch):
+    X, y = random_batch(rng, [20, 32, 4], "cross_entropy", 300)
+    model = gb.MLP([20, 32, 4], seed=1, device=kernel_backend)
+    copies, gathers = [], []
+    asarray, gather = kernel_backend.asarray, kernel_backend.gather_rows
+    monkeypatch.setattr(kernel_backend, "asarray", lambda x, dtype=None: copies.append(np.shape(x)) or asarray(x, dtype))
+    monkeypatch.setattr(kernel_backend, "gather_rows",
+                        lambda src, index, out: gathers.append(kernel_backend.is_native(src)) or gather(src, index, out))
+    model.fit(X, y, epochs=3, batch_size=32, optimizer=optim.SGD(0.1), progress=False)
+    # X and its targets once, then one shuffled index vector per epoch.
+    assert copies[:2] == [(300, 20), (300,)] and copies[2:] == [(300,)] * 3
+    assert len(gathers) == 3 * 10 * 3 and all(gathers)  # inputs, targets, labels per step
