@@ -247,10 +247,11 @@ def test_workspace_nbytes_counts_what_it_allocates(act):
 
     sizes = [7, 13, 5, 3]
     ws = _Workspace(NumpyBackend(), sizes, ACTIVATIONS[act], 11, "float32")
-    arrays = [x for v in vars(ws).values() if isinstance(v, (list, tuple, np.ndarray))
-              for x in (v if isinstance(v, (list, tuple)) else [v])]
-    arrays = [y for x in arrays for y in (x if isinstance(x, tuple) else [x]) if y is not None]
-    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4) == sum(a.nbytes for a in arrays)
+    found = []  # attributes are arrays, lists of arrays (or None), and lists of tuples of arrays
+    for v in vars(ws).values():
+        for x in v if isinstance(v, list) else [v]:
+            found.extend(x if isinstance(x, tuple) else [x])
+    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4) == sum(a.nbytes for a in found if isinstance(a, np.ndarray))
 
 
 class _OutOfMemoryBackend(NumpyBackend):

@@ -31,6 +31,7 @@ import numpy as np
 from .. import losses
 from .numpy_backend import NumpyBackend
 
+KERNEL_DIR = importlib.resources.files("gpubackprop.kernels")  # kernels/ in a checkout
 CTYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 LOW_PRECISION = ("float16", "bfloat16")  # storage types whose arithmetic runs in float32
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}  # common.cuh
@@ -66,7 +67,7 @@ def source(filename):
     CuPy keys its compile cache on the code string alone, so a header's text must
     be part of that string for an edited header to be recompiled.
     """
-    text = (importlib.resources.files("gpubackprop.kernels") / filename).read_text()
+    text = (KERNEL_DIR / filename).read_text()
     return re.sub(r'^#include "([^"]+)"$', lambda m: source(m.group(1)), text, flags=re.M)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from gpubackprop.backend import kernel_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL_DIR = str(kernel_backend.importlib.resources.files("gpubackprop.kernels"))
+KERNEL_DIR = str(kernel_backend.KERNEL_DIR)
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 
 # Blocked threads sleep instead of spinning: a 256-thread block shares 2 cores.
