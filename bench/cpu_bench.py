@@ -177,6 +177,7 @@ def ours_step(sizes, batch):
     model = ours_model(sizes)
     opt = gb.optim.SGD(lr=LR)
     ws = model._load_batch(*model._prepare(X, y))
+    opt._bind(model)
 
     def step():
         return model._step(ws, opt)

@@ -35,7 +35,8 @@ class _Workspace:
     """The buffers of one train step at batch size B (index l: layer l, 0 = input).
 
     a[l] activations, z[l] pre-activations (only where g' needs z), g[l] dL/da_l
-    turned into delta_l in place, scratch[l] the activation's temporaries.
+    turned into delta_l in place, scratch[l] the activation's temporaries; index
+    the rows of the data set this batch is gathered from, loss the batch's loss.
     """
 
     def __init__(self, backend, sizes, act, batch, dtype):
@@ -56,13 +57,15 @@ class _Workspace:
         self.pred = empty((batch,), np.int64)
         self.label = empty((batch,), np.int64)
         self.hit = empty((batch,), np.bool_)
+        self.index = empty((batch,), np.int64)
+        self.loss = empty((), dtype)
 
     @staticmethod
     def nbytes(sizes, act, batch, itemsize):
         """The bytes __init__ allocates (a test holds the two together)."""
         hidden = sum(sizes[1:-1])
-        floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * (act.needs_z + act.n_scratch) + sizes[-1] + 2)
-        return floats * itemsize + batch * (8 + 8 + 1)
+        floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * (act.needs_z + act.n_scratch) + sizes[-1] + 2) + 1
+        return floats * itemsize + batch * (8 + 8 + 1 + 8)
 
 
 class MLP:
@@ -208,8 +211,10 @@ class MLP:
             act = self._act if l < L else _IDENTITY
             self.backend.dense_forward(ws.a[l - 1], self._W[l - 1], self._b[l - 1], act, ws.a[l], ws.z[l], ws.scratch[l])
 
-    def _loss(self, ws):
-        return self.backend.loss(self.loss, ws.a[-1], ws.target, ws.g[-1], ws.row)
+    def _loss(self, ws, running=None):
+        self.backend.loss(self.loss, ws.a[-1], ws.target, ws.g[-1], ws.loss, running,
+                          (ws.row, ws.pred, ws.label, ws.hit))
+        return ws.loss
 
     def _backward(self, ws):
         L = len(self._W)
@@ -259,18 +264,19 @@ class MLP:
         _check_optimizer(optimizer)
         with self.backend.context():
             ws = self._load_batch(*self._prepare(X, y))
+            optimizer._bind(self)
             return float(self._step(ws, optimizer))
 
-    def _step(self, ws, optimizer):
+    def _step(self, ws, optimizer, running=None):
         self._forward(ws)
-        loss = self._loss(ws)
+        loss = self._loss(ws, running)
         self._backward(ws)
-        optimizer.step(self)
+        optimizer._apply(self.backend, self._params, self._grads)
         return loss
 
     # ---- training -------------------------------------------------------------------
     def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
-            validation_data=None, progress=True, callbacks=None):
+            validation_data=None, progress=True, callbacks=None, graphs=True):
         """Mini-batch training, reshuffled every epoch; returns the history.
 
         The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
@@ -279,6 +285,11 @@ class MLP:
         The optimizer defaults to Adam(lr=1e-3). Callbacks are objects with optional
         ``on_epoch_begin(model, epoch)`` and ``on_epoch_end(model, epoch, logs)``;
         setting ``model.stop_training = True`` ends training after the epoch.
+
+        Where the backend captures graphs (CUDA), the second step of each batch
+        size is captured whole (gathering the batch, forward, loss, backward,
+        update) and every later step is one graph launch; ``graphs=False`` runs
+        every step op by op instead (for debugging: the numbers are the same).
         """
         epochs = validation.check_positive_int("epochs", epochs, minimum=0)
         batch_size = validation.check_positive_int("batch_size", batch_size)
@@ -295,13 +306,15 @@ class MLP:
                 need = self._params.nbytes * (len(optimizer._buffers) + optimizer._n_scratch)
                 raise self._out_of_memory(f"the state of {optimizer!r}", need,
                                           "use SGD without momentum, or a smaller model") from None
-            classify = self.loss == "cross_entropy"
-            labels = xp.argmax(T, axis=1) if classify else None
             n = X.shape[0]
             batch_size = min(batch_size, n)
             steps = -(-n // batch_size)
             bar = Progress(epochs, steps, enabled=bool(progress))
             history = collections.defaultdict(list)
+            # The epoch's [sum of batch losses * batch sizes, rows predicted right],
+            # accumulated on the device: no host sync per step.
+            running = b.zeros((2,), np.float64)
+            graphs = {} if graphs and b.supports_graphs else None
             self.stop_training = False
             for epoch in range(epochs):
                 for cb in callbacks:
@@ -311,21 +324,15 @@ class MLP:
                 # the same batches on every device; one small copy per epoch.
                 order = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
                 order = b.asarray(order)
-                # Accumulated on the device in float64: no sync per step, no float32 drift.
-                total_loss, correct = xp.zeros((), np.float64), 0
+                running.fill(0)
                 for s, start in enumerate(range(0, n, batch_size)):
-                    index = order[start:start + batch_size]
-                    ws = self._workspace(index.shape[0])
-                    b.gather_rows(X, index, ws.a[0])
-                    b.gather_rows(T, index, ws.target)
-                    total_loss += self._step(ws, optimizer) * ws.batch
-                    if classify:
-                        b.gather_rows(labels, index, ws.label)
-                        correct += self._count_correct(ws)
+                    ws = self._workspace(min(batch_size, n - start))
+                    xp.copyto(ws.index, order[start:start + ws.batch])
+                    self._fit_step(ws, X, T, optimizer, running, graphs)
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
-                        bar.step(16, {"loss": float(total_loss) / min(n, start + ws.batch)})
+                        bar.step(16, {"loss": float(running[0]) / min(n, start + ws.batch)})
                 bar.step(steps % 16)
-                logs = self._logs(total_loss, correct, n)
+                logs = self._logs(running, n)
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 for k, v in logs.items():
@@ -337,12 +344,28 @@ class MLP:
                     break
         return dict(history)
 
-    def _count_correct(self, ws):
-        """How many rows of the forward pass in ``ws`` predict ``ws.label``."""
-        xp = self.backend.xp
-        xp.argmax(ws.a[-1], axis=1, out=ws.pred)
-        xp.equal(ws.pred, ws.label, out=ws.hit)
-        return xp.count_nonzero(ws.hit)
+    def _fit_step(self, ws, X, T, optimizer, running, graphs):
+        """One step on the rows ws.index of (X, T), eagerly or as a graph launch."""
+        b = self.backend
+
+        def step():
+            b.gather_rows(X, ws.index, ws.a[0])
+            b.gather_rows(T, ws.index, ws.target)
+            self._step(ws, optimizer, running)
+
+        optimizer._bind(self)  # a no-op unless a callback swapped its state
+        if graphs is None:
+            return step()
+        key = (ws.batch, optimizer._graph_key())
+        if key not in graphs:  # the first step of its kind runs eagerly: kernels load, scratch is sized
+            graphs[key] = None
+            return step()
+        graph = graphs[key]
+        if graph is None:
+            graph = graphs[key] = b.capture(step)  # counts this step on the host, as step() would
+        else:
+            optimizer.steps += 1
+        graph.launch()
 
     # ---- inference ----------------------------------------------------------------------
     def _batches(self, X, T=None):
@@ -398,18 +421,14 @@ class MLP:
             return self._evaluate(*self._prepare(X, y))
 
     def _evaluate(self, X, T):
-        xp = self.backend.xp
-        n = X.shape[0]
-        total, correct = xp.zeros((), np.float64), 0
-        for ws, rows in self._batches(X, T):
-            total += self._loss(ws) * ws.batch
-            if self.loss == "cross_entropy":
-                xp.argmax(ws.target, axis=1, out=ws.label)
-                correct += self._count_correct(ws)
-        return self._logs(total, correct, n)
+        running = self.backend.zeros((2,), np.float64)
+        for ws, _ in self._batches(X, T):
+            self._loss(ws, running)
+        return self._logs(running, X.shape[0])
 
-    def _logs(self, total_loss, correct, n):
-        """The per-epoch metrics from sums over n samples (the only host syncs of an epoch)."""
+    def _logs(self, running, n):
+        """The metrics from the running sums over n samples (the only host sync of an epoch)."""
+        total_loss, correct = self.backend.to_host(running)
         logs = {"loss": float(total_loss) / n}
         if self.loss == "cross_entropy":
             logs["accuracy"] = int(correct) / n

@@ -16,6 +16,9 @@ AdamW(...)                                         (decoupled: p = p (1 - lr wd)
 An optimizer is made without parameters (``SGD(lr=0.1)``) and bound to a model by
 its first step: the state buffers (momentum, m, v) are then allocated like the
 model's flat buffer. ``state_dict`` holds them flat, in the model's parameter order.
+The step count is kept twice: ``steps`` on the host, and a copy on the model's
+device that the update kernels read and advance themselves, so a train step
+captured once as a CUDA graph counts right on every replay.
 """
 
 import math
@@ -45,6 +48,7 @@ class Optimizer:
         self.steps = 0
         self.state = {}
         self._scratch = None
+        self._steps_on_device = None  # (1,) uint32: steps done, advanced by the update itself
 
     @property
     def lr(self):
@@ -73,16 +77,24 @@ class Optimizer:
         s = self._scratch
         if s is None or not (backend.is_native(s[0]) and s[0].dtype == params.dtype and s[0].shape == params.shape):
             self._scratch = tuple(backend.empty(params.shape, params.dtype) for _ in range(self._n_scratch))
+        if self._steps_on_device is None or not backend.is_native(self._steps_on_device):
+            self._steps_on_device = backend.asarray(np.array([self.steps], np.uint32))
 
     def step(self, model):
         """Apply one update from the model's current gradients."""
         self._bind(model)
-        self.steps += 1
         with model.backend.context():
             self._apply(model.backend, model._params, model._grads)
 
     def _apply(self, backend, p, g):
-        raise NotImplementedError
+        """Issue the update (on the device: one launch, capturable in a graph); count the step."""
+        self.steps += 1
+        self._update(backend, p, g)
+
+    def _graph_key(self):
+        """What a captured update depends on: the buffers it reads and its hyperparameters."""
+        buffers = (self._steps_on_device, *self._scratch, *self.state.values())
+        return (id(self), repr(self.hyperparams), tuple(id(b) for b in buffers))
 
     def state_dict(self):
         return {
@@ -112,7 +124,8 @@ class Optimizer:
             state[name] = arr.copy()
         if len({a.shape for a in state.values()}) > 1:
             raise ValueError("state buffers differ in size")
-        self.hyperparams, self.steps, self.state, self._scratch = fresh.hyperparams, int(steps), state, None
+        self.hyperparams, self.steps, self.state = fresh.hyperparams, int(steps), state
+        self._scratch = self._steps_on_device = None
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
@@ -141,12 +154,12 @@ class SGD(Optimizer):
         if not momentum:
             self._buffers = ()
 
-    def _apply(self, backend, p, g):
+    def _update(self, backend, p, g):
         h = self.hyperparams
         backend.sgd_update(
-            p, g, self.state.get("momentum_buffer"), self._scratch[0],
+            p, g, self.state.get("momentum_buffer"), self._scratch[0], self._steps_on_device,
             lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-            nesterov=h["nesterov"], weight_decay=h["weight_decay"], first=self.steps == 1,
+            nesterov=h["nesterov"], weight_decay=h["weight_decay"],
         )
 
 
@@ -167,11 +180,11 @@ class Adam(Optimizer):
             weight_decay=_check("weight_decay", weight_decay),
         )
 
-    def _apply(self, backend, p, g):
+    def _update(self, backend, p, g):
         h = self.hyperparams
         backend.adam_update(
-            p, g, self.state["exp_avg"], self.state["exp_avg_sq"], self._scratch,
-            step=self.steps, lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
+            p, g, self.state["exp_avg"], self.state["exp_avg_sq"], self._scratch, self._steps_on_device,
+            lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
             eps=h["eps"], weight_decay=h["weight_decay"], decoupled=self._decoupled,
         )
 

@@ -7,12 +7,13 @@
 // adds its 8 row sums in order. With one slice (gridDim.y == 1) that is db;
 // with several, each block stores its column sums in partials[slice][col] and
 // the last block of a column tile to finish adds the slices in order. No float
-// atomics anywhere: db is the same bits on every run.
+// atomics anywhere: db is the same bits on every run. db is in the compute type
+// (float for 16-bit storage: the gradients of mixed precision are float32).
 #include "common.cuh"
 
 template <typename T, int ACT>
 __global__ void act_backward_bias_grad(T* g, const T* __restrict__ a, const T* __restrict__ z,
-                                       T* __restrict__ db, typename Compute<T>::type* partials,
+                                       typename Compute<T>::type* __restrict__ db, typename Compute<T>::type* partials,
                                        unsigned* counters, int rows, int cols, int rows_per_slice) {
     typedef typename Compute<T>::type C;
     __shared__ C column_sums[8][33];  // 33: no bank conflicts when read down a column

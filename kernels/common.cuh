@@ -90,14 +90,6 @@ template <typename C> __device__ __forceinline__ C warp_sum(C v) {
     return v;
 }
 
-template <typename C> __device__ __forceinline__ C warp_max(C v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        C other = __shfl_xor_sync(0xffffffffu, v, offset);
-        v = other > v ? other : v;
-    }
-    return v;
-}
-
 // Called by a block after it stored its partial result and before it returns:
 // true in the one block that arrives last (of `expected` blocks counted on
 // *counter), which may then read every block's partial. It resets the counter,
@@ -114,29 +106,53 @@ __device__ __forceinline__ bool arrived_last(unsigned* counter, unsigned expecte
     return last;
 }
 
-// The sum over a 1-D grid of one value per warp (every lane of a warp holds it),
-// times `scale`, stored to *out by the last block. Blocks hold whole warps.
+// Two sums over a 1-D grid, each of one value per warp (every lane of a warp
+// holds it); the last block stores *out = a_total * scale and, when running is
+// given, adds to the running totals: running[0] += *out * rows (as rounded to
+// T, the same bits the caller sees) and running[1] += b_total. partials holds
+// 2 * gridDim.x values. Blocks hold whole warps.
 template <typename C, typename T>
-__device__ void sum_over_grid(C warp_value, C* partials, unsigned* counter, T* out, C scale) {
-    __shared__ C per_warp[32];
+__device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, C scale, double* running, int rows) {
+    __shared__ C per_warp[2][32];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) per_warp[warp] = warp_value;
+    if (lane == 0) {
+        per_warp[0][warp] = a;
+        per_warp[1][warp] = b;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-        C s = C(0);
-        for (unsigned w = 0; w < warps; ++w) s += per_warp[w];
-        partials[blockIdx.x] = s;
+        C sa = C(0), sb = C(0);
+        for (unsigned w = 0; w < warps; ++w) {
+            sa += per_warp[0][w];
+            sb += per_warp[1][w];
+        }
+        partials[blockIdx.x] = sa;
+        partials[gridDim.x + blockIdx.x] = sb;
     }
     if (!arrived_last(counter, gridDim.x)) return;
     const volatile C* done = partials;  // written by other blocks: not from a stale cache
-    C s = C(0);
-    for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) s += done[i];
-    s = warp_sum(s);
-    if (lane == 0) per_warp[warp] = s;
+    C sa = C(0), sb = C(0);
+    for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
+        sa += done[i];
+        sb += done[gridDim.x + i];
+    }
+    sa = warp_sum(sa);
+    sb = warp_sum(sb);
+    if (lane == 0) {
+        per_warp[0][warp] = sa;
+        per_warp[1][warp] = sb;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-        C total = C(0);
-        for (unsigned w = 0; w < warps; ++w) total += per_warp[w];
-        st(out, total * scale);
+        C ta = C(0), tb = C(0);
+        for (unsigned w = 0; w < warps; ++w) {
+            ta += per_warp[0][w];
+            tb += per_warp[1][w];
+        }
+        st(out, ta * scale);
+        if (running) {
+            running[0] += (double)ld(out) * rows;
+            running[1] += (double)tb;
+        }
     }
 }

@@ -1,18 +1,31 @@
 // Optimizer updates over the model's one flat parameter buffer: the whole update
 // is one launch, each element read and written once. The maths and the order of
-// operations are those of gpubackprop/optim.py and the NumPy backend; the host
-// precomputes every scalar that does not depend on the element.
+// operations are those of gpubackprop/optim.py and the NumPy backend.
+//
+// The step count t lives on the device (*steps: steps done so far): the update
+// reads it, and the last block to finish stores t. So a launch captured once in
+// a CUDA graph stays right on every replay, Adam's bias corrections included.
+// Those are formed in double from double hyperparameters, as the host forms
+// them, then rounded to the compute type.
 #include "common.cuh"
+
+// Every block reads *steps before any block can arrive last and store t.
+__device__ __forceinline__ void count_step(unsigned* steps, unsigned t, unsigned* arrivals) {
+    if (arrived_last(arrivals, gridDim.x) && threadIdx.x == 0) *steps = t;
+}
 
 // SGD with momentum mu, dampening tau, Nesterov and L2 weight decay wd:
 // d = g + wd p; b = d (first step) or mu b + (1 - tau) d; p -= lr (nesterov ? d + mu b : b).
-// lr_mu = lr * mu. buf may be null when mu = 0.
+// lr_mu = lr * mu. buf is unused when mu = 0.
 template <typename T>
 __global__ void sgd_update(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n,
                            typename Compute<T>::type lr, typename Compute<T>::type momentum,
                            typename Compute<T>::type one_minus_dampening, typename Compute<T>::type weight_decay,
-                           typename Compute<T>::type lr_momentum, int nesterov, int first, int dampened) {
+                           typename Compute<T>::type lr_momentum, int nesterov, int dampened,
+                           unsigned* steps, unsigned* arrivals) {
     typedef typename Compute<T>::type C;
+    const unsigned t = *steps + 1;
+    const bool first = t == 1;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         C pi = ld(p + i);
         C d = ld(g + i);
@@ -32,6 +45,7 @@ __global__ void sgd_update(T* __restrict__ p, const T* __restrict__ g, T* __rest
         }
         st(p + i, pi);
     }
+    count_step(steps, t, arrivals);
 }
 
 // Adam (L2 decay: d = g + wd p) and AdamW (decoupled: p *= 1 - lr wd first):
@@ -40,12 +54,16 @@ __global__ void sgd_update(T* __restrict__ p, const T* __restrict__ g, T* __rest
 // step_size = lr / (1 - b1^t), sqrt_bc2 = sqrt(1 - b2^t).
 template <typename T>
 __global__ void adam_update(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                            long long n, typename Compute<T>::type beta1, typename Compute<T>::type one_minus_beta1,
-                            typename Compute<T>::type beta2, typename Compute<T>::type one_minus_beta2,
-                            typename Compute<T>::type eps, typename Compute<T>::type step_size,
-                            typename Compute<T>::type sqrt_bc2, typename Compute<T>::type weight_decay,
-                            typename Compute<T>::type decay_factor, int decoupled) {
+                            long long n, double lr, double beta1_d, double beta2_d,
+                            typename Compute<T>::type one_minus_beta1, typename Compute<T>::type one_minus_beta2,
+                            typename Compute<T>::type eps, typename Compute<T>::type weight_decay,
+                            typename Compute<T>::type decay_factor, int decoupled,
+                            unsigned* steps, unsigned* arrivals) {
     typedef typename Compute<T>::type C;
+    const unsigned t = *steps + 1;
+    const C beta1 = C(beta1_d), beta2 = C(beta2_d);
+    const C step_size = C(lr / (1.0 - pow(beta1_d, (double)t)));
+    const C sqrt_bc2 = C(sqrt(1.0 - pow(beta2_d, (double)t)));
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         C pi = ld(p + i);
         C d = ld(g + i);
@@ -60,4 +78,5 @@ __global__ void adam_update(T* __restrict__ p, const T* __restrict__ g, T* __res
         pi = pi - (mi / (c_sqrt(vi) / sqrt_bc2 + eps)) * step_size;
         st(p + i, pi);
     }
+    count_step(steps, t, arrivals);
 }

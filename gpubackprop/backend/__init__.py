@@ -8,8 +8,11 @@ device needs a new Backend and nothing else:
     dense_backward   delta_l = dL/da_l * g'(a_l)                 (from the stored activation)
                      dL/db_l = sum over the batch of delta_l,
                      dL/dW_l = delta_l^T a_{l-1},  dL/da_{l-1} = delta_l W_l
-    loss             cross entropy or MSE: the loss and delta_L in one pass
+    loss             cross entropy or MSE: the loss and delta_L in one pass, and the
+                     epoch's running loss and hit count
     sgd_update, adam_update   one update over the flat parameter buffer
+    capture          (where ``supports_graphs``) a train step recorded once and
+                     replayed: a CUDA graph on the GPU
 
 Arrays are row-major with the batch first: a_l is (B, n_l), W_l is (n_l, n_{l-1})
 as in PyTorch, so a row of a is a sample and W matches ``torch.nn.Linear.weight``.
@@ -91,6 +94,7 @@ class Backend:
     name = "?"
     xp = None
     note = ""
+    supports_graphs = False
 
     # ---- arrays -------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -135,18 +139,28 @@ class Backend:
         unless ``grad_prev`` is None (first layer), grad_prev = delta W."""
         raise NotImplementedError
 
-    def loss(self, name, z, y, delta, row):
-        """The loss called ``name`` of logits z against targets y; delta = dL/dz."""
+    def loss(self, name, z, y, delta, out, running, scratch):
+        """The loss called ``name`` of logits z against targets y, a batch mean, into
+        the 0-d ``out``; delta = dL/dz. Unless None, the float64 ``running`` pair
+        gains [loss * batch, rows whose argmax z is argmax y (cross entropy)].
+        ``scratch`` is the workspace's (row, pred, label, hit) buffers."""
         raise NotImplementedError
 
     def softmax(self, z, out, row):
         raise NotImplementedError
 
-    def sgd_update(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first):
+    # The optimizers read the step count t from ``steps`` (a (1,) uint32 array on
+    # this device: steps done so far) and store t there, so that a replayed graph
+    # counts too.
+    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay):
         raise NotImplementedError
 
-    def adam_update(self, p, g, m, v, scratch, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
         raise NotImplementedError
+
+    def capture(self, fn):
+        """fn's work recorded once; the result's ``launch()`` replays it."""
+        raise NotImplementedError(f"{self.name} does not capture graphs")
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"

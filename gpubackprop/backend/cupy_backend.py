@@ -111,9 +111,6 @@ class CupyBackend(KernelBackend):
     def to_host(self, x):
         return x.get() if isinstance(x, self.xp.ndarray) else np.asarray(x)
 
-    def gather_rows(self, src, index, out):
-        self.xp.take(src, index, axis=0, out=out)
-
     def context(self):
         return self.xp.cuda.Device(self.index)
 

@@ -18,12 +18,20 @@ Per primitive, with the kernel that does it:
     dense_backward   act_backward_bias_grad: delta = g * g'(a), db = sum_rows delta
                      (one launch), then dW = delta^T a_prev, grad_prev = delta W (GEMMs)
     loss             softmax_cross_entropy / mean_squared_error: delta_L and the
-                     loss, summed on the device, in one launch
+                     loss, summed on the device, in one launch (which also adds
+                     the epoch's running loss and hit count)
     sgd_update, adam_update   one launch over the flat parameter buffer
+                     (the step count lives on the device)
+
+``capture(fn)`` records fn's launches and GEMMs as a graph to replay: on the GPU
+a CUDA graph (cupy_backend), here a list of the same calls with the same
+buffers and the same scalar arguments. That is a CUDA graph's contract, so the
+host harness proves a captured train step right (nothing allocated, nothing
+read back, no scalar that should change between steps baked in) without a GPU.
 """
 
+import functools
 import importlib.resources
-import math
 import re
 
 import numpy as np
@@ -80,19 +88,51 @@ class KernelBackend(NumpyBackend):
     """
 
     BLOCK = 256
+    supports_graphs = True
 
     def __init__(self, xp, module, n_sm, note=""):
         super().__init__(note)
         self.xp = xp
+        self._ops_xp = xp  # the module of recorded GEMMs and gathers, never swapped out
         self.module = module
         self.max_blocks = 8 * n_sm
         self._partials = {}  # compute dtype -> buffer of per-block partial sums
         self._counters = None  # arrival counters of the last-block reductions, kept zero by the kernels
+        self._retired = []  # outgrown scratch buffers: a captured graph may still point at them
+        self._recording = None  # the op list while capture() runs
 
-    # ---- launches -----------------------------------------------------------------
+    # ---- launches and graphs ----------------------------------------------------------
     def _launch(self, template, dtype, ints, grid, block, args):
         name = instance(template, np.dtype(dtype).name, *ints)
-        self.module.launch(name, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)), args)
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        self._issue(functools.partial(self.module.launch, name, grid, block, args))
+
+    def _matmul(self, a, b, out):
+        self._issue(functools.partial(self._ops_xp.matmul, a, b, out=out))
+
+    def gather_rows(self, src, index, out):
+        self._issue(functools.partial(self._ops_xp.take, src, index, axis=0, out=out))
+
+    def _issue(self, op):
+        if self._recording is None:
+            op()
+        else:
+            self._recording.append(op)
+
+    def capture(self, fn):
+        """A graph of fn's launches, GEMMs and gathers; ``graph.launch()`` replays them.
+
+        fn runs once, recording instead of executing; any other array operation in
+        it (an allocation, a read back to the host) raises.
+        """
+        xp, self._recording = self.xp, []
+        self.xp = _NoArrayOps(xp)
+        try:
+            fn()
+            ops = self._recording
+        finally:
+            self.xp, self._recording = xp, None
+        return _Replay(ops)
 
     @staticmethod
     def _compute(dtype):
@@ -103,11 +143,13 @@ class KernelBackend(NumpyBackend):
         compute = self._compute(dtype)
         buf = self._partials.get(compute)
         if buf is None or buf.size < n:
+            self._retired.append(buf)
             buf = self._partials[compute] = self.xp.empty(max(n, 2 * self.max_blocks), compute)
         return buf
 
     def _counter(self, n):
         if self._counters is None or self._counters.size < n:
+            self._retired.append(self._counters)
             self._counters = self.xp.zeros(max(n, 1024), np.uint32)
         return self._counters
 
@@ -117,7 +159,7 @@ class KernelBackend(NumpyBackend):
     # ---- layers --------------------------------------------------------------------
     def dense_forward(self, a_prev, W, b, act, out, z, scratch):
         zbuf = out if z is None else z
-        self.xp.matmul(a_prev, W.T, out=zbuf)
+        self._matmul(a_prev, W.T, zbuf)
         rows, cols = zbuf.shape
         # A warp covers up to 32 columns of one row (all of a narrow layer's), and
         # the block's other threads take the next rows.
@@ -129,6 +171,8 @@ class KernelBackend(NumpyBackend):
                      (zbuf, b, out, np.int32(rows), np.int32(cols)))
 
     def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
+        if db.dtype != self._compute(grad.dtype):  # the kernel writes db in the compute type
+            raise TypeError(f"db must be {np.dtype(self._compute(grad.dtype))} for {grad.dtype} layers, not {db.dtype}")
         rows, cols = grad.shape
         tiles = -(-cols // 32)
         # Enough row slices to fill the device, each of at least 64 rows.
@@ -140,41 +184,64 @@ class KernelBackend(NumpyBackend):
             (grad, a, a if z is None else z, db, self._scratch(grad.dtype, slices * cols),
              self._counter(tiles), np.int32(rows), np.int32(cols), np.int32(rows_per_slice)),
         )
-        self.xp.matmul(grad.T, a_prev, out=dW)
+        self._matmul(grad.T, a_prev, dW)
         if grad_prev is not None:
-            self.xp.matmul(grad, W, out=grad_prev)
+            self._matmul(grad, W, grad_prev)
 
-    def loss(self, name, z, y, delta, row):
+    def loss(self, name, z, y, delta, out, running, scratch):
         losses.get_loss(name)  # the error for an unknown name
         rows, cols = z.shape
         c = self._compute(z.dtype)
-        loss = self.xp.empty((), z.dtype)
         if name == "cross_entropy":
             warps = self.BLOCK // 32
             grid = (max(1, min(-(-rows // warps), self.max_blocks)),)
             args = (z, y, delta, np.int32(rows), np.int32(cols), c(1.0 / rows))
+            tail = (running,)
             template = "softmax_cross_entropy"
         else:
             n = z.size
             grid = self._grid_1d(n)
             args = (z, y, delta, np.int64(n), c(2.0 / n), c(1.0 / n))
+            tail = (running, np.int32(rows))
             template = "mean_squared_error"
         self._launch(template, z.dtype, (), grid, (self.BLOCK,),
-                     args + (self._scratch(z.dtype, grid[0]), self._counter(1), loss))
-        return loss
+                     args + (self._scratch(z.dtype, 2 * grid[0]), self._counter(1), out) + tail)
 
     # ---- optimizers (maths in gpubackprop.optim) -----------------------------------------
-    def sgd_update(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first):
+    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay):
         c = self._compute(p.dtype)
         self._launch("sgd_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
             p, g, p if buf is None else buf, np.int64(p.size), c(lr), c(momentum), c(1.0 - dampening),
-            c(weight_decay), c(lr * momentum), np.int32(nesterov), np.int32(first), np.int32(dampening != 0),
+            c(weight_decay), c(lr * momentum), np.int32(nesterov), np.int32(dampening != 0), steps, self._counter(1),
         ))
 
-    def adam_update(self, p, g, m, v, scratch, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
         c = self._compute(p.dtype)
         self._launch("adam_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
-            p, g, m, v, np.int64(p.size), c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(eps),
-            c(lr / (1.0 - beta1**step)), c(math.sqrt(1.0 - beta2**step)), c(weight_decay),
-            c(1.0 - lr * weight_decay), np.int32(decoupled),
+            p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
+            c(1.0 - beta1), c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
+            np.int32(decoupled), steps, self._counter(1),
         ))
+
+
+class _Replay:
+    """A recorded graph: ``launch()`` issues its operations again, in order."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def launch(self):
+        for op in self.ops:
+            op()
+
+
+class _NoArrayOps:
+    """Stands in for the array module while a graph is recorded: inside a graph
+    nothing may be allocated, computed outside the recorded ops, or read back."""
+
+    def __init__(self, xp):
+        self._xp = xp
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"xp.{name} called while capturing a graph: only kernel launches, "
+                           "GEMMs and gathers into buffers made beforehand may run inside one")

@@ -64,15 +64,26 @@ class NumpyBackend(Backend):
         if grad_prev is not None:
             xp.matmul(grad, W, out=grad_prev)
 
-    def loss(self, name, z, y, delta, row):
-        return losses.get_loss(name)(self.xp, z, y, delta, row)
+    def loss(self, name, z, y, delta, out, running, scratch):
+        xp = self.xp
+        row, pred, label, hit = scratch
+        out[...] = losses.get_loss(name)(xp, z, y, delta, row)
+        if running is not None:
+            running[0] += float(out) * z.shape[0]
+            if name == "cross_entropy":
+                xp.argmax(z, axis=1, out=pred)
+                xp.argmax(y, axis=1, out=label)
+                xp.equal(pred, label, out=hit)
+                running[1] += xp.count_nonzero(hit)
 
     def softmax(self, z, out, row):
         losses.softmax(self.xp, z, out, row)
 
     # ---- optimizers (maths in gpubackprop.optim) --------------------------------
-    def sgd_update(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first):
+    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay):
         xp = self.xp
+        first = steps[0] == 0
+        steps[0] += 1
         s = scratch
         d = g  # read in place, never written: the model's gradients stay inspectable
         if weight_decay:
@@ -98,8 +109,10 @@ class NumpyBackend(Backend):
             xp.multiply(d, lr, out=s)
         xp.subtract(p, s, out=p)
 
-    def adam_update(self, p, g, m, v, scratch, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
         xp = self.xp
+        steps[0] += 1
+        step = int(steps[0])
         d, t = scratch
         if weight_decay and decoupled:
             xp.multiply(p, 1.0 - lr * weight_decay, out=p)

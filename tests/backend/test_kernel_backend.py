@@ -40,7 +40,9 @@ def close(actual, expected, tol, what=""):
 
 
 def poisoned(be, shape, dtype):
-    return be.asarray(np.full(shape, np.nan), dtype)
+    out = be.empty(shape, dtype)
+    out.fill(np.nan)
+    return out
 
 
 def dense_layer(be, act, dtype, a_prev, W, b, grad):
@@ -54,7 +56,8 @@ def dense_layer(be, act, dtype, a_prev, W, b, grad):
         scratch = tuple(poisoned(be, (B, n_out), dtype) for _ in range(act.n_scratch))
         be.dense_forward(a_prev, W, b, act, out, z, scratch)
         a = be.to_host(out).copy()
-        dW, db, grad_prev = (poisoned(be, s, dtype) for s in ((n_out, n_in), (n_out,), (B, n_in)))
+        dW, grad_prev = poisoned(be, (n_out, n_in), dtype), poisoned(be, (B, n_in), dtype)
+        db = poisoned(be, (n_out,), np.float64 if dtype == np.float64 else np.float32)  # float32 for 16-bit
         be.dense_backward(grad, out, z, a_prev, W, act, scratch, dW, db, grad_prev, put(np.ones(B)))
         return {k: be.to_host(v) for k, v in
                 dict(a=a, delta=grad, dW=dW, db=db, grad_prev=grad_prev).items()}
@@ -76,13 +79,16 @@ def test_dense_layer_matches_numpy(kernel_backend, name, shape, dtype, rng):
         close(got[k], want[k], TOL[dtype], k)
 
 
-def run_loss(be, name, z, y, dtype):
+def run_loss(be, name, z, y, dtype, running=(0.0, 0.0)):
+    """(loss, delta, running + [loss * B, rows predicted right]) on ``be``."""
+    B = z.shape[0]
     with be.context():
         z, y = be.asarray(np.array(z, dtype)), be.asarray(np.array(y, dtype))
-        delta = poisoned(be, z.shape, dtype)
-        loss = be.loss(name, z, y, delta, poisoned(be, z.shape[:1], dtype))
-        assert loss.shape == () and loss.dtype == dtype
-        return float(loss), be.to_host(delta)
+        delta, loss = poisoned(be, z.shape, dtype), poisoned(be, (), dtype)
+        totals = be.asarray(np.array(running, np.float64))
+        scratch = (poisoned(be, (B,), dtype), be.empty((B,), np.int64), be.empty((B,), np.int64), be.empty((B,), bool))
+        be.loss(name, z, y, delta, loss, totals, scratch)
+        return float(loss), be.to_host(delta), be.to_host(totals)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -93,9 +99,13 @@ def test_loss_matches_numpy(kernel_backend, loss, scale, B, C, dtype, rng):
     z = rng.standard_normal((B, C)) * scale
     y = rng.random((B, C))
     y /= y.sum(axis=1, keepdims=True)  # soft targets: rows of probabilities
-    (lk, dk), (lc, dc) = (run_loss(be, loss, z, y, dtype) for be in (kernel_backend, CPU))
+    z[0] = z[-1]  # a tie for the argmax when B > 1: the first column holding the max wins
+    y[1 % B, 0] = y[1 % B].max()
+    (lk, dk, rk), (lc, dc, rc) = (run_loss(be, loss, z, y, dtype, running=(2.5, 7.0)) for be in (kernel_backend, CPU))
     close(lk, lc, TOL[dtype], "loss")
     close(dk, dc, TOL[dtype], "delta")
+    close(rk[0], rc[0], TOL[dtype], "running loss")
+    assert rk[1] == rc[1] and (loss == "mse") == (rk[1] == 7.0)  # hits counted for cross entropy only
 
 
 OPTIMIZERS = [
@@ -133,9 +143,10 @@ def test_reductions_are_deterministic(kernel_backend, rng):
     inputs = layer_inputs(rng, 4099, 37, 300)
     z, y = rng.standard_normal((4099, 300)), rng.random((4099, 300))
     runs = [(dense_layer(kernel_backend, ACTIVATIONS["tanh"], np.float32, **inputs)["db"],
-             run_loss(kernel_backend, "cross_entropy", z, y, np.float32)[0]) for _ in range(2)]
+             run_loss(kernel_backend, "cross_entropy", z, y, np.float32)[::2]) for _ in range(2)]
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    assert runs[0][1] == runs[1][1]
+    assert runs[0][1][0] == runs[1][1][0]
+    np.testing.assert_array_equal(runs[0][1][1], runs[1][1][1])
 
 
 # ---- float16 / bfloat16: the kernels' storage types for mixed precision -----------
@@ -172,7 +183,7 @@ def test_low_precision_kernels(kernel_backend, name, low, rng):
         normwise(got[k], want[k], LOW_TOL[low], k)
     z, y = inputs["grad"] * 3, np.eye(45)[rng.integers(0, 45, 131)]
     for loss in ("cross_entropy", "mse"):
-        (lk, dk), (lc, dc) = run_loss(kernel_backend, loss, z, y, dtype), run_loss(CPU, loss, z, y, np.float32)
+        (lk, dk, _), (lc, dc, _) = run_loss(kernel_backend, loss, z, y, dtype), run_loss(CPU, loss, z, y, np.float32)
         normwise(lk, lc, LOW_TOL[low], f"{loss} loss")
         normwise(dk, dc, LOW_TOL[low], f"{loss} delta")
 
@@ -227,9 +238,49 @@ def test_fit_copies_the_data_once_and_gathers_batches_on_the_device(kernel_backe
     copies, gathers = [], []
     asarray, gather = kernel_backend.asarray, kernel_backend.gather_rows
     monkeypatch.setattr(kernel_backend, "asarray", lambda x, dtype=None: copies.append(np.shape(x)) or asarray(x, dtype))
-    monkeypatch.setattr(kernel_backend, "gather_rows",
-                        lambda src, index, out: gathers.append(kernel_backend.is_native(src)) or gather(src, index, out))
-    model.fit(X, y, epochs=3, batch_size=32, optimizer=optim.SGD(0.1), progress=False)
-    # X and its targets once, then one shuffled index vector per epoch.
-    assert copies[:2] == [(300, 20), (300,)] and copies[2:] == [(300,)] * 3
-    assert len(gathers) == 3 * 10 * 3 and all(gathers)  # inputs, targets, labels per step
+    monkeypatch.setattr(kernel_backend, "gather_rows", lambda src, index, out: gathers.append(src) or gather(src, index, out))
+    model.fit(X, y, epochs=3, batch_size=32, optimizer=optim.SGD(0.1), progress=False, graphs=False)
+    # X and its targets once, the optimizer's step count, then one shuffled index vector per epoch.
+    assert copies == [(300, 20), (300,), (1,)] + [(300,)] * 3
+    assert len(gathers) == 3 * 10 * 2 and all(kernel_backend.is_native(src) for src in gathers)  # inputs, targets
+
+
+@pytest.mark.parametrize("opt", [optim.SGD(0.05, momentum=0.9, nesterov=True), optim.Adam(3e-3)], ids=repr)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_graph_steps_equal_eager_steps(kernel_backend, loss, opt, rng):
+    """A captured step replays the same work with the same buffers and scalars: the
+    step count (SGD's first step, Adam's bias corrections) and the running metrics
+    must live on the device for replays to come out equal to eager steps."""
+    X, y = random_batch(rng, [9, 33, 3], loss, 203)  # a partial last batch: two graphs
+    runs = []
+    for graphs in (True, False):
+        m, o = gb.MLP([9, 33, 3], loss=loss, activation="gelu", seed=3, device=kernel_backend), optim.from_state_dict(opt.state_dict())
+        runs.append((m.fit(X, y, epochs=3, batch_size=20, optimizer=o, progress=False, graphs=graphs), m.state_dict(), o))
+    (hg, pg, og), (he, pe, oe) = runs
+    assert hg == he and og.steps == oe.steps == 33
+    for k in pe:
+        np.testing.assert_array_equal(pg[k], pe[k], err_msg=k)
+    for k in oe.state:
+        np.testing.assert_array_equal(kernel_backend.to_host(og.state[k]), kernel_backend.to_host(oe.state[k]))
+
+
+def test_a_changed_learning_rate_is_captured_anew(kernel_backend, rng):
+    X, y = random_batch(rng, [5, 7, 2], "cross_entropy", 64)
+    runs = []
+    for graphs in (True, False):
+        m, o = gb.MLP([5, 7, 2], seed=0, device=kernel_backend), optim.SGD(0.1)
+        halve = types.SimpleNamespace(on_epoch_end=lambda model, epoch, logs: setattr(o, "lr", o.lr / 2))
+        m.fit(X, y, epochs=3, batch_size=16, optimizer=o, progress=False, graphs=graphs, callbacks=[halve])
+        runs.append(m.state_dict())
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
+def test_nothing_but_recorded_work_runs_inside_a_capture():
+    """The host's stand-in for a CUDA graph refuses any other array operation."""
+    from gpubackprop.backend.kernel_backend import KernelBackend
+
+    be = KernelBackend(np, module=None, n_sm=1)
+    with pytest.raises(RuntimeError, match="xp.empty called while capturing a graph"):
+        be.capture(lambda: be.empty((3,), np.float32))
+    assert be.xp is np  # restored after the failed capture

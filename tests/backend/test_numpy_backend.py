@@ -79,20 +79,26 @@ def test_losses_match_reference(loss, targets, B, C, dtype, rng):
         y = rng.random((B, C))
         y /= y.sum(axis=1, keepdims=True)
     y = y.astype(dtype)
-    delta, row = poisoned((B, C), dtype), poisoned(B, dtype)
-    value = NumpyBackend().loss(loss, z, y, delta, row)
+    delta, value, running = poisoned((B, C), dtype), poisoned((), dtype), np.array([1.5, 2.0])
+    NumpyBackend().loss(loss, z, y, delta, value, running, loss_scratch(B, dtype))
     expected, delta_ref = ref.loss_and_delta(loss, z.astype(float), y.astype(float))
-    assert np.asarray(value).dtype == dtype
     close(value, expected, dtype)
     close(delta, delta_ref, dtype)
+    close(running[0], 1.5 + B * expected, dtype)
+    hits = (z.argmax(1) == y.argmax(1)).sum() if loss == "cross_entropy" else 0
+    assert running[1] == 2.0 + hits
+
+
+def loss_scratch(B, dtype):
+    return poisoned(B, dtype), np.empty(B, np.int64), np.empty(B, np.int64), np.empty(B, bool)
 
 
 def test_cross_entropy_is_stable_for_huge_logits():
     z = np.array([[1e4, 0.0, -1e4], [-3e4, -3e4 + 1.0, -3e4]], np.float32)
     y = np.eye(3, dtype=np.float32)[[0, 1]]
-    delta, row = np.empty_like(z), np.empty(2, np.float32)
+    delta, value = np.empty_like(z), np.empty((), np.float32)
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
-        value = NumpyBackend().loss("cross_entropy", z, y, delta, row)
+        NumpyBackend().loss("cross_entropy", z, y, delta, value, None, loss_scratch(2, np.float32))
     expected, delta_ref = ref.loss_and_delta("cross_entropy", z.astype(float), y.astype(float))
     assert np.isfinite(value) and np.isfinite(delta).all()
     close(value, expected, np.float32)
@@ -121,10 +127,12 @@ def test_sgd_update_matches_reference_over_steps(hyper, rng):
     p = rng.standard_normal(n)
     buf, scratch = poisoned(n, float), poisoned(n, float)
     p_ref, buf_ref = p.copy(), None
+    steps = np.zeros(1, np.uint32)
     for step in range(1, 5):
         g = rng.standard_normal(n)
         full = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0) | hyper
-        NumpyBackend().sgd_update(p, g, buf if full["momentum"] else None, scratch, lr=0.05, first=step == 1, **full)
+        NumpyBackend().sgd_update(p, g, buf if full["momentum"] else None, scratch, steps, lr=0.05, **full)
+        assert steps[0] == step
         p_ref, buf_ref = ref.sgd(p_ref, g, buf_ref, step, 0.05, **hyper)
         close(p, p_ref, np.float64)
 
@@ -137,9 +145,10 @@ def test_adam_update_matches_reference_over_steps(decoupled, weight_decay, rng):
     m, v = np.zeros(n), np.zeros(n)
     scratch = (poisoned(n, float), poisoned(n, float))
     p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
+    steps = np.zeros(1, np.uint32)
     for step in range(1, 6):
         g = rng.standard_normal(n)
-        NumpyBackend().adam_update(p, g, m, v, scratch, step=step, lr=1e-2, beta1=0.9, beta2=0.99,
+        NumpyBackend().adam_update(p, g, m, v, scratch, steps, lr=1e-2, beta1=0.9, beta2=0.99,
                                    eps=1e-8, weight_decay=weight_decay, decoupled=decoupled)
         p_ref, m_ref, v_ref = ref.adam(p_ref, g, m_ref, v_ref, step, 1e-2, (0.9, 0.99), 1e-8, weight_decay, decoupled)
         close(p, p_ref, np.float64)

@@ -66,8 +66,9 @@ def build(filename, out_dir):
 class HostModule:
     """kernels/*.cu on the CPU: ``launch(name_expression, grid, block, args)``.
 
-    Arguments are NumPy arrays (passed as pointers) and NumPy scalars (by value,
-    as the C type of their dtype), as CuPy's RawKernel takes them.
+    Arguments are NumPy arrays (passed as pointers), None (a null pointer) and
+    NumPy scalars (by value, as the C type of their dtype), as CuPy's RawKernel
+    takes them.
     """
 
     def __init__(self, out_dir):
@@ -86,6 +87,8 @@ class HostModule:
 
     @staticmethod
     def _arg(a):
+        if a is None:  # a null pointer, as CuPy passes None
+            return ctypes.c_void_p(None)
         if isinstance(a, np.ndarray):
             if not a.flags.c_contiguous:
                 raise ValueError("kernels take C-contiguous arrays")

@@ -52,5 +52,5 @@ def test_compiles_for_sm80_and_sm90_without_spills(filename, low, tmp_path):
     assert len(entries) == len(names) * len(ARCHS), report
     assert {arch for _, arch in entries} == set(ARCHS)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(spills) == len(entries), report
+    assert len(spills) >= len(entries), report  # entries, and callees such as pow
     assert all(s == ("0", "0") for s in spills), f"register spills in {filename}:\n{report}"
