@@ -15,6 +15,7 @@ batch size; a step allocates nothing after the first of its size.
 """
 
 import collections
+import contextlib
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .progress import Progress
 
 _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
+PRECISIONS = ("float32", "tf32")
 _EVAL_BATCH = 2048
 _WORKSPACES_KEPT = 4  # the training batch, its last partial batch, and evaluation's
 
@@ -78,13 +80,17 @@ class MLP:
                 "mse" (mean over all elements of (y_hat - y)^2)
     device      "cpu", "cuda", "cuda:N" or "auto"
     dtype       "float32" or "float64"
+    precision   "float32" (exact), or "tf32": float32 GEMMs on a GPU's tensor cores
+                with 10-bit mantissas (PyTorch's allow_tf32; ~3e-4 relative error;
+                the CPU computes float32 exactly whatever is asked)
     seed        makes initialisation and shuffling reproducible
 
     Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
     Glorot-uniform (limit sqrt(6 / (n_in + n_out))) otherwise; biases at zero.
     """
 
-    def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None):
+    def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None,
+                 precision="float32"):
         self.sizes = validation.check_sizes(sizes)
         self._act = get_activation(activation)
         self.activation = activation
@@ -92,6 +98,9 @@ class MLP:
             raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
         self.loss = loss
         self.dtype = _check_dtype(dtype)
+        if precision not in PRECISIONS or (precision == "tf32" and self.dtype != "float32"):
+            raise ValueError(f"precision must be one of {PRECISIONS} ('tf32' with dtype float32 only), got {precision!r}")
+        self.precision = precision
         if seed is not None:
             seed = validation.check_positive_int("seed", seed, minimum=0)
         self.seed = seed
@@ -191,6 +200,13 @@ class MLP:
         return self
 
     # ---- one step -----------------------------------------------------------------
+    def _context(self):
+        """The device current, and the model's GEMM precision set on it."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.backend.context())
+        stack.enter_context(self.backend.precision(self.precision))
+        return stack
+
     def _workspace(self, batch):
         ws = self._workspaces.pop(batch, None)
         if ws is None:
@@ -252,7 +268,7 @@ class MLP:
 
     def loss_and_grad(self, X, y):
         """(loss, gradients under state_dict's names): one forward and backward pass, no update."""
-        with self.backend.context():
+        with self._context():
             ws = self._load_batch(*self._prepare(X, y))
             self._forward(ws)
             loss = float(self._loss(ws))
@@ -262,7 +278,7 @@ class MLP:
     def train_step(self, X, y, optimizer):
         """One forward, backward and optimizer update on the batch (X, y); returns the loss."""
         _check_optimizer(optimizer)
-        with self.backend.context():
+        with self._context():
             ws = self._load_batch(*self._prepare(X, y))
             optimizer._bind(self)
             return float(self._step(ws, optimizer))
@@ -296,7 +312,7 @@ class MLP:
         optimizer = Adam() if optimizer is None else _check_optimizer(optimizer)
         callbacks = list(callbacks or ())
         b, xp = self.backend, self.backend.xp
-        with b.context():
+        with self._context():
             # The data set goes to the device once; batches are gathered there.
             X, T = self._prepare(X, y)
             val = self._prepare(*validation_data) if validation_data is not None else None
@@ -400,24 +416,24 @@ class MLP:
 
     def forward(self, X):
         """The network's raw outputs (logits for cross entropy), no softmax."""
-        with self.backend.context():
+        with self._context():
             return self._outputs(X, "logits")
 
     def predict(self, X):
         """Class labels (cross_entropy) or outputs (mse) for the rows of X."""
-        with self.backend.context():
+        with self._context():
             return self._outputs(X, "labels" if self.loss == "cross_entropy" else "logits")
 
     def predict_proba(self, X):
         """Softmax class probabilities, (n, classes)."""
         if self.loss != "cross_entropy":
             raise ValueError("predict_proba needs a cross_entropy model; use predict for an mse model")
-        with self.backend.context():
+        with self._context():
             return self._outputs(X, "proba")
 
     def evaluate(self, X, y):
         """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X."""
-        with self.backend.context():
+        with self._context():
             return self._evaluate(*self._prepare(X, y))
 
     def _evaluate(self, X, T):
@@ -450,11 +466,12 @@ class MLP:
         return io.load(path, device=device)
 
     def config(self):
-        return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss, "dtype": self.dtype}
+        return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss, "dtype": self.dtype,
+                "precision": self.precision}
 
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
-                f"device={self.device!r}, dtype={self.dtype!r})")
+                f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r})")
 
 
 def _megabytes(n):

@@ -292,3 +292,13 @@ def test_out_of_memory_for_optimizer_state_is_raised_before_any_step(rng):
     with pytest.raises(gb.OutOfMemoryError, match=r"the state of Adam\(.*\): 0\.3 MiB needed"):
         model.fit(*random_batch(rng, [64, 256, 10], "cross_entropy", 20), optimizer=gb.optim.Adam(), progress=False)
     assert_same_params(before, params_of(model))
+
+
+def test_precision_is_checked_saved_and_loaded(tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        gb.MLP([2, 2], precision="bfloat17")
+    with pytest.raises(ValueError, match="'tf32' with dtype float32 only"):
+        gb.MLP([2, 2], dtype="float64", precision="tf32")
+    path = str(tmp_path / "m.safetensors")
+    gb.MLP([3, 2], precision="tf32").save(path)
+    assert gb.load(path).precision == "tf32" and "precision='tf32'" in repr(gb.load(path))

@@ -21,6 +21,7 @@ as in PyTorch, so a row of a is a sample and W matches ``torch.nn.Linear.weight`
 per device.
 """
 
+import contextlib
 import functools
 import logging
 import re
@@ -122,6 +123,11 @@ class Backend:
     def context(self):
         """A context manager that makes this device current while it is open."""
         raise NotImplementedError
+
+    def precision(self, mode):
+        """A context manager setting the float32 GEMM precision: "float32", or "tf32"
+        where the device has it (elsewhere float32 is computed exactly)."""
+        return contextlib.nullcontext()
 
     def free_bytes(self):
         """Bytes this device can still allocate, or None where that is not known."""

@@ -6,10 +6,14 @@ answer, and that the GPU runs a kernel; each failure becomes a
 DeviceUnavailableError naming the cause and the fix.
 """
 
+import contextlib
+import ctypes
+import ctypes.util
+
 import numpy as np
 
 from . import DeviceUnavailableError
-from .kernel_backend import FILE_OF, SOURCES, KernelBackend, is_low_precision, source
+from .kernel_backend import FILE_OF, SOURCES, KernelBackend, column_major_gemm, is_low_precision, source
 
 # --fmad=false: no contraction of a*b+c into one rounding, so the kernels round as
 # the NumPy backend does (they are bound by memory, so it costs no time).
@@ -95,6 +99,74 @@ class RawModules:
         return self._modules[key]
 
 
+# cudaDataType and cublasComputeType values (cuda_runtime / cublas_api.h).
+_CUDA_TYPE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}
+_COMPUTE = {"float64": 70, "float32": 68, "tf32": 77}  # CUBLAS_COMPUTE_64F, _32F, _32F_FAST_TF32
+_WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for on Hopper; kept for the process, so graphs may use it
+
+
+def _libcublas():
+    """The cuBLAS library CuPy has loaded (found in this process's memory map), else one on the path."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcublas.so" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        return ctypes.CDLL(path)
+    found = ctypes.util.find_library("cublas")
+    return ctypes.CDLL(found) if found else None
+
+
+class Cublas:
+    """cublasGemmEx called directly, on a handle of our own bound to one stream.
+
+    CuPy refuses cuBLAS calls while a stream is being captured (its wrappers reset
+    the handle's stream, which capture forbids), so the GEMMs of a captured train
+    step go through this: stream and workspace are set once, up front, and the
+    call itself is capturable. It also picks the compute type per call (TF32).
+    """
+
+    def __init__(self, cupy, lib, stream):
+        self._lib = lib
+        self.handle = ctypes.c_void_p()
+        self._check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self._check(lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)), "cublasSetStream")
+        self._workspace = cupy.empty(_WORKSPACE_BYTES, np.uint8)
+        self._check(lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self._workspace.data.ptr),
+                                              ctypes.c_size_t(_WORKSPACE_BYTES)), "cublasSetWorkspace")
+        self._one = {t: np.ones(1, t) for t in (np.float32, np.float64)}
+        self._zero = {t: np.zeros(1, t) for t in (np.float32, np.float64)}
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def gemm(self, a, b, out, compute):
+        """out = a @ b in compute type ``compute`` ("float32", "tf32", "float64")."""
+        ta, tb, m, n, k, first, ld1, second, ld2, ldc = column_major_gemm(a, b, out)
+        scalar = np.float64 if compute == "float64" else np.float32
+        i = ctypes.c_int
+        self._check(self._lib.cublasGemmEx(
+            self.handle, i(ta), i(tb), i(m), i(n), i(k),
+            ctypes.c_void_p(self._one[scalar].ctypes.data),
+            ctypes.c_void_p(first.data.ptr), i(_CUDA_TYPE[first.dtype.name]), i(ld1),
+            ctypes.c_void_p(second.data.ptr), i(_CUDA_TYPE[second.dtype.name]), i(ld2),
+            ctypes.c_void_p(self._zero[scalar].ctypes.data),
+            ctypes.c_void_p(out.data.ptr), i(_CUDA_TYPE[out.dtype.name]), i(ldc),
+            i(_COMPUTE[compute]), i(-1),  # CUBLAS_GEMM_DEFAULT
+        ), "cublasGemmEx")
+
+
+class _CudaGraph:
+    def __init__(self, graph, stream):
+        self._graph, self._stream = graph, stream
+
+    def launch(self):
+        self._graph.launch(self._stream)
+
+
 class CupyBackend(KernelBackend):
     def __init__(self, index=0):
         cupy = _import_cupy()
@@ -103,16 +175,53 @@ class CupyBackend(KernelBackend):
         super().__init__(cupy, RawModules(cupy), n_sm)
         self.index = index
         self.name = f"cuda:{index}"
+        with cupy.cuda.Device(index):
+            # All of this backend's work runs on one stream of its own: graphs cannot
+            # be captured on the legacy default stream, and one stream keeps eager
+            # work and graph launches in order.
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+            cupy.cuda.device.get_cublas_handle()  # CuPy loads libcublas
+            lib = _libcublas()
+            self._cublas = Cublas(cupy, lib, self._stream) if lib is not None else None
+        if self._cublas is None:
+            self.supports_graphs = False
+            self.note = "libcublas not found: GEMMs through cupy.matmul, no CUDA graphs"
+
+    def _matmul(self, a, b, out):
+        if self._cublas is None:
+            return super()._matmul(a, b, out)
+        compute = "float64" if out.dtype == np.float64 else self.matmul_precision
+        self._issue(lambda: self._cublas.gemm(a, b, out, compute))
+
+    def capture(self, fn):
+        stream = self._stream
+        stream.begin_capture()
+        try:
+            fn()
+        finally:
+            graph = stream.end_capture()  # also on failure: the stream must leave capture mode
+        return _CudaGraph(graph, stream)
 
     def asarray(self, x, dtype=None):
         with self.context():
             return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
 
     def to_host(self, x):
-        return x.get() if isinstance(x, self.xp.ndarray) else np.asarray(x)
+        if not isinstance(x, self.xp.ndarray):
+            return np.asarray(x)
+        self._stream.synchronize()  # our work on x is done before the default stream reads it
+        return x.get()
 
     def context(self):
-        return self.xp.cuda.Device(self.index)
+        """This GPU current and our stream, ordered after the caller's default-stream
+        work on entry and before it again on exit."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.xp.cuda.Device(self.index))
+        null = self.xp.cuda.Stream.null
+        self._stream.wait_event(null.record())
+        stack.enter_context(self._stream)
+        stack.callback(lambda: null.wait_event(self._stream.record()))
+        return stack
 
     def free_bytes(self):
         with self.context():

@@ -30,6 +30,7 @@ host harness proves a captured train step right (nothing allocated, nothing
 read back, no scalar that should change between steps baked in) without a GPU.
 """
 
+import contextlib
 import functools
 import importlib.resources
 import re
@@ -89,6 +90,7 @@ class KernelBackend(NumpyBackend):
 
     BLOCK = 256
     supports_graphs = True
+    matmul_precision = "float32"
 
     def __init__(self, xp, module, n_sm, note=""):
         super().__init__(note)
@@ -107,8 +109,21 @@ class KernelBackend(NumpyBackend):
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         self._issue(functools.partial(self.module.launch, name, grid, block, args))
 
+    @contextlib.contextmanager
+    def precision(self, mode):
+        previous, self.matmul_precision = self.matmul_precision, mode
+        try:
+            yield
+        finally:
+            self.matmul_precision = previous
+
     def _matmul(self, a, b, out):
-        self._issue(functools.partial(self._ops_xp.matmul, a, b, out=out))
+        if self.matmul_precision == "tf32" and out.dtype == np.float32:
+            # The host's model of a TF32 GEMM: operands rounded to 10-bit mantissas,
+            # products summed in float32.
+            self._issue(lambda: self._ops_xp.matmul(round_to_tf32(a), round_to_tf32(b), out=out))
+        else:
+            self._issue(functools.partial(self._ops_xp.matmul, a, b, out=out))
 
     def gather_rows(self, src, index, out):
         self._issue(functools.partial(self._ops_xp.take, src, index, axis=0, out=out))
@@ -222,6 +237,36 @@ class KernelBackend(NumpyBackend):
             c(1.0 - beta1), c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
             np.int32(decoupled), steps, self._counter(1),
         ))
+
+
+def round_to_tf32(x):
+    """float32 x rounded to TF32's 10-bit mantissa (to nearest, ties to even)."""
+    bits = np.ascontiguousarray(x).view(np.uint32)
+    bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return bits.view(np.float32).reshape(x.shape)
+
+
+def column_major_gemm(a, b, out):
+    """out = a @ b (row-major, 2-D) as one column-major GEMM call, cuBLAS's layout.
+
+    Row-major out (M x N) is column-major out^T, so the call computes
+    out^T = op(b)^T op(a)^T with b first. An operand is C-contiguous (used as
+    stored: OP_N) or the transpose of a C-contiguous array (OP_T). Returns
+    (transa, transb, m, n, k, first, ld_first, second, ld_second, ldc).
+    """
+    (M, K), N = a.shape, b.shape[1]
+    if b.shape[0] != K or out.shape != (M, N) or not out.flags.c_contiguous:
+        raise ValueError(f"gemm of {a.shape} by {b.shape} into {out.shape}: shapes or layout do not fit")
+
+    def operand(x):
+        if x.flags.c_contiguous:
+            return 0, x.shape[1]  # OP_N, leading dimension = row length
+        if x.flags.f_contiguous:
+            return 1, x.shape[0]  # OP_T of the C-contiguous array x.T
+        raise ValueError("gemm operands must be C-contiguous or transposes of C-contiguous arrays")
+
+    (op_b, ld_b), (op_a, ld_a) = operand(b), operand(a)
+    return op_b, op_a, N, M, K, b, ld_b, a, ld_a, N
 
 
 class _Replay:

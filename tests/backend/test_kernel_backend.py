@@ -284,3 +284,42 @@ def test_nothing_but_recorded_work_runs_inside_a_capture():
     with pytest.raises(RuntimeError, match="xp.empty called while capturing a graph"):
         be.capture(lambda: be.empty((3,), np.float32))
     assert be.xp is np  # restored after the failed capture
+
+
+def test_column_major_gemm_describes_each_product_the_model_makes(rng):
+    """The cuBLAS call's arguments, carried out by a column-major GEMM written out
+    in NumPy from the raw memory, give a @ b for the three layouts of a step."""
+    def stored(x, rows, cols, ld):  # the column-major matrix in x's memory
+        memory = x.ravel(order="C" if x.flags.c_contiguous else "F")
+        return memory.reshape(cols, ld)[:, :rows].T
+
+    for B, n_in, n_out in [(1, 1, 1), (7, 5, 3), (33, 17, 65)]:
+        a_prev, W, grad = rng.standard_normal((B, n_in)), rng.standard_normal((n_out, n_in)), rng.standard_normal((B, n_out))
+        for a, b in ((a_prev, W.T), (grad.T, a_prev), (grad, W)):
+            out = np.full((a.shape[0], b.shape[1]), np.nan)
+            ta, tb, m, n, k, first, ld1, second, ld2, ldc = kb.column_major_gemm(a, b, out)
+            A = stored(first, *((k, m) if ta else (m, k)), ld1)
+            Bm = stored(second, *((n, k) if tb else (k, n)), ld2)
+            C = (A.T if ta else A) @ (Bm.T if tb else Bm)  # m x n, column-major into out's memory
+            out.reshape(n, ldc)[:, :m] = C.T
+            np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+def test_tf32_precision_rounds_gemm_operands_and_stays_close(kernel_backend, rng):
+    """precision="tf32": within TF32's ~3e-4 of float64, and not bit-equal to float32
+    (on the GPU the tensor cores do this; the host harness models it)."""
+    sizes = [64, 48, 10]
+    X, y = random_batch(rng, sizes, "cross_entropy", 96)
+    exact = gb.MLP(sizes, dtype="float64", seed=0).loss_and_grad(X, y)[1]
+    runs = {p: gb.MLP(sizes, seed=0, device=kernel_backend, precision=p).loss_and_grad(X, y)[1] for p in ("float32", "tf32")}
+    for k in exact:
+        normwise(runs["tf32"][k], exact[k], 3e-3, k)
+        normwise(runs["float32"][k], exact[k], 1e-5, k)
+    assert any(not np.array_equal(runs["tf32"][k], runs["float32"][k]) for k in exact)
+
+
+def test_round_to_tf32_keeps_ten_mantissa_bits():
+    e = 2.0**-10  # TF32's last mantissa bit at 1.0
+    x = np.array([1.0, 1 + e, 1 + e / 2, 1 + 3 * e / 2, 1 + e + e / 4, -(1 + e / 2 + e / 8), np.inf], np.float32)
+    want = np.array([1.0, 1 + e, 1.0, 1 + 2 * e, 1 + e, -(1 + e), np.inf], np.float32)  # ties to even
+    np.testing.assert_array_equal(kb.round_to_tf32(x), want)
