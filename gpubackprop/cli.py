@@ -22,6 +22,7 @@ import gpubackprop as gb
 from . import data
 from .io import atomic_write
 from .activations import ACTIVATIONS
+from .precision import PRECISIONS
 
 OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
 
@@ -44,6 +45,8 @@ def build_parser():
                    help="SGD momentum (0.9 when given without a value; default none)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                   help="GEMM / activation precision: tf32, or mixed bf16 / fp16 (CUDA; default float32)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--test-fraction", type=float, default=0.2, help="share of the data held out (default 0.2)")
     t.add_argument("--out", help="output folder (default runs/<dataset name>)")
@@ -102,7 +105,7 @@ def train(args):
           f"{len(y_train)} for training, {len(y_test)} held out")
 
     model = gb.MLP([X.shape[1], *args.hidden, n_classes], activation=args.activation,
-                   device=backend, dtype=args.dtype, seed=args.seed)
+                   device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision)
     print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
     history = model.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                         validation_data=(X_test, y_test), progress=not args.no_progress)

@@ -83,5 +83,6 @@ def _copy(model, dtype):
 
     m = MLP(model.sizes, model.activation, model.loss, device="cpu", dtype="float64")
     m.dtype = np.dtype(dtype).name
+    m._compute_dtype = np.dtype(dtype)
     m._set_params(model.backend.to_host(model._params).astype(dtype))
     return m

@@ -19,6 +19,7 @@ import contextlib
 
 import numpy as np
 
+from . import precision as precision_modes
 from . import validation
 from .activations import ACTIVATIONS, get_activation
 from .backend import OutOfMemoryError, get_backend
@@ -28,7 +29,6 @@ from .progress import Progress
 
 _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
-PRECISIONS = ("float32", "tf32")
 _EVAL_BATCH = 2048
 _WORKSPACES_KEPT = 4  # the training batch, its last partial batch, and evaluation's
 
@@ -80,9 +80,9 @@ class MLP:
                 "mse" (mean over all elements of (y_hat - y)^2)
     device      "cpu", "cuda", "cuda:N" or "auto"
     dtype       "float32" or "float64"
-    precision   "float32" (exact), or "tf32": float32 GEMMs on a GPU's tensor cores
-                with 10-bit mantissas (PyTorch's allow_tf32; ~3e-4 relative error;
-                the CPU computes float32 exactly whatever is asked)
+    precision   "float32" (exact), "tf32" (float32 GEMMs on tensor cores), or mixed
+                precision "bf16" / "fp16" (16-bit activations and GEMMs, float32
+                master weights; fp16 with dynamic loss scaling): see ``precision``
     seed        makes initialisation and shuffling reproducible
 
     Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
@@ -98,8 +98,6 @@ class MLP:
             raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
         self.loss = loss
         self.dtype = _check_dtype(dtype)
-        if precision not in PRECISIONS or (precision == "tf32" and self.dtype != "float32"):
-            raise ValueError(f"precision must be one of {PRECISIONS} ('tf32' with dtype float32 only), got {precision!r}")
         self.precision = precision
         if seed is not None:
             seed = validation.check_positive_int("seed", seed, minimum=0)
@@ -107,6 +105,8 @@ class MLP:
         init_seq, shuffle_seq = np.random.SeedSequence(seed).spawn(2)
         self._shuffle_rng = np.random.default_rng(shuffle_seq)
         self.backend = get_backend(device)
+        precision_modes.check(precision, self.dtype, self.backend)
+        self._compute_dtype = precision_modes.compute_dtype(precision, self.dtype)
         self.stop_training = False
         self._set_params(self._initial_params(np.random.default_rng(init_seq)))
 
@@ -140,17 +140,30 @@ class MLP:
         return flat
 
     def _set_params(self, flat_host):
+        """Parameters (and in mixed precision their 16-bit copy: the GEMMs' weights
+        ``_W``, ``_b``), gradients, and the loss scaler of fp16."""
         b = self.backend
+        mixed = self._compute_dtype != np.dtype(self.dtype)
         with b.context():
             self._params = b.asarray(flat_host, dtype=self.dtype)
             self._grads = b.zeros(self._params.shape, self.dtype)
+            self._low = b.empty(self._params.shape, self._compute_dtype) if mixed else None
+            self._scaler = precision_modes.LossScaler(b) if self.precision == "fp16" else None
+        weights = self._params if self._low is None else self._low
         self._W, self._b, self._dW, self._db = [], [], [], []
         for w, bias, n_out, n_in in self._layout():
-            self._W.append(self._params[w].reshape(n_out, n_in))
-            self._b.append(self._params[bias])
+            self._W.append(weights[w].reshape(n_out, n_in))
+            self._b.append(weights[bias])
             self._dW.append(self._grads[w].reshape(n_out, n_in))
             self._db.append(self._grads[bias])
         self._workspaces = collections.OrderedDict()
+        self._params_changed()
+
+    def _params_changed(self):
+        """Refresh the 16-bit copy of the parameters (mixed precision) after they changed."""
+        if self._low is not None:
+            with self.backend.context():
+                self.backend.cast_parameters(self._params, self._low)
 
     def _names(self):
         for i in range(len(self.sizes) - 1):
@@ -189,10 +202,12 @@ class MLP:
                 flat[sl] = arr.ravel()
         with self.backend.context():
             self.backend.xp.copyto(self._params, self.backend.asarray(flat))
+        self._params_changed()
 
     def to(self, device):
         """Move the model to ``device`` (in place; returns the model)."""
         backend = get_backend(device)
+        precision_modes.check(self.precision, self.dtype, backend)
         if backend is not self.backend:
             host = self.backend.to_host(self._params)
             self.backend = backend
@@ -212,9 +227,9 @@ class MLP:
         if ws is None:
             try:
                 with self.backend.context():
-                    ws = _Workspace(self.backend, self.sizes, self._act, batch, self.dtype)
+                    ws = _Workspace(self.backend, self.sizes, self._act, batch, self._compute_dtype)
             except MemoryError:
-                need = _Workspace.nbytes(self.sizes, self._act, batch, np.dtype(self.dtype).itemsize)
+                need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize)
                 raise self._out_of_memory(f"the buffers of a batch of {batch} rows", need, "use a smaller batch_size") from None
             while len(self._workspaces) >= _WORKSPACES_KEPT:
                 self._workspaces.popitem(last=False)
@@ -228,8 +243,9 @@ class MLP:
             self.backend.dense_forward(ws.a[l - 1], self._W[l - 1], self._b[l - 1], act, ws.a[l], ws.z[l], ws.scratch[l])
 
     def _loss(self, ws, running=None):
+        scale = None if self._scaler is None else self._scaler.scale
         self.backend.loss(self.loss, ws.a[-1], ws.target, ws.g[-1], ws.loss, running,
-                          (ws.row, ws.pred, ws.label, ws.hit))
+                          (ws.row, ws.pred, ws.label, ws.hit), loss_scale=scale)
         return ws.loss
 
     def _backward(self, ws):
@@ -249,16 +265,26 @@ class MLP:
         return ws
 
     def _prepare(self, X, y):
-        """X and the target rows T, checked and copied to the device (once per call)."""
+        """X and the target rows T, checked and copied to the device (once per call),
+        in the compute dtype (16-bit in mixed precision)."""
         try:
             X = validation.check_X(X, self.sizes[0], self.dtype, self.backend)
             T = validation.check_targets(y, X.shape[0], self.loss, self.sizes[-1], self.dtype, self.backend)
+            X, T = self._to_compute(X, "X"), self._to_compute(T, "the targets")
         except MemoryError:
             rows = len(X)
             need = rows * (self.sizes[0] + self.sizes[-1]) * np.dtype(self.dtype).itemsize
             raise self._out_of_memory(f"a copy of {rows} rows of data", need,
                                       "pass fewer rows at a time (fit on a subset, or call train_step per batch)") from None
         return X, T
+
+    def _to_compute(self, A, name):
+        if A.dtype == self._compute_dtype:
+            return A
+        if self.precision == "fp16" and float(abs(A).max()) > precision_modes.FLOAT16_MAX:
+            raise ValueError(f"{name} holds values beyond float16's range (65504); scale the data, "
+                             "or use precision='bf16'")
+        return A.astype(self._compute_dtype)
 
     def _out_of_memory(self, what, need, fix):
         free = self.backend.free_bytes()
@@ -273,6 +299,9 @@ class MLP:
             self._forward(ws)
             loss = float(self._loss(ws))
             self._backward(ws)
+            if self._scaler is not None:  # fp16: the gradients of the loss, not of S times it
+                self._scaler.unscale_and_check(self._grads)
+                self._scaler.found_inf.fill(0)
             return loss, self._named(self._grads)
 
     def train_step(self, X, y, optimizer):
@@ -281,13 +310,22 @@ class MLP:
         with self._context():
             ws = self._load_batch(*self._prepare(X, y))
             optimizer._bind(self)
-            return float(self._step(ws, optimizer))
+            loss = float(self._step(ws, optimizer))
+            optimizer._sync_steps()  # fp16 may have skipped the step
+            return loss
 
     def _step(self, ws, optimizer, running=None):
         self._forward(ws)
         loss = self._loss(ws, running)
         self._backward(ws)
-        optimizer._apply(self.backend, self._params, self._grads)
+        if self._scaler is None:
+            optimizer._apply(self.backend, self._params, self._grads)
+        else:  # fp16: unscale, and skip the update if the gradients overflowed
+            self._scaler.unscale_and_check(self._grads)
+            optimizer._apply(self.backend, self._params, self._grads, found_inf=self._scaler.found_inf)
+            self._scaler.update()
+        if self._low is not None:
+            self.backend.cast_parameters(self._params, self._low)
         return loss
 
     # ---- training -------------------------------------------------------------------
@@ -348,6 +386,7 @@ class MLP:
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
                         bar.step(16, {"loss": float(running[0]) / min(n, start + ws.batch)})
                 bar.step(steps % 16)
+                optimizer._sync_steps()
                 logs = self._logs(running, n)
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
@@ -398,16 +437,17 @@ class MLP:
     def _outputs(self, X, kind):
         """Run X forward and collect "logits", "proba" or "labels" on the device."""
         b, xp = self.backend, self.backend.xp
-        Xd = validation.check_X(X, self.sizes[0], self.dtype, b)
+        Xd = self._to_compute(validation.check_X(X, self.sizes[0], self.dtype, b), "X")
         out = b.empty((Xd.shape[0],) if kind == "labels" else (Xd.shape[0], self.sizes[-1]),
                       np.int64 if kind == "labels" else self.dtype)
+        row = b.empty((min(Xd.shape[0], _EVAL_BATCH),), self.dtype) if kind == "proba" else None
         for ws, rows in self._batches(Xd):
             if kind == "labels":
                 xp.argmax(ws.a[-1], axis=1, out=ws.pred)
                 out[rows] = ws.pred
-            elif kind == "proba":
-                b.softmax(ws.a[-1], ws.g[-1], ws.row)
-                out[rows] = ws.g[-1]
+            elif kind == "proba":  # in the model's dtype, from the logits
+                out[rows] = ws.a[-1]
+                b.softmax(out[rows], out[rows], row[:ws.batch])
             else:
                 out[rows] = ws.a[-1]
         # Device arrays in, device arrays out; anything else gets NumPy.

@@ -86,10 +86,17 @@ class Optimizer:
         with model.backend.context():
             self._apply(model.backend, model._params, model._grads)
 
-    def _apply(self, backend, p, g):
-        """Issue the update (on the device: one launch, capturable in a graph); count the step."""
+    def _apply(self, backend, p, g, found_inf=None):
+        """Issue the update (on the device: one launch, capturable in a graph); count
+        the step. With ``found_inf`` (fp16 loss scaling) the device may skip it:
+        ``_sync_steps`` then corrects the host's count."""
         self.steps += 1
-        self._update(backend, p, g)
+        self._update(backend, p, g, found_inf)
+
+    def _sync_steps(self):
+        """The host's step count from the device's (a host sync: once per epoch)."""
+        if self._steps_on_device is not None:
+            self.steps = int(_host(self._steps_on_device)[0])
 
     def _graph_key(self):
         """What a captured update depends on: the buffers it reads and its hyperparameters."""
@@ -154,12 +161,12 @@ class SGD(Optimizer):
         if not momentum:
             self._buffers = ()
 
-    def _update(self, backend, p, g):
+    def _update(self, backend, p, g, found_inf):
         h = self.hyperparams
         backend.sgd_update(
             p, g, self.state.get("momentum_buffer"), self._scratch[0], self._steps_on_device,
             lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-            nesterov=h["nesterov"], weight_decay=h["weight_decay"],
+            nesterov=h["nesterov"], weight_decay=h["weight_decay"], found_inf=found_inf,
         )
 
 
@@ -180,12 +187,12 @@ class Adam(Optimizer):
             weight_decay=_check("weight_decay", weight_decay),
         )
 
-    def _update(self, backend, p, g):
+    def _update(self, backend, p, g, found_inf):
         h = self.hyperparams
         backend.adam_update(
             p, g, self.state["exp_avg"], self.state["exp_avg_sq"], self._scratch, self._steps_on_device,
             lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
-            eps=h["eps"], weight_decay=h["weight_decay"], decoupled=self._decoupled,
+            eps=h["eps"], weight_decay=h["weight_decay"], decoupled=self._decoupled, found_inf=found_inf,
         )
 
 

@@ -3,7 +3,9 @@
 #include "common.cuh"
 
 // Every launch also adds to running = [sum of the rows' losses, rows predicted
-// right] (when not null): the epoch's metrics, accumulated on the device.
+// right] (when not null): the epoch's metrics, accumulated on the device. With
+// loss_scale (float16 training), delta_L is multiplied by *loss_scale; the loss
+// is not.
 
 // The row's maximum and the first column holding it (NumPy's argmax), over a warp.
 template <typename T, typename C>
@@ -36,9 +38,10 @@ template <typename T>
 __global__ void softmax_cross_entropy(const T* __restrict__ z, const T* __restrict__ y, T* __restrict__ delta,
                                       int rows, int cols, typename Compute<T>::type inv_batch,
                                       typename Compute<T>::type* partials, unsigned* counter, T* loss,
-                                      double* running) {
+                                      double* running, const float* loss_scale) {
     typedef typename Compute<T>::type C;
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const C delta_scale = loss_scale ? inv_batch * C(*loss_scale) : inv_batch;
     C total = C(0), hits = C(0);
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
         const T* zr = z + (size_t)r * cols;
@@ -57,7 +60,7 @@ __global__ void softmax_cross_entropy(const T* __restrict__ z, const T* __restri
         }
         s = warp_sum(s);
         y_dot = warp_sum(y_dot);
-        for (int c = lane; c < cols; c += 32) st(dr + c, (c_exp(ld(zr + c) - m) / s - ld(yr + c)) * inv_batch);
+        for (int c = lane; c < cols; c += 32) st(dr + c, (c_exp(ld(zr + c) - m) / s - ld(yr + c)) * delta_scale);
         total += c_log(s) - y_dot;
     }
     sum_over_grid(total, hits, partials, counter, loss, inv_batch, running, rows);
@@ -69,13 +72,14 @@ template <typename T>
 __global__ void mean_squared_error(const T* __restrict__ z, const T* __restrict__ y, T* __restrict__ delta,
                                    long long n, typename Compute<T>::type two_over_n,
                                    typename Compute<T>::type inv_n, typename Compute<T>::type* partials,
-                                   unsigned* counter, T* loss, double* running, int rows) {
+                                   unsigned* counter, T* loss, double* running, int rows, const float* loss_scale) {
     typedef typename Compute<T>::type C;
+    const C delta_scale = loss_scale ? two_over_n * C(*loss_scale) : two_over_n;
     C acc = C(0);
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         const C d = ld(z + i) - ld(y + i);
         acc += d * d;
-        st(delta + i, d * two_over_n);
+        st(delta + i, d * delta_scale);
     }
     sum_over_grid(warp_sum(acc), C(0), partials, counter, loss, inv_n, running, rows);
 }

@@ -9,6 +9,9 @@
 // them, then rounded to the compute type.
 #include "common.cuh"
 
+// found_inf (null unless float16 loss scaling is on) set: the step is skipped
+// whole, the step count included.
+
 // Every block reads *steps before any block can arrive last and store t.
 __device__ __forceinline__ void count_step(unsigned* steps, unsigned t, unsigned* arrivals) {
     if (arrived_last(arrivals, gridDim.x) && threadIdx.x == 0) *steps = t;
@@ -22,8 +25,9 @@ __global__ void sgd_update(T* __restrict__ p, const T* __restrict__ g, T* __rest
                            typename Compute<T>::type lr, typename Compute<T>::type momentum,
                            typename Compute<T>::type one_minus_dampening, typename Compute<T>::type weight_decay,
                            typename Compute<T>::type lr_momentum, int nesterov, int dampened,
-                           unsigned* steps, unsigned* arrivals) {
+                           unsigned* steps, unsigned* arrivals, const unsigned* found_inf) {
     typedef typename Compute<T>::type C;
+    if (found_inf && *found_inf) return;
     const unsigned t = *steps + 1;
     const bool first = t == 1;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
@@ -58,8 +62,9 @@ __global__ void adam_update(T* __restrict__ p, const T* __restrict__ g, T* __res
                             typename Compute<T>::type one_minus_beta1, typename Compute<T>::type one_minus_beta2,
                             typename Compute<T>::type eps, typename Compute<T>::type weight_decay,
                             typename Compute<T>::type decay_factor, int decoupled,
-                            unsigned* steps, unsigned* arrivals) {
+                            unsigned* steps, unsigned* arrivals, const unsigned* found_inf) {
     typedef typename Compute<T>::type C;
+    if (found_inf && *found_inf) return;
     const unsigned t = *steps + 1;
     const C beta1 = C(beta1_d), beta2 = C(beta2_d);
     const C step_size = C(lr / (1.0 - pow(beta1_d, (double)t)));

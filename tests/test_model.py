@@ -297,8 +297,10 @@ def test_out_of_memory_for_optimizer_state_is_raised_before_any_step(rng):
 def test_precision_is_checked_saved_and_loaded(tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
         gb.MLP([2, 2], precision="bfloat17")
-    with pytest.raises(ValueError, match="'tf32' with dtype float32 only"):
+    with pytest.raises(ValueError, match="precision='tf32' needs dtype='float32'"):
         gb.MLP([2, 2], dtype="float64", precision="tf32")
+    with pytest.raises(ValueError, match="precision='bf16' needs the CUDA backend's 16-bit kernels; cpu computes"):
+        gb.MLP([2, 2], precision="bf16")
     path = str(tmp_path / "m.safetensors")
     gb.MLP([3, 2], precision="tf32").save(path)
     assert gb.load(path).precision == "tf32" and "precision='tf32'" in repr(gb.load(path))

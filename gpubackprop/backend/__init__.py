@@ -96,6 +96,7 @@ class Backend:
     xp = None
     note = ""
     supports_graphs = False
+    supports_mixed_precision = False  # float16 / bfloat16 compute: cast_parameters, unscale_and_check, ...
 
     # ---- arrays -------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -145,11 +146,12 @@ class Backend:
         unless ``grad_prev`` is None (first layer), grad_prev = delta W."""
         raise NotImplementedError
 
-    def loss(self, name, z, y, delta, out, running, scratch):
+    def loss(self, name, z, y, delta, out, running, scratch, loss_scale=None):
         """The loss called ``name`` of logits z against targets y, a batch mean, into
         the 0-d ``out``; delta = dL/dz. Unless None, the float64 ``running`` pair
         gains [loss * batch, rows whose argmax z is argmax y (cross entropy)].
-        ``scratch`` is the workspace's (row, pred, label, hit) buffers."""
+        ``scratch`` is the workspace's (row, pred, label, hit) buffers.
+        ``loss_scale`` (mixed precision only): delta is multiplied by loss_scale[0]."""
         raise NotImplementedError
 
     def softmax(self, z, out, row):
@@ -157,11 +159,13 @@ class Backend:
 
     # The optimizers read the step count t from ``steps`` (a (1,) uint32 array on
     # this device: steps done so far) and store t there, so that a replayed graph
-    # counts too.
-    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay):
+    # counts too. With ``found_inf`` (mixed precision only) set, they skip the step.
+    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
+                   found_inf=None):
         raise NotImplementedError
 
-    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled,
+                    found_inf=None):
         raise NotImplementedError
 
     def capture(self, fn):

@@ -46,8 +46,11 @@ LOW_PRECISION = ("float16", "bfloat16")  # storage types whose arithmetic runs i
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}  # common.cuh
 
 
-def instance(template, dtype, *ints):
-    """The name expression of one instantiation, e.g. ``bias_act_forward<float, 1>``."""
+def instance(template, dtype=None, *ints):
+    """The name expression of one instantiation, e.g. ``bias_act_forward<float, 1>``
+    (just the name for a kernel that is not a template)."""
+    if dtype is None:
+        return template
     return f"{template}<{', '.join([CTYPES[dtype], *map(str, ints)])}>"
 
 
@@ -62,6 +65,8 @@ SOURCES = {
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
     "loss.cu": [instance(k, t) for k in ("softmax_cross_entropy", "mean_squared_error") for t in CTYPES],
     "optimizers.cu": [instance(k, t) for k in ("sgd_update", "adam_update") for t in ("float32", "float64")],
+    "mixed_precision.cu": [instance("cast_parameters", t) for t in LOW_PRECISION]
+    + ["unscale_and_check", "update_loss_scale"],
 }
 FILE_OF = {name: filename for filename, names in SOURCES.items() for name in names}
 
@@ -90,6 +95,7 @@ class KernelBackend(NumpyBackend):
 
     BLOCK = 256
     supports_graphs = True
+    supports_mixed_precision = True
     matmul_precision = "float32"
 
     def __init__(self, xp, module, n_sm, note=""):
@@ -105,7 +111,7 @@ class KernelBackend(NumpyBackend):
 
     # ---- launches and graphs ----------------------------------------------------------
     def _launch(self, template, dtype, ints, grid, block, args):
-        name = instance(template, np.dtype(dtype).name, *ints)
+        name = instance(template, None if dtype is None else np.dtype(dtype).name, *ints)
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         self._issue(functools.partial(self.module.launch, name, grid, block, args))
 
@@ -118,7 +124,12 @@ class KernelBackend(NumpyBackend):
             self.matmul_precision = previous
 
     def _matmul(self, a, b, out):
-        if self.matmul_precision == "tf32" and out.dtype == np.float32:
+        if a.dtype.itemsize == 2:
+            # The host's model of a 16-bit GEMM: exact products summed in float32,
+            # rounded once to out's type (float32 for dW, 16-bit otherwise).
+            f32 = np.float32
+            self._issue(lambda: out.__setitem__(Ellipsis, self._ops_xp.matmul(a.astype(f32), b.astype(f32))))
+        elif self.matmul_precision == "tf32" and out.dtype == np.float32:
             # The host's model of a TF32 GEMM: operands rounded to 10-bit mantissas,
             # products summed in float32.
             self._issue(lambda: self._ops_xp.matmul(round_to_tf32(a), round_to_tf32(b), out=out))
@@ -203,7 +214,7 @@ class KernelBackend(NumpyBackend):
         if grad_prev is not None:
             self._matmul(grad, W, grad_prev)
 
-    def loss(self, name, z, y, delta, out, running, scratch):
+    def loss(self, name, z, y, delta, out, running, scratch, loss_scale=None):
         losses.get_loss(name)  # the error for an unknown name
         rows, cols = z.shape
         c = self._compute(z.dtype)
@@ -211,32 +222,49 @@ class KernelBackend(NumpyBackend):
             warps = self.BLOCK // 32
             grid = (max(1, min(-(-rows // warps), self.max_blocks)),)
             args = (z, y, delta, np.int32(rows), np.int32(cols), c(1.0 / rows))
-            tail = (running,)
+            tail = (running, loss_scale)
             template = "softmax_cross_entropy"
         else:
             n = z.size
             grid = self._grid_1d(n)
             args = (z, y, delta, np.int64(n), c(2.0 / n), c(1.0 / n))
-            tail = (running, np.int32(rows))
+            tail = (running, np.int32(rows), loss_scale)
             template = "mean_squared_error"
         self._launch(template, z.dtype, (), grid, (self.BLOCK,),
                      args + (self._scratch(z.dtype, 2 * grid[0]), self._counter(1), out) + tail)
 
     # ---- optimizers (maths in gpubackprop.optim) -----------------------------------------
-    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay):
+    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
+                   found_inf=None):
         c = self._compute(p.dtype)
         self._launch("sgd_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
             p, g, p if buf is None else buf, np.int64(p.size), c(lr), c(momentum), c(1.0 - dampening),
             c(weight_decay), c(lr * momentum), np.int32(nesterov), np.int32(dampening != 0), steps, self._counter(1),
+            found_inf,
         ))
 
-    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled,
+                    found_inf=None):
         c = self._compute(p.dtype)
         self._launch("adam_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
             p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
             c(1.0 - beta1), c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
-            np.int32(decoupled), steps, self._counter(1),
+            np.int32(decoupled), steps, self._counter(1), found_inf,
         ))
+
+    # ---- mixed precision (kernels/mixed_precision.cu) ---------------------------------------
+    def cast_parameters(self, p, low):
+        """low = p (float32) rounded to low's 16-bit type."""
+        self._launch("cast_parameters", low.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (p, low, np.int64(p.size)))
+
+    def unscale_and_check(self, g, loss_scale, found_inf):
+        """g /= S; found_inf[0] = 1 if any of g is Inf or NaN."""
+        self._launch("unscale_and_check", None, (), self._grid_1d(g.size), (self.BLOCK,),
+                     (g, np.int64(g.size), loss_scale, found_inf))
+
+    def update_loss_scale(self, loss_scale, clean_steps, found_inf, *, backoff, growth, interval):
+        self._launch("update_loss_scale", None, (), (1,), (32,), (
+            loss_scale, clean_steps, found_inf, np.float32(backoff), np.float32(growth), np.uint32(interval)))
 
 
 def round_to_tf32(x):

@@ -64,7 +64,8 @@ class NumpyBackend(Backend):
         if grad_prev is not None:
             xp.matmul(grad, W, out=grad_prev)
 
-    def loss(self, name, z, y, delta, out, running, scratch):
+    def loss(self, name, z, y, delta, out, running, scratch, loss_scale=None):
+        _full_precision_only(loss_scale)
         xp = self.xp
         row, pred, label, hit = scratch
         out[...] = losses.get_loss(name)(xp, z, y, delta, row)
@@ -80,7 +81,9 @@ class NumpyBackend(Backend):
         losses.softmax(self.xp, z, out, row)
 
     # ---- optimizers (maths in gpubackprop.optim) --------------------------------
-    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay):
+    def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
+                   found_inf=None):
+        _full_precision_only(found_inf)
         xp = self.xp
         first = steps[0] == 0
         steps[0] += 1
@@ -109,7 +112,9 @@ class NumpyBackend(Backend):
             xp.multiply(d, lr, out=s)
         xp.subtract(p, s, out=p)
 
-    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled,
+                    found_inf=None):
+        _full_precision_only(found_inf)
         xp = self.xp
         steps[0] += 1
         step = int(steps[0])
@@ -137,3 +142,8 @@ class NumpyBackend(Backend):
         xp.divide(m, t, out=d)
         xp.multiply(d, lr / (1.0 - beta1**step), out=d)
         xp.subtract(p, d, out=p)
+
+
+def _full_precision_only(mixed_precision_argument):
+    if mixed_precision_argument is not None:
+        raise NotImplementedError("the NumPy backend computes in float32 / float64 only, without loss scaling")

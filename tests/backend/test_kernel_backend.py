@@ -323,3 +323,113 @@ def test_round_to_tf32_keeps_ten_mantissa_bits():
     x = np.array([1.0, 1 + e, 1 + e / 2, 1 + 3 * e / 2, 1 + e + e / 4, -(1 + e / 2 + e / 8), np.inf], np.float32)
     want = np.array([1.0, 1 + e, 1.0, 1 + 2 * e, 1 + e, -(1 + e), np.inf], np.float32)  # ties to even
     np.testing.assert_array_equal(kb.round_to_tf32(x), want)
+
+
+# ---- mixed precision (bf16, fp16 with loss scaling) ---------------------------------
+# Normwise, gradients of a 3-layer ReLU net against float64, as measured: every
+# stored activation, delta and weight copy is rounded (bfloat16 keeps 8
+# significant bits, float16 11), and where a rounded pre-activation crosses 0
+# the ReLU mask flips and passes a whole gradient element or none; the first
+# layer collects the most. test_mixed_precision_rounds_where_the_numpy_model_does
+# pins the roundings themselves to 2e-3.
+MIXED_TOL = {"bf16": 6e-2, "fp16": 3e-2}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_gradients_are_close_to_float64(kernel_backend, precision, rng):
+    if precision == "bf16":
+        low_precision_dtype(kernel_backend, "bfloat16")  # skips where the backend has no bfloat16
+    sizes = [40, 64, 32, 10]
+    X, y = random_batch(rng, sizes, "cross_entropy", 128)
+    exact_loss, exact = gb.MLP(sizes, dtype="float64", seed=0).loss_and_grad(X, y)
+    model = gb.MLP(sizes, seed=0, device=kernel_backend, precision=precision)
+    loss, grads = model.loss_and_grad(X, y)
+    assert loss == pytest.approx(exact_loss, rel=MIXED_TOL[precision])
+    for k in exact:
+        normwise(grads[k], exact[k], MIXED_TOL[precision], k)
+        assert grads[k].dtype == np.float32  # master gradients
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_like_float32(kernel_backend, precision, rng):
+    if precision == "bf16":
+        low_precision_dtype(kernel_backend, "bfloat16")
+    X, y = random_batch(rng, [20, 48, 4], "cross_entropy", 256)
+    y = (X[:, :4].argmax(1))  # a learnable rule
+    hist = {p: gb.MLP([20, 48, 4], seed=0, device=kernel_backend, precision=p).fit(
+        X, y, epochs=8, batch_size=32, optimizer=optim.Adam(3e-3), progress=False) for p in ("float32", precision)}
+    assert hist[precision]["loss"][-1] < 0.5 * hist[precision]["loss"][0]
+    np.testing.assert_allclose(hist[precision]["loss"], hist["float32"]["loss"], rtol=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # the host GEMM sees the Inf too
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(kernel_backend, rng):
+    X, y = random_batch(rng, [6, 16, 3], "cross_entropy", 32)
+    model, opt = gb.MLP([6, 16, 3], seed=0, device=kernel_backend, precision="fp16"), optim.Adam(1e-2)
+    with kernel_backend.context():
+        model._scaler.scale[...] = kernel_backend.asarray(np.array([2.0**60], np.float32))  # float16 overflows
+    before = model.state_dict()
+    model.train_step(X, y, opt)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)  # skipped whole
+    assert opt.steps == 0 and model._scaler.value() == 2.0**59
+    model._scaler.scale[...] = kernel_backend.asarray(np.array([2.0**10], np.float32))
+    model.train_step(X, y, opt)
+    assert opt.steps == 1 and any(not np.array_equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fp16_rejects_data_beyond_its_range(kernel_backend):
+    model = gb.MLP([2, 3, 2], seed=0, device=kernel_backend, precision="fp16")
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        model.fit(np.array([[1e5, 0.0], [0.0, 1.0]]), [0, 1], progress=False)
+
+
+def test_mixed_precision_graph_steps_equal_eager_steps(kernel_backend, rng):
+    X, y = random_batch(rng, [9, 33, 3], "cross_entropy", 203)
+    runs = []
+    for graphs in (True, False):
+        m, o = gb.MLP([9, 33, 3], seed=3, device=kernel_backend, precision="fp16"), optim.Adam(3e-3)
+        runs.append((m.fit(X, y, epochs=2, batch_size=20, optimizer=o, progress=False, graphs=graphs),
+                     m.state_dict(), m._scaler.value()))
+    assert runs[0][0] == runs[1][0] and runs[0][2] == runs[1][2]
+    for k in runs[1][1]:
+        np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k], err_msg=k)
+
+
+def mixed_reference(params, X, Y, low, scale=1.0):
+    """ReLU net, cross entropy, in float32 NumPy rounding to ``low`` exactly where the
+    mixed-precision path stores 16-bit values: inputs, weight copies, GEMM outputs,
+    activations, deltas. dW and db stay float32 (the master gradients)."""
+    r = lambda x: x.astype(low).astype(np.float32)  # noqa: E731
+    L = len(params) // 2
+    W = [r(params[f"layers.{i}.weight"]) for i in range(L)]
+    b = [r(params[f"layers.{i}.bias"]) for i in range(L)]
+    a = [r(X.astype(np.float32))]
+    for i in range(L):
+        z = r(a[-1] @ W[i].T) + b[i]
+        a.append(r(np.maximum(z, 0)) if i < L - 1 else r(z))
+    q = np.exp(a[-1] - a[-1].max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    delta = r((q - Y) * np.float32(scale / len(X)))
+    grads = {}
+    for i in reversed(range(L)):
+        grads[f"layers.{i}.weight"] = delta.T @ a[i] / scale
+        grads[f"layers.{i}.bias"] = delta.sum(0) / scale
+        if i:
+            delta = r(r(delta @ W[i]) * (a[i] > 0))
+    return grads
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_rounds_where_the_numpy_model_does(kernel_backend, precision, rng):
+    """Against a NumPy emulation with the same roundings the agreement is far closer
+    than against float64: the kernels round where, and only where, they should."""
+    low = low_precision_dtype(kernel_backend, "bfloat16" if precision == "bf16" else "float16")
+    sizes = [40, 64, 32, 10]
+    X, y = random_batch(rng, sizes, "cross_entropy", 128)
+    model = gb.MLP(sizes, seed=0, device=kernel_backend, precision=precision)
+    scale = model._scaler.value() if model._scaler is not None else 1.0
+    want = mixed_reference(model.state_dict(), X, np.eye(10)[y], low, scale)
+    _, grads = model.loss_and_grad(X, y)
+    for k in want:
+        normwise(grads[k], want[k], 2e-3, k)

@@ -49,8 +49,12 @@ def test_compiles_for_sm80_and_sm90_without_spills(filename, low, tmp_path):
         require_tool("nvcc")
     names, report = compile_report(filename, low, str(tmp_path))
     entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", report)
-    assert len(entries) == len(names) * len(ARCHS), report
-    assert {arch for _, arch in entries} == set(ARCHS)
+    # Each instantiation, per arch (a file's plain kernels come along in both variants).
+    assert len(entries) >= len(names) * len(ARCHS), report
+    for arch in ARCHS:
+        for name in names:
+            base = name.split("<")[0]
+            assert any(f"{len(base)}{base}" in e for e, a in entries if a == arch), f"{name} not compiled for {arch}"
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) >= len(entries), report  # entries, and callees such as pow
     assert all(s == ("0", "0") for s in spills), f"register spills in {filename}:\n{report}"
