@@ -1,0 +1,69 @@
+"""step_bench: its CPU half runs here (CI); the GPU half, with -m gpu, where there is a GPU."""
+
+import json
+
+import pytest
+
+import step_bench as sb
+
+ROW_KEYS = {"case", "net", "batch", "precision", "ours_samples_per_s", "torch_eager_samples_per_s",
+            "torch_graph_samples_per_s", "ceiling_fraction", "ours_peak_bytes", "torch_peak_bytes"}
+
+
+def test_cpu_half_writes_the_result_file(tmp_path):
+    result = sb.main(["--device", "cpu", "--cases", "small", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
+    [path] = tmp_path.iterdir()
+    assert json.loads(path.read_text()) == result
+    assert {"device", "date", "versions", "rows"} <= set(result)
+    assert [(r["net"], r["batch"]) for r in result["rows"]] == [([784, 128, 10], 64), ([784, 128, 10], 256)]
+    for row in result["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["ours_samples_per_s"] > 0 and 0 < row["ceiling_fraction"] < 1.5
+        assert row["torch_graph_samples_per_s"] is None  # no CUDA graphs on the CPU
+        if sb.have("torch"):
+            assert row["torch_eager_samples_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["float32", "tf32", "bf16", "fp16"])
+def test_gpu_steps_run_in_every_precision(precision):
+    pytest.importorskip("cupy")
+    try:
+        gb_backend = sb.gb.get_backend("cuda")
+    except sb.gb.DeviceUnavailableError as e:
+        pytest.skip(str(e))
+    step, peak = sb.ours((784, 128, 10), 256, precision, "cuda")
+    assert sb.time_steps(step, "cuda", steps=5, repeats=2) > 0 and peak() > 0
+    assert gb_backend.supports_graphs
+
+
+GPU_CASES = [pytest.param(sizes, batch, id=f"{name}-b{batch}") for name, cases in sb.CASES.items() for sizes, batch in cases]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes,batch", GPU_CASES)
+@pytest.mark.parametrize("impl", ["ours", "torch_eager", "torch_graph"])
+def test_bench_gpu_train_step(benchmark, impl, sizes, batch):
+    """pytest bench/ -m gpu --benchmark-enable: one float32 step, synchronized."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        sb.gb.get_backend("cuda")
+    except sb.gb.DeviceUnavailableError as e:
+        pytest.skip(str(e))
+    if impl == "ours":
+        step, _ = sb.ours(sizes, batch, "float32", "cuda")
+    else:
+        torch = pytest.importorskip("torch")
+        step, _ = sb.torch_step(sizes, batch, "float32", "cuda", graph=impl == "torch_graph")
+
+    def synchronized():
+        step()
+        cupy.cuda.Device().synchronize()
+        if impl != "ours":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        synchronized()
+    benchmark.group = f"{'-'.join(map(str, sizes))}_b{batch}"
+    benchmark.extra_info["batch"] = batch
+    benchmark(synchronized)
