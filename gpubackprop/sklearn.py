@@ -1,0 +1,287 @@
+"""scikit-learn estimators on the gpubackprop engine: MLPClassifier and MLPRegressor.
+
+They take scikit-learn's MLP parameters where the meaning is the same, plus
+``device`` ("cpu", "cuda", "auto") and ``dtype``, and follow scikit-learn's
+conventions (parameters untouched by fit, fitted attributes ending in "_",
+``validate_data``), so they pass ``parametrize_with_checks`` and work in
+Pipeline, GridSearchCV and clone, and pickle (a fitted model is stored as its
+parameters, so it unpickles on any machine).
+
+Where the engine differs from scikit-learn's MLP:
+
+    alpha     L2 penalty alpha / batch_size on every parameter, applied as weight
+              decay (scikit-learn exempts the biases)
+    binary    two softmax outputs rather than one logistic unit (same predictions)
+    loss_curve_  the mean loss of each epoch's batches, without the penalty term
+
+    import gpubackprop.sklearn as gbs
+    clf = gbs.MLPClassifier(hidden_layer_sizes=(128,), max_iter=50, device="auto").fit(X, y)
+    clf.score(X_test, y_test)
+"""
+
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+from . import optim
+from .model import MLP
+
+ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
+               "leaky_relu": "leaky_relu", "gelu": "gelu"}  # scikit-learn's names, then ours
+
+
+class _BaseMLP(BaseEstimator):
+    _loss = None
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
+                 batch_size="auto", learning_rate_init=0.001, max_iter=200, shuffle=True, random_state=None,
+                 tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
+                 early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 n_iter_no_change=10, device="cpu", dtype="float64"):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.device = device
+        self.dtype = dtype
+
+    # ---- fitting ----------------------------------------------------------------------
+    def fit(self, X, y):
+        """Train from scratch (or on from the last fit, with warm_start) for up to max_iter epochs."""
+        return self._fit(X, y, incremental=False)
+
+    def _fit(self, X, y, incremental, classes=None):
+        self._check_params()
+        first = not (incremental or self.warm_start) or not hasattr(self, "model_")
+        X, y = validate_data(self, X, y, reset=first, dtype=np.float64, multi_output=True, y_numeric=self._loss == "mse")
+        targets = self._encode_targets(y, first, classes)
+        if first:
+            sizes = [X.shape[1], *self._hidden(), targets.shape[1] if targets.ndim == 2 else len(self.classes_)]
+            seed = check_random_state(self.random_state).randint(2**31)
+            self.model_ = MLP(sizes, activation=ACTIVATIONS[self.activation], loss=self._loss,
+                              device=self.device, dtype=self.dtype, seed=int(seed))
+            self._optimizer = None
+            self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
+            self.validation_scores_ = [] if self.early_stopping else None
+            self.best_validation_score_ = None
+        batch = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
+        if self._optimizer is None:
+            self._optimizer = self._make_optimizer(batch)
+        validation = None
+        if self.early_stopping and not incremental:
+            stratify = targets if self._loss == "cross_entropy" and _can_stratify(targets) else None
+            X, X_val, targets, t_val = train_test_split(X, targets, test_size=self.validation_fraction,
+                                                        random_state=self.random_state, stratify=stratify)
+            validation = (X_val, t_val)
+        stop = _StopRule(self, validation)
+        self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
+                        optimizer=self._optimizer, shuffle=self.shuffle, progress=bool(self.verbose),
+                        callbacks=[stop])
+        self.t_ += len(X) * stop.epochs
+        if stop.best_state is not None:
+            self.model_.load_state_dict(stop.best_state)
+        if not incremental and not stop.stopped:
+            warnings.warn(f"{type(self).__name__}: reached max_iter={self.max_iter} without the loss "
+                          "settling (raise max_iter, or tol)", ConvergenceWarning)
+        self._export()
+        return self
+
+    def _check_params(self):
+        problems = []
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.solver not in ("sgd", "adam"):
+            problems.append(f"solver must be 'sgd' or 'adam', got {self.solver!r}")
+        if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 1):
+            problems.append(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, (int, np.integer)) and self.batch_size >= 1)):
+            problems.append(f"batch_size must be 'auto' or an integer >= 1, got {self.batch_size!r}")
+        if not 0 < self.validation_fraction < 1:
+            problems.append(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+        if not (isinstance(self.n_iter_no_change, (int, np.integer)) and self.n_iter_no_change >= 1):
+            problems.append(f"n_iter_no_change must be an integer >= 1, got {self.n_iter_no_change!r}")
+        if self.alpha < 0 or self.tol < 0:
+            problems.append("alpha and tol must be >= 0")
+        self._hidden()  # raises for bad sizes
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _hidden(self):
+        sizes = self.hidden_layer_sizes
+        sizes = [sizes] if np.isscalar(sizes) else list(sizes)
+        if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must be positive integers, got {self.hidden_layer_sizes!r}")
+        return [int(s) for s in sizes]
+
+    def _make_optimizer(self, batch):
+        decay = self.alpha / batch
+        if self.solver == "sgd":
+            return optim.SGD(self.learning_rate_init, momentum=self.momentum, weight_decay=decay,
+                             nesterov=self.nesterovs_momentum and self.momentum > 0)
+        return optim.Adam(self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon, weight_decay=decay)
+
+    def _export(self):
+        """coefs_ (n_in, n_out) and intercepts_, as scikit-learn lays them out."""
+        state = self.model_.state_dict()
+        n = len(self.model_.sizes) - 1
+        self.coefs_ = [state[f"layers.{i}.weight"].T.copy() for i in range(n)]
+        self.intercepts_ = [state[f"layers.{i}.bias"].copy() for i in range(n)]
+        self.n_layers_ = n + 1
+        self.n_outputs_ = self.model_.sizes[-1]
+        self.out_activation_ = "softmax" if self._loss == "cross_entropy" else "identity"
+
+    def _forward(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self.model_.forward(X)
+
+    # ---- pickling: the parameters, not the device buffers ---------------------------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        model = state.pop("model_", None)
+        if model is not None:
+            state["_model_state"] = (model.config(), model.state_dict())
+        opt = state.pop("_optimizer", None)
+        state["_optimizer_state"] = None if opt is None else opt.state_dict()
+        return state
+
+    def __setstate__(self, state):
+        saved, opt = state.pop("_model_state", None), state.pop("_optimizer_state", None)
+        self.__dict__.update(state)
+        if saved is not None:
+            config, params = saved
+            self.model_ = MLP(**config, device=self.device)
+            self.model_.load_state_dict(params)
+        self._optimizer = None if opt is None else optim.from_state_dict(opt)
+
+
+class _StopRule:
+    """scikit-learn's stopping: no improvement by tol for n_iter_no_change epochs,
+    in the training loss, or with early_stopping in the validation score (and then
+    the best epoch's parameters are restored). Records loss_curve_ and n_iter_."""
+
+    def __init__(self, est, validation):
+        self.est, self.validation = est, validation
+        self.best = np.inf if validation is None else -np.inf
+        self.bad_epochs, self.epochs, self.stopped, self.best_state = 0, 0, False, None
+
+    def on_epoch_end(self, model, epoch, logs):
+        est = self.est
+        self.epochs += 1
+        est.n_iter_ += 1
+        est.loss_curve_.append(logs["loss"])
+        if self.validation is None:
+            improved = logs["loss"] < self.best - est.tol
+            self.best = min(self.best, logs["loss"])
+        else:
+            score = est._validation_score(*self.validation)
+            est.validation_scores_.append(score)
+            improved = score > self.best + est.tol
+            if score > self.best:
+                self.best, self.best_state = score, model.state_dict()
+                est.best_validation_score_ = score
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if self.bad_epochs >= est.n_iter_no_change:
+            self.stopped = model.stop_training = True
+
+
+def _can_stratify(targets):
+    labels = targets.argmax(1)
+    counts = np.bincount(labels)
+    return counts[counts > 0].min() >= 2
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multilayer perceptron classifier (softmax cross entropy) on gpubackprop."""
+
+    _loss = "cross_entropy"
+
+    def partial_fit(self, X, y, classes=None):
+        """One epoch over (X, y); the first call needs ``classes``, every label there may be."""
+        if not hasattr(self, "model_") and classes is None:
+            raise ValueError("classes must be passed on the first call to partial_fit")
+        return self._fit(X, y, incremental=True, classes=classes)
+
+    def _encode_targets(self, y, first, classes=None):
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if first:
+            self.classes_ = np.unique(y if classes is None else classes)
+            if len(self.classes_) < 2:
+                raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes in the data, "
+                                 f"but the data contains only one class: {self.classes_[0]!r}")
+        index = np.searchsorted(self.classes_, y)
+        if np.any(index >= len(self.classes_)) or np.any(self.classes_[np.minimum(index, len(self.classes_) - 1)] != y):
+            raise ValueError(f"y has labels not in classes_ {self.classes_.tolist()}")
+        return np.eye(len(self.classes_))[index]
+
+    def _validation_score(self, X, targets):
+        return accuracy_score(targets.argmax(1), self.model_.predict(X))
+
+    def predict(self, X):
+        z = self._forward(X)
+        return self.classes_[z.argmax(1)]
+
+    def predict_proba(self, X):
+        z = self._forward(X)
+        q = np.exp(z - z.max(1, keepdims=True))
+        return q / q.sum(1, keepdims=True)
+
+    def predict_log_proba(self, X):
+        return np.log(self.predict_proba(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = False
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multilayer perceptron regressor (mean squared error) on gpubackprop."""
+
+    _loss = "mse"
+
+    def partial_fit(self, X, y):
+        """One epoch over (X, y), continuing from the current parameters."""
+        return self._fit(X, y, incremental=True)
+
+    def _encode_targets(self, y, first, classes=None):
+        y = np.asarray(y, np.float64)
+        if first:
+            self._y_1d = y.ndim == 1
+        return y.reshape(len(y), -1)
+
+    def _validation_score(self, X, targets):
+        return r2_score(targets, self.model_.forward(X))
+
+    def predict(self, X):
+        out = self._forward(X)
+        return out.ravel() if self._y_1d else out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

@@ -1,0 +1,95 @@
+"""gpubackprop.sklearn: scikit-learn's own estimator checks, and the estimators in
+scikit-learn's machinery (Pipeline, GridSearchCV, clone, pickle), on digits against
+scikit-learn's MLPClassifier."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.neural_network import MLPClassifier as SkMLPClassifier  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from gpubackprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+
+@parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0)])
+def test_scikit_learn_estimator_checks(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X / 16.0, y, test_size=0.25, random_state=0, stratify=y)
+
+
+def test_digits_accuracy_matches_scikit_learn(digits):
+    X_train, X_test, y_train, y_test = digits
+    settings = dict(hidden_layer_sizes=(64,), max_iter=60, batch_size=32, learning_rate_init=1e-3)
+    ours, theirs = [], []
+    for seed in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ours.append(MLPClassifier(random_state=seed, **settings).fit(X_train, y_train).score(X_test, y_test))
+            theirs.append(SkMLPClassifier(random_state=seed, **settings).fit(X_train, y_train).score(X_test, y_test))
+    assert min(ours) >= 0.95
+    assert abs(np.mean(ours) - np.mean(theirs)) <= 0.02  # within the seeds' spread
+
+
+def test_pipeline_grid_search_clone_and_pickle(digits):
+    X_train, X_test, y_train, y_test = digits
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(max_iter=20, random_state=0, dtype="float32"))
+    search = GridSearchCV(pipe, {"mlpclassifier__hidden_layer_sizes": [(16,), (64,)]}, cv=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        search.fit(X_train, y_train)
+    assert search.best_params_["mlpclassifier__hidden_layer_sizes"] in [(16,), (64,)]
+    fitted = search.best_estimator_
+    again = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(again.predict(X_test), fitted.predict(X_test))
+    blank = clone(fitted[-1])
+    assert not hasattr(blank, "model_") and blank.get_params() == fitted[-1].get_params()
+
+
+def test_fitted_attributes_follow_scikit_learn(digits):
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier(hidden_layer_sizes=(20, 10), max_iter=5, early_stopping=True, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X_train, y_train)
+    assert [c.shape for c in clf.coefs_] == [(64, 20), (20, 10), (10, 10)]
+    assert [b.shape for b in clf.intercepts_] == [(20,), (10,), (10,)]
+    assert len(clf.loss_curve_) == clf.n_iter_ == len(clf.validation_scores_) == 5
+    assert clf.n_features_in_ == 64 and list(clf.classes_) == list(range(10))
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
+
+
+def test_partial_fit_needs_classes_first_and_then_learns(digits):
+    X_train, X_test, y_train, y_test = digits
+    clf = MLPClassifier(hidden_layer_sizes=(32,), learning_rate_init=3e-3, random_state=0)
+    with pytest.raises(ValueError, match="classes must be passed"):
+        clf.partial_fit(X_train, y_train)
+    for _ in range(20):
+        clf.partial_fit(X_train, y_train, classes=np.arange(10))
+    assert clf.n_iter_ == 20 and clf.score(X_test, y_test) > 0.9
+
+
+def test_regressor_learns_a_smooth_function(rng):
+    X = rng.uniform(-2, 2, (400, 3))
+    y = np.sin(X[:, 0]) + 0.5 * X[:, 1] ** 2 - X[:, 2]
+    reg = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=300, random_state=0, tol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reg.fit(X[:300], y[:300])
+    assert reg.predict(X[300:]).shape == (100,) and reg.score(X[300:], y[300:]) > 0.95
