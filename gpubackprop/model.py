@@ -19,6 +19,7 @@ import contextlib
 
 import numpy as np
 
+from . import interop
 from . import precision as precision_modes
 from . import validation
 from .activations import ACTIVATIONS, get_activation
@@ -450,9 +451,7 @@ class MLP:
                 b.softmax(out[rows], out[rows], row[:ws.batch])
             else:
                 out[rows] = ws.a[-1]
-        # Device arrays in, device arrays out; anything else gets NumPy.
-        keep = b.is_native(X) and not isinstance(X, np.ndarray)
-        return out if keep else b.to_host(out)
+        return interop.like(X, out, b)
 
     def forward(self, X):
         """The network's raw outputs (logits for cross entropy), no softmax."""

@@ -37,8 +37,12 @@ def check_positive_int(name, value, minimum=1):
 
 
 def _as_numeric(name, x, backend):
-    if backend.is_native(x) or isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
+    if backend.is_native(x) or isinstance(x, np.ndarray):
         arr = x
+    elif hasattr(x, "__cuda_array_interface__"):
+        # A GPU array of another library (PyTorch, JAX, Numba): the CUDA backend
+        # wraps it without a copy; the CPU backend says how to move one or the other.
+        arr = backend.asarray(x)
     else:
         try:
             arr = np.asarray(x)
