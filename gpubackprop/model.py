@@ -26,7 +26,7 @@ from .activations import ACTIVATIONS, get_activation
 from .backend import OutOfMemoryError, get_backend
 from .losses import LOSSES
 from .optim import Adam, Optimizer
-from .progress import Progress
+from .callbacks import ProgressBar, call
 
 _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
@@ -109,6 +109,8 @@ class MLP:
         precision_modes.check(precision, self.dtype, self.backend)
         self._compute_dtype = precision_modes.compute_dtype(precision, self.dtype)
         self.stop_training = False
+        self.optimizer = None  # the last fit's
+        self._clip_norm = None  # during fit only
         self._set_params(self._initial_params(np.random.default_rng(init_seq)))
 
     # ---- parameters -------------------------------------------------------------
@@ -319,11 +321,14 @@ class MLP:
         self._forward(ws)
         loss = self._loss(ws, running)
         self._backward(ws)
-        if self._scaler is None:
-            optimizer._apply(self.backend, self._params, self._grads)
-        else:  # fp16: unscale, and skip the update if the gradients overflowed
+        found_inf = None
+        if self._scaler is not None:  # fp16: unscale, and skip the update if the gradients overflowed
             self._scaler.unscale_and_check(self._grads)
-            optimizer._apply(self.backend, self._params, self._grads, found_inf=self._scaler.found_inf)
+            found_inf = self._scaler.found_inf
+        if self._clip_norm is not None:
+            self.backend.clip_by_global_norm(self._grads, self._clip_norm)
+        optimizer._apply(self.backend, self._params, self._grads, found_inf=found_inf)
+        if self._scaler is not None:
             self._scaler.update()
         if self._low is not None:
             self.backend.cast_parameters(self._params, self._low)
@@ -331,15 +336,16 @@ class MLP:
 
     # ---- training -------------------------------------------------------------------
     def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
-            validation_data=None, progress=True, callbacks=None, graphs=True):
+            validation_data=None, progress=True, callbacks=None, graphs=True, clip_norm=None):
         """Mini-batch training, reshuffled every epoch; returns the history.
 
         The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
         entropy) or "mse", averaged over the epoch's batches as they were trained,
         and "val_loss", "val_accuracy" / "val_mse" when ``validation_data=(X, y)``.
-        The optimizer defaults to Adam(lr=1e-3). Callbacks are objects with optional
-        ``on_epoch_begin(model, epoch)`` and ``on_epoch_end(model, epoch, logs)``;
-        setting ``model.stop_training = True`` ends training after the epoch.
+        The optimizer defaults to Adam(lr=1e-3) and stays as ``model.optimizer``.
+        ``callbacks`` are gpubackprop.callbacks objects (or any with some of their
+        hooks); ``progress`` adds a ProgressBar. ``clip_norm`` rescales the
+        gradients whenever their global L2 norm exceeds it (torch's clip_grad_norm_).
 
         Where the backend captures graphs (CUDA), the second step of each batch
         size is captured whole (gathering the batch, forward, loss, backward,
@@ -349,6 +355,8 @@ class MLP:
         epochs = validation.check_positive_int("epochs", epochs, minimum=0)
         batch_size = validation.check_positive_int("batch_size", batch_size)
         optimizer = Adam() if optimizer is None else _check_optimizer(optimizer)
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         callbacks = list(callbacks or ())
         b, xp = self.backend, self.backend.xp
         with self._context():
@@ -364,17 +372,18 @@ class MLP:
             n = X.shape[0]
             batch_size = min(batch_size, n)
             steps = -(-n // batch_size)
-            bar = Progress(epochs, steps, enabled=bool(progress))
+            if progress:
+                callbacks.append(ProgressBar(epochs, steps))
             history = collections.defaultdict(list)
             # The epoch's [sum of batch losses * batch sizes, rows predicted right],
             # accumulated on the device: no host sync per step.
             running = b.zeros((2,), np.float64)
             graphs = {} if graphs and b.supports_graphs else None
             self.stop_training = False
+            self.optimizer, self._clip_norm = optimizer, clip_norm
+            call(callbacks, "on_train_begin", self)
             for epoch in range(epochs):
-                for cb in callbacks:
-                    getattr(cb, "on_epoch_begin", _noop)(self, epoch)
-                bar.start_epoch(epoch)
+                call(callbacks, "on_epoch_begin", self, epoch)
                 # Drawn on the host from the model's seeded generator, so a seed gives
                 # the same batches on every device; one small copy per epoch.
                 order = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
@@ -384,20 +393,21 @@ class MLP:
                     ws = self._workspace(min(batch_size, n - start))
                     xp.copyto(ws.index, order[start:start + ws.batch])
                     self._fit_step(ws, X, T, optimizer, running, graphs)
+                    logs = {"batch_size": ws.batch}
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
-                        bar.step(16, {"loss": float(running[0]) / min(n, start + ws.batch)})
-                bar.step(steps % 16)
+                        logs["loss"] = float(running[0]) / min(n, start + ws.batch)
+                    call(callbacks, "on_batch_end", self, s, logs)
                 optimizer._sync_steps()
                 logs = self._logs(running, n)
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 for k, v in logs.items():
                     history[k].append(v)
-                bar.end_epoch(epoch, logs)
-                for cb in callbacks:
-                    getattr(cb, "on_epoch_end", _noop)(self, epoch, logs)
+                call(callbacks, "on_epoch_end", self, epoch, logs)
                 if self.stop_training:
                     break
+            self._clip_norm = None
+            call(callbacks, "on_train_end", self)
         return dict(history)
 
     def _fit_step(self, ws, X, T, optimizer, running, graphs):
@@ -532,6 +542,3 @@ def _check_optimizer(optimizer):
         raise TypeError(f"optimizer must be a gpubackprop.optim optimizer such as SGD(lr=0.1), got {optimizer!r}")
     return optimizer
 
-
-def _noop(*args):
-    pass

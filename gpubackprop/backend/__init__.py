@@ -168,6 +168,11 @@ class Backend:
                     found_inf=None):
         raise NotImplementedError
 
+    def clip_by_global_norm(self, g, max_norm):
+        """g *= min(1, max_norm / (||g||_2 + 1e-6)) over the whole flat gradient buffer
+        (torch.nn.utils.clip_grad_norm_)."""
+        raise NotImplementedError
+
     def capture(self, fn):
         """fn's work recorded once; the result's ``launch()`` replays it."""
         raise NotImplementedError(f"{self.name} does not capture graphs")

@@ -65,6 +65,7 @@ SOURCES = {
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
     "loss.cu": [instance(k, t) for k in ("softmax_cross_entropy", "mean_squared_error") for t in CTYPES],
     "optimizers.cu": [instance(k, t) for k in ("sgd_update", "adam_update") for t in ("float32", "float64")],
+    "clipping.cu": [instance(k, t) for k in ("sum_of_squares", "clip_to_norm") for t in ("float32", "float64")],
     "mixed_precision.cu": [instance("cast_parameters", t) for t in LOW_PRECISION]
     + ["unscale_and_check", "update_loss_scale"],
 }
@@ -107,6 +108,7 @@ class KernelBackend(NumpyBackend):
         self._partials = {}  # compute dtype -> buffer of per-block partial sums
         self._counters = None  # arrival counters of the last-block reductions, kept zero by the kernels
         self._retired = []  # outgrown scratch buffers: a captured graph may still point at them
+        self._norm_sq = {}  # compute dtype -> (1,) sum of squared gradients, for clipping
         self._recording = None  # the op list while capture() runs
 
     # ---- launches and graphs ----------------------------------------------------------
@@ -251,6 +253,16 @@ class KernelBackend(NumpyBackend):
             c(1.0 - beta1), c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
             np.int32(decoupled), steps, self._counter(1), found_inf,
         ))
+
+    def clip_by_global_norm(self, g, max_norm):
+        compute = self._compute(g.dtype)
+        norm_sq = self._norm_sq.get(compute)
+        if norm_sq is None:
+            norm_sq = self._norm_sq[compute] = self.xp.empty((1,), compute)
+        grid = self._grid_1d(g.size)
+        self._launch("sum_of_squares", g.dtype, (), grid, (self.BLOCK,),
+                     (g, np.int64(g.size), self._scratch(g.dtype, 2 * grid[0]), self._counter(1), norm_sq))
+        self._launch("clip_to_norm", g.dtype, (), grid, (self.BLOCK,), (g, np.int64(g.size), norm_sq, compute(max_norm)))
 
     # ---- mixed precision (kernels/mixed_precision.cu) ---------------------------------------
     def cast_parameters(self, p, low):

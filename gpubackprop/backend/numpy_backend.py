@@ -80,6 +80,11 @@ class NumpyBackend(Backend):
     def softmax(self, z, out, row):
         losses.softmax(self.xp, z, out, row)
 
+    def clip_by_global_norm(self, g, max_norm):
+        coef = max_norm / (math.sqrt(float(self.xp.vdot(g, g))) + 1e-6)
+        if coef < 1.0:
+            self.xp.multiply(g, coef, out=g)
+
     # ---- optimizers (maths in gpubackprop.optim) --------------------------------
     def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
                    found_inf=None):

@@ -433,3 +433,31 @@ def test_mixed_precision_rounds_where_the_numpy_model_does(kernel_backend, preci
     _, grads = model.loss_and_grad(X, y)
     for k in want:
         normwise(grads[k], want[k], 2e-3, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 1001, 5003])
+@pytest.mark.parametrize("ratio", [0.25, 4.0])  # max_norm / ||g||: clipped, then left alone
+def test_clip_by_global_norm_matches_numpy(kernel_backend, ratio, n, dtype, rng):
+    g0 = rng.standard_normal(n)
+    max_norm = ratio * np.linalg.norm(g0)
+    results = []
+    for be in (kernel_backend, CPU):
+        with be.context():
+            g = be.asarray(np.array(g0, dtype))
+            be.clip_by_global_norm(g, max_norm)
+            results.append(be.to_host(g))
+    close(results[0], results[1], TOL[dtype])
+    want = g0 * min(1.0, max_norm / (np.linalg.norm(g0) + 1e-6))
+    close(results[0], want, TOL[dtype] * 10)
+
+
+def test_clipped_graph_steps_equal_eager_steps(kernel_backend, rng):
+    X, y = random_batch(rng, [9, 33, 3], "cross_entropy", 100)
+    runs = []
+    for graphs in (True, False):
+        m = gb.MLP([9, 33, 3], seed=3, device=kernel_backend)
+        m.fit(X, y, epochs=2, batch_size=20, optimizer=optim.SGD(0.5), progress=False, graphs=graphs, clip_norm=0.1)
+        runs.append(m.state_dict())
+    for k in runs[1]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
