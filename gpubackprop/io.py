@@ -2,7 +2,7 @@
 
 A file holds the tensors of ``model.state_dict()`` (layers.{i}.weight / .bias),
 optionally the optimizer's flat state buffers as ``optimizer.<name>``, and string
-metadata: ``format``, ``version``, ``config`` (sizes, activation, loss, dtype, precision as
+metadata: ``format``, ``version``, ``config`` (sizes, activation, loss, dtype, precision, dropout as
 JSON), ``optimizer`` (type, hyperparameters, steps) and ``user`` (caller's JSON).
 No pickle anywhere: loading a file can only ever yield arrays and strings.
 
@@ -93,10 +93,11 @@ def load(path, device="cpu"):
 
     meta, tensors = _read(path)
     config = _json(meta, "config", path)
-    # precision arrived after version 1's first files: optional, float32 when absent.
+    # precision and dropout arrived after version 1's first files: optional (float32, 0).
     if not isinstance(config, dict) or not {"sizes", "activation", "loss", "dtype"} <= set(config) <= {
-            "sizes", "activation", "loss", "dtype", "precision"}:
-        raise ValueError(f"{path}: metadata 'config' must hold sizes, activation, loss and dtype (and optionally precision)")
+            "sizes", "activation", "loss", "dtype", "precision", "dropout"}:
+        raise ValueError(f"{path}: metadata 'config' must hold sizes, activation, loss and dtype "
+                         "(and optionally precision, dropout)")
     model = MLP(**config, device=device)
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_OPT)})
     return model

@@ -27,6 +27,7 @@ from .backend import OutOfMemoryError, get_backend
 from .losses import LOSSES
 from .optim import Adam, Optimizer
 from .callbacks import ProgressBar, call
+from .dropout import Dropout
 
 _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
@@ -39,10 +40,11 @@ class _Workspace:
 
     a[l] activations, z[l] pre-activations (only where g' needs z), g[l] dL/da_l
     turned into delta_l in place, scratch[l] the activation's temporaries; index
-    the rows of the data set this batch is gathered from, loss the batch's loss.
+    the rows of the data set this batch is gathered from, loss the batch's loss;
+    d[l] the dropped activations fed to layer l + 1 (hidden layers, with dropout).
     """
 
-    def __init__(self, backend, sizes, act, batch, dtype):
+    def __init__(self, backend, sizes, act, batch, dtype, dropout=False):
         L = len(sizes) - 1
         empty = backend.empty
         self.batch = batch
@@ -62,12 +64,17 @@ class _Workspace:
         self.hit = empty((batch,), np.bool_)
         self.index = empty((batch,), np.int64)
         self.loss = empty((), dtype)
+        self.d = [None] * (L + 1)
+        if dropout:
+            for l in range(1, L):
+                self.d[l] = empty((batch, sizes[l]), dtype)
 
     @staticmethod
-    def nbytes(sizes, act, batch, itemsize):
+    def nbytes(sizes, act, batch, itemsize, dropout=False):
         """The bytes __init__ allocates (a test holds the two together)."""
         hidden = sum(sizes[1:-1])
-        floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * (act.needs_z + act.n_scratch) + sizes[-1] + 2) + 1
+        per_hidden = act.needs_z + act.n_scratch + bool(dropout)
+        floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * per_hidden + sizes[-1] + 2) + 1
         return floats * itemsize + batch * (8 + 8 + 1 + 8)
 
 
@@ -84,14 +91,16 @@ class MLP:
     precision   "float32" (exact), "tf32" (float32 GEMMs on tensor cores), or mixed
                 precision "bf16" / "fp16" (16-bit activations and GEMMs, float32
                 master weights; fp16 with dynamic loss scaling): see ``precision``
-    seed        makes initialisation and shuffling reproducible
+    seed        makes initialisation, shuffling and dropout reproducible
+    dropout     the rate p at which hidden activations are dropped in training
+                (inverted dropout; see gpubackprop.dropout)
 
     Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
     Glorot-uniform (limit sqrt(6 / (n_in + n_out))) otherwise; biases at zero.
     """
 
     def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None,
-                 precision="float32"):
+                 precision="float32", dropout=0.0):
         self.sizes = validation.check_sizes(sizes)
         self._act = get_activation(activation)
         self.activation = activation
@@ -103,7 +112,11 @@ class MLP:
         if seed is not None:
             seed = validation.check_positive_int("seed", seed, minimum=0)
         self.seed = seed
-        init_seq, shuffle_seq = np.random.SeedSequence(seed).spawn(2)
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(seed).spawn(3)
+        self._dropout_seed = int(dropout_seq.generate_state(1)[0])
         self._shuffle_rng = np.random.default_rng(shuffle_seq)
         self.backend = get_backend(device)
         precision_modes.check(precision, self.dtype, self.backend)
@@ -230,20 +243,32 @@ class MLP:
         if ws is None:
             try:
                 with self.backend.context():
-                    ws = _Workspace(self.backend, self.sizes, self._act, batch, self._compute_dtype)
+                    ws = _Workspace(self.backend, self.sizes, self._act, batch, self._compute_dtype, self.dropout > 0)
             except MemoryError:
-                need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize)
+                need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize, self.dropout > 0)
                 raise self._out_of_memory(f"the buffers of a batch of {batch} rows", need, "use a smaller batch_size") from None
             while len(self._workspaces) >= _WORKSPACES_KEPT:
                 self._workspaces.popitem(last=False)
         self._workspaces[batch] = ws
         return ws
 
-    def _forward(self, ws):
+    def _dropout(self, ws, l, steps):
+        """Layer l's Dropout in a train step (steps: the optimizer's device step count), else None."""
+        if steps is None or not self.dropout or l in (0, len(self._W)):
+            return None
+        return Dropout(self.dropout, self._dropout_seed, steps, l, ws.d[l])
+
+    def _input(self, ws, l, steps):
+        """What layer l + 1 reads: a_l, or its dropped copy in training."""
+        return ws.a[l] if self._dropout(ws, l, steps) is None else ws.d[l]
+
+    def _forward(self, ws, steps=None):
+        """Forward pass; ``steps`` given means training (dropout on)."""
         L = len(self._W)
         for l in range(1, L + 1):
             act = self._act if l < L else _IDENTITY
-            self.backend.dense_forward(ws.a[l - 1], self._W[l - 1], self._b[l - 1], act, ws.a[l], ws.z[l], ws.scratch[l])
+            self.backend.dense_forward(self._input(ws, l - 1, steps), self._W[l - 1], self._b[l - 1], act, ws.a[l],
+                                       ws.z[l], ws.scratch[l], dropout=self._dropout(ws, l, steps))
 
     def _loss(self, ws, running=None):
         scale = None if self._scaler is None else self._scaler.scale
@@ -251,13 +276,14 @@ class MLP:
                           (ws.row, ws.pred, ws.label, ws.hit), loss_scale=scale)
         return ws.loss
 
-    def _backward(self, ws):
+    def _backward(self, ws, steps=None):
         L = len(self._W)
         for l in range(L, 0, -1):
             act = self._act if l < L else _IDENTITY
             self.backend.dense_backward(
-                ws.g[l], ws.a[l], ws.z[l], ws.a[l - 1], self._W[l - 1], act, ws.scratch[l],
+                ws.g[l], ws.a[l], ws.z[l], self._input(ws, l - 1, steps), self._W[l - 1], act, ws.scratch[l],
                 self._dW[l - 1], self._db[l - 1], ws.g[l - 1] if l > 1 else None, ws.ones,
+                dropout=self._dropout(ws, l, steps),
             )
 
     def _load_batch(self, X, T):
@@ -318,9 +344,10 @@ class MLP:
             return loss
 
     def _step(self, ws, optimizer, running=None):
-        self._forward(ws)
+        steps = optimizer._steps_on_device
+        self._forward(ws, steps)
         loss = self._loss(ws, running)
-        self._backward(ws)
+        self._backward(ws, steps)
         found_inf = None
         if self._scaler is not None:  # fp16: unscale, and skip the update if the gradients overflowed
             self._scaler.unscale_and_check(self._grads)
@@ -516,11 +543,12 @@ class MLP:
 
     def config(self):
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss, "dtype": self.dtype,
-                "precision": self.precision}
+                "precision": self.precision, "dropout": self.dropout}
 
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
-                f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r})")
+                f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r}"
+                + (f", dropout={self.dropout})" if self.dropout else ")"))
 
 
 def _megabytes(n):

@@ -9,12 +9,18 @@
 // the last block of a column tile to finish adds the slices in order. No float
 // atomics anywhere: db is the same bits on every run. db is in the compute type
 // (float for 16-bit storage: the gradients of mixed precision are float32).
+//
+// With dropout (steps not null) g is the gradient of the dropped activations:
+// it first passes the forward pass's mask (regenerated, see dropout_keep) and
+// scale, then g'(a) of the undropped a.
 #include "common.cuh"
 
 template <typename T, int ACT>
 __global__ void act_backward_bias_grad(T* g, const T* __restrict__ a, const T* __restrict__ z,
                                        typename Compute<T>::type* __restrict__ db, typename Compute<T>::type* partials,
-                                       unsigned* counters, int rows, int cols, int rows_per_slice) {
+                                       unsigned* counters, int rows, int cols, int rows_per_slice,
+                                       unsigned threshold, typename Compute<T>::type keep_scale, unsigned seed,
+                                       const unsigned* __restrict__ steps, unsigned layer) {
     typedef typename Compute<T>::type C;
     __shared__ C column_sums[8][33];  // 33: no bank conflicts when read down a column
     const int c = blockIdx.x * 32 + threadIdx.x;
@@ -25,7 +31,8 @@ __global__ void act_backward_bias_grad(T* g, const T* __restrict__ a, const T* _
         for (int r = first + (int)threadIdx.y; r < last; r += 8) {
             const size_t i = (size_t)r * cols + c;
             C delta = ld(g + i);
-            if (ACT != ACT_IDENTITY) {
+            if (steps) delta = dropout_keep(seed, *steps, layer, i, threshold) ? delta * keep_scale : C(0);
+            if (ACT != ACT_IDENTITY || steps) {
                 delta *= act_grad<ACT>(ld(a + i), ACT == ACT_GELU ? ld(z + i) : C(0));
                 st(g + i, delta);
             }

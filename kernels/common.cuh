@@ -78,6 +78,26 @@ template <int ACT, typename C> __device__ __forceinline__ C act_grad(C a, C z) {
     return C(1);
 }
 
+// ---- dropout ---------------------------------------------------------------------
+// Whether element i of a hidden layer is kept in a step: a counter-based hash of
+// (seed, step, layer, i), so the backward pass regenerates the forward pass's
+// mask instead of storing it, a captured step draws a new mask on every replay
+// (step is read from the device), and the NumPy backend (gpubackprop/dropout.py)
+// draws the very same masks. Kept with probability 1 - threshold / 2^32.
+__device__ __forceinline__ unsigned mix32(unsigned x) {  // "lowbias32", a full-avalanche 32-bit mixer
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+__device__ __forceinline__ bool dropout_keep(unsigned seed, unsigned step, unsigned layer, size_t i, unsigned threshold) {
+    const unsigned key = mix32(layer ^ mix32(step ^ mix32(seed)));
+    return mix32((unsigned)i ^ mix32((unsigned)(i >> 32) ^ key)) >= threshold;
+}
+
 // ---- fixed-order reductions ----------------------------------------------------
 // Sums are formed in an order fixed by the launch shape alone (no float atomics),
 // so a result is the same bits on every run: the bias gradient and the loss are

@@ -12,8 +12,8 @@ def test_gradcheck_catches_a_wrong_gradient(where, rng, monkeypatch):
     """A 1% error in any one backward output must show up, far above 1e-7."""
     real = NumpyBackend.dense_backward
 
-    def off_by_one_percent(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
-        real(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones)
+    def off_by_one_percent(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones, dropout=None):
+        real(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones, dropout)
         target = {"db": db, "dW": dW, "grad_prev": grad_prev}[where]
         if target is not None:
             target *= 1.01

@@ -241,17 +241,19 @@ def test_to_cpu_keeps_parameters():
     assert model.device == "cpu" and "cpu" in repr(model)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_workspace_nbytes_counts_what_it_allocates(act):
+def test_workspace_nbytes_counts_what_it_allocates(act, dropout):
     from gpubackprop.model import _Workspace
 
     sizes = [7, 13, 5, 3]
-    ws = _Workspace(NumpyBackend(), sizes, ACTIVATIONS[act], 11, "float32")
+    ws = _Workspace(NumpyBackend(), sizes, ACTIVATIONS[act], 11, "float32", dropout)
     found = []  # attributes are arrays, lists of arrays (or None), and lists of tuples of arrays
     for v in vars(ws).values():
         for x in v if isinstance(v, list) else [v]:
             found.extend(x if isinstance(x, tuple) else [x])
-    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4) == sum(a.nbytes for a in found if isinstance(a, np.ndarray))
+    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4, dropout) == sum(
+        a.nbytes for a in found if isinstance(a, np.ndarray))
 
 
 class _OutOfMemoryBackend(NumpyBackend):

@@ -135,13 +135,15 @@ class Backend:
         return None
 
     # ---- the fused primitives ----------------------------------------------
-    def dense_forward(self, a_prev, W, b, act, out, z, scratch):
+    def dense_forward(self, a_prev, W, b, act, out, z, scratch, dropout=None):
         """out = g(a_prev W^T + b). z receives the pre-activation when ``act.needs_z``
-        (else None: out doubles as z)."""
+        (else None: out doubles as z). With ``dropout`` (a gpubackprop.dropout.Dropout),
+        dropout.dropped = out * mask / (1 - p) as well."""
         raise NotImplementedError
 
-    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
-        """Turn grad = dL/da into delta = grad * g'(a) in place, then
+    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones, dropout=None):
+        """Turn grad = dL/da into delta = grad * g'(a) in place (with ``dropout``, grad is
+        dL/d dropped and passes mask / (1 - p) first), then
         db = delta^T 1 (``ones`` is a (B,) vector of ones), dW = delta^T a_prev and,
         unless ``grad_prev`` is None (first layer), grad_prev = delta W."""
         raise NotImplementedError

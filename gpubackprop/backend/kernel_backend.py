@@ -185,7 +185,15 @@ class KernelBackend(NumpyBackend):
         return (max(1, min(-(-n // self.BLOCK), self.max_blocks)),)
 
     # ---- layers --------------------------------------------------------------------
-    def dense_forward(self, a_prev, W, b, act, out, z, scratch):
+    @staticmethod
+    def _dropout_args(spec, dtype):
+        """The kernels' dropout arguments (steps None: no dropout)."""
+        c = KernelBackend._compute(dtype)
+        if spec is None:
+            return np.uint32(0), c(1.0), np.uint32(0), None, np.uint32(0)
+        return np.uint32(spec.threshold), c(spec.scale), np.uint32(spec.seed), spec.steps, np.uint32(spec.layer)
+
+    def dense_forward(self, a_prev, W, b, act, out, z, scratch, dropout=None):
         zbuf = out if z is None else z
         self._matmul(a_prev, W.T, zbuf)
         rows, cols = zbuf.shape
@@ -196,9 +204,10 @@ class KernelBackend(NumpyBackend):
         gx = -(-cols // bx)
         gy = max(1, min(-(-rows // by), self.max_blocks // gx, 65535))
         self._launch("bias_act_forward", zbuf.dtype, (ACTIVATION_CODES[act.name],), (gx, gy), (bx, by),
-                     (zbuf, b, out, np.int32(rows), np.int32(cols)))
+                     (zbuf, b, out, np.int32(rows), np.int32(cols), None if dropout is None else dropout.dropped)
+                     + self._dropout_args(dropout, zbuf.dtype))
 
-    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
+    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones, dropout=None):
         if db.dtype != self._compute(grad.dtype):  # the kernel writes db in the compute type
             raise TypeError(f"db must be {np.dtype(self._compute(grad.dtype))} for {grad.dtype} layers, not {db.dtype}")
         rows, cols = grad.shape
@@ -210,7 +219,8 @@ class KernelBackend(NumpyBackend):
         self._launch(
             "act_backward_bias_grad", grad.dtype, (ACTIVATION_CODES[act.name],), (tiles, slices), (32, 8),
             (grad, a, a if z is None else z, db, self._scratch(grad.dtype, slices * cols),
-             self._counter(tiles), np.int32(rows), np.int32(cols), np.int32(rows_per_slice)),
+             self._counter(tiles), np.int32(rows), np.int32(cols), np.int32(rows_per_slice))
+            + self._dropout_args(dropout, grad.dtype),
         )
         self._matmul(grad.T, a_prev, dW)
         if grad_prev is not None:

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .. import losses
+from ..dropout import keep_mask
 from . import Backend
 
 
@@ -48,21 +49,31 @@ class NumpyBackend(Backend):
         return contextlib.nullcontext()
 
     # ---- layers ---------------------------------------------------------------
-    def dense_forward(self, a_prev, W, b, act, out, z, scratch):
+    def dense_forward(self, a_prev, W, b, act, out, z, scratch, dropout=None):
         xp = self.xp
         zbuf = out if z is None else z
         xp.matmul(a_prev, W.T, out=zbuf)
         xp.add(zbuf, b, out=zbuf)
         act.forward(xp, zbuf, out, scratch)
+        if dropout is not None:
+            xp.multiply(out, self._dropout_factor(dropout, out), out=dropout.dropped)
 
-    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones):
+    def dense_backward(self, grad, a, z, a_prev, W, act, scratch, dW, db, grad_prev, ones, dropout=None):
         xp = self.xp
+        if dropout is not None:
+            xp.multiply(grad, self._dropout_factor(dropout, grad), out=grad)
         if act.backward is not None:
             act.backward(xp, grad, a, z, scratch)
         xp.matmul(ones, grad, out=db)
         xp.matmul(grad.T, a_prev, out=dW)
         if grad_prev is not None:
             xp.matmul(grad, W, out=grad_prev)
+
+    @staticmethod
+    def _dropout_factor(spec, like):
+        """mask / (1 - p) in like's dtype (a temporary: dropout on the CPU allocates)."""
+        mask = keep_mask(spec, like.shape, int(spec.steps[0]))
+        return mask.astype(like.dtype) * like.dtype.type(spec.scale)
 
     def loss(self, name, z, y, delta, out, running, scratch, loss_scale=None):
         _full_precision_only(loss_scale)

@@ -461,3 +461,45 @@ def test_clipped_graph_steps_equal_eager_steps(kernel_backend, rng):
         runs.append(m.state_dict())
     for k in runs[1]:
         np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["relu", "tanh", "gelu", "identity"])
+def test_dropout_layers_match_numpy(kernel_backend, name, dtype, rng):
+    """The kernels draw the NumPy backend's masks (one hash, two implementations)."""
+    from gpubackprop.dropout import Dropout
+
+    B, n_in, n_out = 333, 17, 45
+    inputs = layer_inputs(rng, B, n_in, n_out)
+    act = ACTIVATIONS[name]
+    results = []
+    for be in (kernel_backend, CPU):
+        put = lambda x: be.asarray(np.array(x, dtype))  # noqa: E731
+        with be.context():
+            a_prev, W, b, grad = map(put, (inputs["a_prev"], inputs["W"], inputs["b"], inputs["grad"]))
+            out, dropped = poisoned(be, (B, n_out), dtype), poisoned(be, (B, n_out), dtype)
+            z = poisoned(be, (B, n_out), dtype) if act.needs_z else None
+            scratch = tuple(poisoned(be, (B, n_out), dtype) for _ in range(act.n_scratch))
+            spec = Dropout(0.3, 12345, be.asarray(np.array([7], np.uint32)), 2, dropped)
+            be.dense_forward(a_prev, W, b, act, out, z, scratch, dropout=spec)
+            dW, db, gp = poisoned(be, (n_out, n_in), dtype), poisoned(be, (n_out,), dtype), poisoned(be, (B, n_in), dtype)
+            be.dense_backward(grad, out, z, a_prev, W, act, scratch, dW, db, gp, put(np.ones(B)), dropout=spec)
+            results.append({k: be.to_host(v).copy() for k, v in dict(a=out, d=dropped, delta=grad, dW=dW, db=db).items()})
+    got, want = results
+    for k in want:
+        close(got[k], want[k], TOL[dtype], k)
+    assert 0.2 < np.mean(want["d"][want["a"] != 0] == 0) < 0.4  # about the rate, 0.3
+
+
+def test_dropout_fit_is_the_same_on_the_kernels_graphed_and_eager(kernel_backend, rng):
+    X, y = random_batch(rng, [9, 33, 17, 3], "cross_entropy", 100)
+    runs = {}
+    for key, be, graphs in (("graph", kernel_backend, True), ("eager", kernel_backend, False), ("cpu", CPU, False)):
+        m = gb.MLP([9, 33, 17, 3], activation="tanh", seed=3, device=be, dropout=0.25)
+        runs[key] = (m.fit(X, y, epochs=2, batch_size=20, optimizer=optim.SGD(0.5), progress=False, graphs=graphs),
+                     m.state_dict())
+    assert runs["graph"][0] == runs["eager"][0]
+    np.testing.assert_allclose(runs["graph"][0]["loss"], runs["cpu"][0]["loss"], rtol=1e-4)
+    for k in runs["cpu"][1]:
+        np.testing.assert_array_equal(runs["graph"][1][k], runs["eager"][1][k], err_msg=k)
+        np.testing.assert_allclose(runs["graph"][1][k], runs["cpu"][1][k], rtol=1e-3, atol=1e-5, err_msg=k)
