@@ -1,6 +1,8 @@
 """The ``gpubackprop`` command: train an MLP on a data set, or describe this install.
 
     gpubackprop train --dataset digits --hidden 128 64 --epochs 30 --device auto
+    gpubackprop train --dataset mnist5k --hidden 128 --device auto   (needs gpubackprop[mnist])
+    gpubackprop train --dataset data.csv --label-column species --scale minmax
     gpubackprop info
 
 ``train`` writes <out>/model.safetensors (model and optimizer state, with the
@@ -25,6 +27,8 @@ from .activations import ACTIVATIONS
 from .precision import PRECISIONS
 
 OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
+SCALINGS = ("standard", "minmax", "none")
+PIXELS = ("digits", "mnist5k", "idx")  # features already in [0, 1]: not scaled by default
 
 
 def build_parser():
@@ -33,8 +37,17 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = commands.add_parser("train", help="train an MLP classifier and evaluate it on held-out data")
-    t.add_argument("--dataset", default="digits", help="'digits', or a .npz, .csv or MNIST IDX images file (default digits)")
-    t.add_argument("--labels", metavar="FILE", help="the IDX labels file that goes with an IDX images --dataset")
+    t.add_argument("--dataset", default="digits",
+                   help="'digits', 'mnist5k', or a .npz, .csv, .npy or MNIST IDX images file (default digits)")
+    t.add_argument("--labels", metavar="FILE",
+                   help="the labels file that goes with an IDX images or a .npy features --dataset")
+    t.add_argument("--label-column", metavar="NAME|INDEX",
+                   help="a CSV --dataset's label column: a header name or an index, negative from the end "
+                        "(default the last column)")
+    t.add_argument("--scale", choices=SCALINGS,
+                   help="feature scaling fitted on the training split: standard (zero mean, unit variance), "
+                        "minmax (training range onto [0, 1]) or none (default standard for .csv, .npz and .npy "
+                        "files, none for digits, mnist5k and IDX images, whose pixels are already in [0, 1])")
     t.add_argument("--hidden", type=int, nargs="*", default=[128, 64], metavar="N", help="hidden layer widths (default 128 64)")
     t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     t.add_argument("--epochs", type=int, default=30)
@@ -90,19 +103,23 @@ def train(args):
         print(f"  ({backend.note})")
 
     kind = data.dataset_format(args.dataset)
-    X, y = data.load_dataset(args.dataset, labels=args.labels)
+    X, y = data.load_dataset(args.dataset, labels=args.labels, label_column=args.label_column)
     if y.dtype.kind not in "iu" or y.min() < 0:
         raise ValueError(f"{args.dataset}: labels must be non-negative integer class ids for classification")
     n_classes = int(y.max()) + 1
     if n_classes < 2:
         raise ValueError(f"{args.dataset}: needs at least two classes, found labels {np.unique(y).tolist()}")
     X_train, X_test, y_train, y_test = data.train_test_split(X, y, args.test_fraction, args.seed)
-    scaling = None
-    if kind not in ("digits", "idx"):  # those are pixels already in [0, 1]
+    scale = args.scale or ("none" if kind in PIXELS else "standard")
+    standardized = min_max = None
+    if scale == "standard":
         X_train, X_test, mean, std = data.standardize(X_train, X_test)
-        scaling = {"mean": mean.tolist(), "std": std.tolist()}
+        standardized = {"mean": mean.tolist(), "std": std.tolist()}
+    elif scale == "minmax":
+        X_train, X_test, low, span = data.min_max_scale(X_train, X_test)
+        min_max = {"low": low.tolist(), "span": span.tolist()}
     print(f"data: {args.dataset}: {X.shape[0]} samples, {X.shape[1]} features, {n_classes} classes; "
-          f"{len(y_train)} for training, {len(y_test)} held out")
+          f"{len(y_train)} for training, {len(y_test)} held out; scaling: {scale}")
 
     model = gb.MLP([X.shape[1], *args.hidden, n_classes], activation=args.activation,
                    device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision)
@@ -115,7 +132,8 @@ def train(args):
     out = args.out or os.path.join("runs", _run_name(args.dataset))
     os.makedirs(out, exist_ok=True)
     metadata = {
-        "dataset": args.dataset, "labels": args.labels, "standardize": scaling,
+        "dataset": args.dataset, "labels": args.labels, "label_column": args.label_column,
+        "scale": scale, "standardize": standardized, "min_max": min_max,
         "seed": args.seed, "test_fraction": args.test_fraction, "epochs": args.epochs,
         "batch_size": args.batch_size, "held_out_accuracy": accuracy,
     }
@@ -130,7 +148,7 @@ def train(args):
 
 def _run_name(dataset):
     name = os.path.basename(os.path.normpath(dataset))
-    for ext in (".gz", ".npz", ".csv"):
+    for ext in (".gz", ".npz", ".npy", ".csv"):
         name = name[: -len(ext)] if name.lower().endswith(ext) else name
     return name or "run"
 

