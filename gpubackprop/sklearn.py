@@ -22,7 +22,11 @@ Where the engine differs from scikit-learn's MLP:
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+except ImportError:
+    raise ImportError("gpubackprop.sklearn needs scikit-learn >= 1.6: pip install 'gpubackprop[sklearn]'") from None
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
