@@ -3,6 +3,7 @@
     gpubackprop train --dataset digits --hidden 128 64 --epochs 30 --device auto
     gpubackprop train --dataset mnist5k --hidden 128 --device auto   (needs gpubackprop[mnist])
     gpubackprop train --dataset data.csv --label-column species --scale minmax
+    gpubackprop bench bench/results/gpu-2026-11-22.json   (a bar chart of a benchmark run)
     gpubackprop info
 
 ``train`` writes <out>/model.safetensors (model and optimizer state, with the
@@ -15,13 +16,12 @@ import json
 import os
 import platform
 import sys
-from io import BytesIO
 
 import numpy as np
 
 import gpubackprop as gb
 
-from . import data
+from . import data, plots
 from .io import atomic_write
 from .activations import ACTIVATIONS
 from .precision import PRECISIONS
@@ -65,6 +65,9 @@ def build_parser():
     t.add_argument("--out", help="output folder (default runs/<dataset name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    b = commands.add_parser("bench", help="draw a benchmark result file (bench/results/*.json) as a bar chart")
+    b.add_argument("results", help="a JSON file written by bench/step_bench.py or bench/cpu_table.py")
+    b.add_argument("--out", help="the PNG to write (default: the results path with .png)")
     commands.add_parser("info", help="versions, BLAS, threads and whether a GPU can be used")
     return parser
 
@@ -76,7 +79,7 @@ def main(argv=None):
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return train(args) if args.command == "train" else info()
+        return {"train": train, "bench": bench, "info": lambda args: info()}[args.command](args)
     except (OSError, ValueError, TypeError, ImportError, gb.DeviceUnavailableError) as e:
         print(f"gpubackprop: error: {e}", file=sys.stderr)
         return 2
@@ -140,9 +143,23 @@ def train(args):
     model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
     atomic_write(os.path.join(out, "history.json"), json.dumps(history, indent=1).encode())
     written = ["model.safetensors", "history.json"]
-    if plot_curves(history, os.path.join(out, "curves.png"), title=f"{args.dataset}: MLP {model.sizes}"):
+    try:
+        plots.training_curves(history, os.path.join(out, "curves.png"), title=f"{args.dataset}: MLP {model.sizes}")
         written.append("curves.png")
+    except ImportError as e:
+        print(f"note: no curves.png: {e}")
     print(f"wrote {', '.join(written)} to {out}")
+    return 0
+
+
+# ---- bench -----------------------------------------------------------------------------
+def bench(args):
+    """A bar chart of a benchmark result file (bench/step_bench.py or bench/cpu_table.py)."""
+    with open(args.results) as f:
+        result = json.load(f)
+    out = args.out or os.path.splitext(args.results)[0] + ".png"
+    plots.benchmark_chart(result, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -151,35 +168,6 @@ def _run_name(dataset):
     for ext in (".gz", ".npz", ".npy", ".csv"):
         name = name[: -len(ext)] if name.lower().endswith(ext) else name
     return name or "run"
-
-
-def plot_curves(history, path, title=""):
-    """Loss and accuracy per epoch, training and held-out, side by side; False without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("note: matplotlib is not installed, so no curves.png; pip install 'gpubackprop[plot]'")
-        return False
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("cross-entropy loss", "accuracy")):
-        for name, style in ((key, "-"), (f"val_{key}", "--")):
-            values = history.get(name)
-            if values:
-                ax.plot(range(1, len(values) + 1), values, style, marker=".",
-                        label="held-out" if name.startswith("val_") else "training (mean during the epoch)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.suptitle(title)
-    png = BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    atomic_write(path, png.getvalue())
-    return True
 
 
 # ---- info ------------------------------------------------------------------------------
