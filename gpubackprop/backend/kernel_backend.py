@@ -7,21 +7,25 @@ It runs kernels through a ``module`` with one method,
 
     module.launch(name_expression, grid, block, args)
 
-and leaves the matrix products to ``xp.matmul``. The CUDA backend gives it CuPy
-and cupy.RawModule (cuBLAS does the GEMMs); the tests give it NumPy and the same
+and leaves the matrix products to ``_matmul`` (``xp.matmul`` here; cublasGemmEx in
+the CUDA backend). The CUDA backend gives it CuPy and cupy.RawModule; the tests
+give it NumPy and the same
 sources compiled for the CPU by the host harness (tests/kernels/cuda_host.h), so
 CI runs every line here and every kernel's source without a GPU.
 
 Per primitive, with the kernel that does it:
 
     dense_forward    z = a_prev W^T (GEMM), then bias_act_forward: a = g(z + b)
-    dense_backward   act_backward_bias_grad: delta = g * g'(a), db = sum_rows delta
-                     (one launch), then dW = delta^T a_prev, grad_prev = delta W (GEMMs)
+                     (and the dropped copy, in training with dropout)
+    dense_backward   act_backward_bias_grad: delta = g * mask * g'(a), db = sum_rows
+                     delta (one launch), then dW = delta^T a_prev, grad_prev = delta W
     loss             softmax_cross_entropy / mean_squared_error: delta_L and the
                      loss, summed on the device, in one launch (which also adds
                      the epoch's running loss and hit count)
     sgd_update, adam_update   one launch over the flat parameter buffer
                      (the step count lives on the device)
+    clip_by_global_norm       sum_of_squares, then clip_to_norm
+    cast_parameters, unscale_and_check, update_loss_scale   mixed precision
 
 ``capture(fn)`` records fn's launches and GEMMs as a graph to replay: on the GPU
 a CUDA graph (cupy_backend), here a list of the same calls with the same
