@@ -105,6 +105,14 @@ _COMPUTE = {"float64": 70, "float32": 68, "tf32": 77}  # CUBLAS_COMPUTE_64F, _32
 _WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for on Hopper; kept for the process, so graphs may use it
 
 
+def gemm_compute(a, out, precision):
+    """The cuBLAS compute type of out = a @ b: float64 for float64, TF32 only when asked
+    for float32 operands, float32 accumulation otherwise (16-bit operands included)."""
+    if out.dtype == np.float64:
+        return "float64"
+    return "tf32" if precision == "tf32" and a.dtype == np.float32 else "float32"
+
+
 def _libcublas():
     """The cuBLAS library CuPy has loaded (found in this process's memory map), else one on the path."""
     try:
@@ -190,7 +198,7 @@ class CupyBackend(KernelBackend):
     def _matmul(self, a, b, out):
         if self._cublas is None:
             return super()._matmul(a, b, out)
-        compute = "float64" if out.dtype == np.float64 else self.matmul_precision
+        compute = gemm_compute(a, out, self.matmul_precision)
         self._issue(lambda: self._cublas.gemm(a, b, out, compute))
 
     def capture(self, fn):

@@ -89,3 +89,15 @@ def test_digits_on_the_gpu():
     model.fit(X_train, y_train, epochs=30, batch_size=32, optimizer=gb.optim.Adam(1e-3), progress=False)
     assert model.evaluate(X_test, y_test)["accuracy"] >= 0.97
     assert isinstance(model.predict(X_test), np.ndarray)
+
+
+@pytest.mark.parametrize("a,out,precision,expected", [
+    ("float64", "float64", "float32", "float64"),
+    ("float32", "float32", "float32", "float32"),
+    ("float32", "float32", "tf32", "tf32"),
+    ("float16", "float16", "fp16", "float32"),  # 16-bit operands accumulate in float32
+    ("float16", "float32", "fp16", "float32"),  # dW straight into the float32 gradients
+])
+def test_gemm_compute_type_per_precision(a, out, precision, expected):
+    assert cupy_backend.gemm_compute(np.empty(1, a), np.empty(1, out), precision) == expected
+    assert expected in cupy_backend._COMPUTE
