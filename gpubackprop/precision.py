@@ -35,6 +35,12 @@ def check(precision, dtype, backend):
     if precision in MIXED and not backend.supports_mixed_precision:
         raise ValueError(f"precision={precision!r} needs the CUDA backend's 16-bit kernels; {backend.name} "
                          "computes in float32: use precision='float32' there")
+    if precision == "bf16":
+        try:
+            backend.empty((1,), compute_dtype(precision, dtype))
+        except (TypeError, ValueError) as e:  # CuPy's bfloat16 arrays are recent and optional
+            raise ValueError(f"{backend.name} cannot hold bfloat16 arrays ({e}); use precision='fp16', "
+                             "or a CuPy with bfloat16 support (14 or later, with ml_dtypes)") from None
 
 
 def compute_dtype(precision, dtype):
