@@ -2,7 +2,8 @@
 
 A file holds the tensors of ``model.state_dict()`` (layers.{i}.weight / .bias),
 optionally the optimizer's flat state buffers as ``optimizer.<name>``, and string
-metadata: ``format``, ``version``, ``config`` (sizes, activation, loss, dtype, precision, dropout as
+metadata: ``format``, ``version``, ``sha256`` (of the tensors, checked on every
+read), ``config`` (sizes, activation, loss, dtype, precision, dropout as
 JSON), ``optimizer`` (type, hyperparameters, steps) and ``user`` (caller's JSON).
 No pickle anywhere: loading a file can only ever yield arrays and strings.
 
@@ -11,6 +12,7 @@ target with ``os.replace`` and the folder is fsynced: a crash leaves either the 
 file or the new one, never a torn one.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -43,6 +45,16 @@ def atomic_write(path, data):
             os.close(dfd)
 
 
+def digest(tensors):
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype.str}:{t.shape};".encode())
+        h.update(t.tobytes())
+    return h.hexdigest()
+
+
 def save(model, path, optimizer=None, metadata=None):
     """Save ``model`` (and ``optimizer``'s state, if given) to ``path``."""
     from safetensors.numpy import save as to_bytes
@@ -58,6 +70,7 @@ def save(model, path, optimizer=None, metadata=None):
             meta["user"] = json.dumps(metadata)
         except TypeError as e:
             raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+    meta["sha256"] = digest(tensors)
     atomic_write(path, to_bytes(tensors, metadata=meta))
 
 
@@ -77,6 +90,8 @@ def _read(path):
         raise ValueError(f"{path} is a safetensors file but not a gpubackprop model (no '{FORMAT}' metadata)")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path} has format version {meta.get('version')!r}; this gpubackprop reads version {VERSION}")
+    if "sha256" in meta and meta["sha256"] != digest(tensors):  # files written before checksums have none
+        raise ValueError(f"{path}: the tensors do not match the file's checksum; the file is damaged or was altered")
     return meta, tensors
 
 

@@ -19,7 +19,7 @@ import contextlib
 
 import numpy as np
 
-from . import interop
+from . import checkpoint, interop
 from . import precision as precision_modes
 from . import validation
 from .activations import ACTIVATIONS, get_activation
@@ -363,7 +363,8 @@ class MLP:
 
     # ---- training -------------------------------------------------------------------
     def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
-            validation_data=None, progress=True, callbacks=None, graphs=True, clip_norm=None):
+            validation_data=None, progress=True, callbacks=None, graphs=True, clip_norm=None,
+            checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, resume=False):
         """Mini-batch training, reshuffled every epoch; returns the history.
 
         The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
@@ -373,6 +374,11 @@ class MLP:
         ``callbacks`` are gpubackprop.callbacks objects (or any with some of their
         hooks); ``progress`` adds a ProgressBar. ``clip_norm`` rescales the
         gradients whenever their global L2 norm exceeds it (torch's clip_grad_norm_).
+
+        ``checkpoint_dir`` with ``checkpoint_every=N`` saves a checkpoint every N
+        steps (keeping the newest ``keep_checkpoints``); ``resume=True`` continues
+        from the newest sound one there, to the same result, bit for bit on the
+        CPU, as a run never interrupted (see gpubackprop.checkpoint).
 
         Where the backend captures graphs (CUDA), the second step of each batch
         size is captured whole (gathering the batch, forward, loss, backward,
@@ -385,11 +391,17 @@ class MLP:
         if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         callbacks = list(callbacks or ())
+        if (checkpoint_every is not None or resume) and checkpoint_dir is None:
+            raise ValueError("checkpoint_every and resume need checkpoint_dir")
+        if checkpoint_every is not None:
+            checkpoint_every = validation.check_positive_int("checkpoint_every", checkpoint_every)
+        keep_checkpoints = validation.check_positive_int("keep_checkpoints", keep_checkpoints)
         b, xp = self.backend, self.backend.xp
         with self._context():
             # The data set goes to the device once; batches are gathered there.
             X, T = self._prepare(X, y)
             val = self._prepare(*validation_data) if validation_data is not None else None
+            start = self._resume(checkpoint_dir, optimizer) if resume else None
             try:
                 optimizer._bind(self)  # its state allocated now, not after a step has begun
             except MemoryError:
@@ -401,29 +413,41 @@ class MLP:
             steps = -(-n // batch_size)
             if progress:
                 callbacks.append(ProgressBar(epochs, steps))
-            history = collections.defaultdict(list)
+            history = collections.defaultdict(list, start["history"] if start else {})
             # The epoch's [sum of batch losses * batch sizes, rows predicted right],
             # accumulated on the device: no host sync per step.
             running = b.zeros((2,), np.float64)
+            first_epoch, done_steps = (start["epoch"], start["step"]) if start else (0, 0)
             graphs = {} if graphs and b.supports_graphs else None
             self.stop_training = False
             self.optimizer, self._clip_norm = optimizer, clip_norm
             call(callbacks, "on_train_begin", self)
-            for epoch in range(epochs):
+            for epoch in range(first_epoch, epochs):
                 call(callbacks, "on_epoch_begin", self, epoch)
+                epoch_rng = self._shuffle_rng.bit_generator.state
                 # Drawn on the host from the model's seeded generator, so a seed gives
                 # the same batches on every device; one small copy per epoch.
                 order = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
                 order = b.asarray(order)
                 running.fill(0)
-                for s, start in enumerate(range(0, n, batch_size)):
-                    ws = self._workspace(min(batch_size, n - start))
-                    xp.copyto(ws.index, order[start:start + ws.batch])
+                if epoch == first_epoch and start:
+                    xp.copyto(running, b.asarray(np.array(start["running"], np.float64)))
+                for s, start_row in enumerate(range(0, n, batch_size)):
+                    if epoch == first_epoch and s < done_steps:
+                        continue  # done before the checkpoint this run resumed from
+                    ws = self._workspace(min(batch_size, n - start_row))
+                    xp.copyto(ws.index, order[start_row:start_row + ws.batch])
                     self._fit_step(ws, X, T, optimizer, running, graphs)
                     logs = {"batch_size": ws.batch}
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
-                        logs["loss"] = float(running[0]) / min(n, start + ws.batch)
+                        logs["loss"] = float(running[0]) / min(n, start_row + ws.batch)
                     call(callbacks, "on_batch_end", self, s, logs)
+                    if checkpoint_every and optimizer.steps % checkpoint_every == 0:
+                        optimizer._sync_steps()
+                        checkpoint.write(checkpoint_dir, self, optimizer, {
+                            "epoch": epoch, "step": s + 1, "rng": epoch_rng,
+                            "running": b.to_host(running).tolist(), "history": dict(history),
+                        }, keep_checkpoints)
                 optimizer._sync_steps()
                 logs = self._logs(running, n)
                 if val is not None:
@@ -436,6 +460,23 @@ class MLP:
             self._clip_norm = None
             call(callbacks, "on_train_end", self)
         return dict(history)
+
+    def _resume(self, directory, optimizer):
+        """Load the newest sound checkpoint in ``directory`` into the model and the
+        optimizer; its progress (see gpubackprop.checkpoint), or None if there is none."""
+        found = checkpoint.latest(directory)
+        if found is None:
+            return None
+        path, saved_optimizer, progress = found
+        from . import io
+
+        saved = io.load(path)
+        if saved.config() != self.config():
+            raise ValueError(f"{path} is a checkpoint of {saved!r}, not of this {self!r}")
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+        self.load_state_dict(saved.state_dict())
+        self._shuffle_rng.bit_generator.state = progress["rng"]
+        return progress
 
     def _fit_step(self, ws, X, T, optimizer, running, graphs):
         """One step on the rows ws.index of (X, T), eagerly or as a graph launch."""

@@ -1,0 +1,60 @@
+"""Crash-safe checkpoints for ``MLP.fit``: a run killed at any moment resumes to the
+same parameters, bit for bit, as a run never interrupted.
+
+A checkpoint is one model file (gpubackprop.io: safetensors, written atomically,
+with a SHA-256 of its tensors) holding the parameters, the optimizer's state and
+step count, and in its metadata where training stood:
+
+    epoch, step          the epoch, and the steps of it done
+    rng                  the shuffle generator's state at the start of that epoch
+                         (resuming draws the epoch's order again, then skips)
+    running              the epoch's running [loss sum, hits] so far
+    history              the finished epochs' metrics
+
+Dropout needs no state of its own: its masks are a function of the optimizer's
+step count (gpubackprop.dropout). Files are named by that count,
+ckpt-<steps>.safetensors; the newest ``keep`` are kept. Reading picks the newest
+file that parses and matches its checksum; a torn or altered one is skipped with
+a warning, never loaded.
+"""
+
+import glob
+import os
+import warnings
+
+from . import io
+
+PREFIX, SUFFIX = "ckpt-", ".safetensors"
+
+
+def path_for(directory, steps):
+    return os.path.join(directory, f"{PREFIX}{steps:010d}{SUFFIX}")
+
+
+def checkpoints(directory):
+    """The checkpoint files in ``directory``, oldest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(directory), f"{PREFIX}*{SUFFIX}")))
+
+
+def write(directory, model, optimizer, progress, keep):
+    """Save a checkpoint, then delete all but the newest ``keep`` (and any temporary
+    file a killed write left behind)."""
+    os.makedirs(directory, exist_ok=True)
+    io.save(model, path_for(directory, optimizer.steps), optimizer=optimizer, metadata={"checkpoint": progress})
+    for old in checkpoints(directory)[:-keep]:
+        os.unlink(old)
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{PREFIX}*.tmp")):
+        os.unlink(stale)
+
+
+def latest(directory):
+    """(model file, optimizer, progress) of the newest sound checkpoint, or None."""
+    for path in reversed(checkpoints(directory)):
+        try:
+            meta = io.load_metadata(path)
+            if not isinstance(meta, dict) or "checkpoint" not in meta:
+                raise ValueError("no checkpoint metadata")
+            return path, io.load_optimizer(path), meta["checkpoint"]
+        except ValueError as e:
+            warnings.warn(f"skipping checkpoint {path}: {e}", RuntimeWarning, stacklevel=2)
+    return None
