@@ -16,6 +16,7 @@ batch size; a step allocates nothing after the first of its size.
 
 import collections
 import contextlib
+import warnings
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from .losses import LOSSES
 from .optim import Adam, Optimizer
 from .callbacks import ProgressBar, call
 from .dropout import Dropout
+from .guard import POLICIES, Guard, describe
 
 _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
@@ -123,7 +125,7 @@ class MLP:
         self._compute_dtype = precision_modes.compute_dtype(precision, self.dtype)
         self.stop_training = False
         self.optimizer = None  # the last fit's
-        self._clip_norm = None  # during fit only
+        self._clip_norm = self._guard = None  # during fit only
         self._set_params(self._initial_params(np.random.default_rng(init_seq)))
 
     # ---- parameters -------------------------------------------------------------
@@ -352,11 +354,16 @@ class MLP:
         if self._scaler is not None:  # fp16: unscale, and skip the update if the gradients overflowed
             self._scaler.unscale_and_check(self._grads)
             found_inf = self._scaler.found_inf
+        elif self._guard is not None:  # skip a step with Inf / NaN gradients (see guard.py)
+            self._guard.check(self._grads)
+            found_inf = self._guard.flag
         if self._clip_norm is not None:
             self.backend.clip_by_global_norm(self._grads, self._clip_norm)
         optimizer._apply(self.backend, self._params, self._grads, found_inf=found_inf)
         if self._scaler is not None:
             self._scaler.update()
+        elif self._guard is not None:
+            self._guard.after_update(optimizer._steps_on_device)
         if self._low is not None:
             self.backend.cast_parameters(self._params, self._low)
         return loss
@@ -364,7 +371,8 @@ class MLP:
     # ---- training -------------------------------------------------------------------
     def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
             validation_data=None, progress=True, callbacks=None, graphs=True, clip_norm=None,
-            checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, resume=False):
+            checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, resume=False,
+            on_nonfinite="raise"):
         """Mini-batch training, reshuffled every epoch; returns the history.
 
         The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
@@ -380,6 +388,11 @@ class MLP:
         from the newest sound one there, to the same result, bit for bit on the
         CPU, as a run never interrupted (see gpubackprop.checkpoint).
 
+        A step whose gradients hold Inf or NaN is skipped on the device; then
+        ``on_nonfinite`` "raise" (FloatingPointError naming the step and tensors),
+        "skip" (warn and go on) or "restore" (the newest checkpoint, half the
+        learning rate): see gpubackprop.guard. The model never holds NaN.
+
         Where the backend captures graphs (CUDA), the second step of each batch
         size is captured whole (gathering the batch, forward, loss, backward,
         update) and every later step is one graph launch; ``graphs=False`` runs
@@ -391,8 +404,10 @@ class MLP:
         if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         callbacks = list(callbacks or ())
-        if (checkpoint_every is not None or resume) and checkpoint_dir is None:
-            raise ValueError("checkpoint_every and resume need checkpoint_dir")
+        if (checkpoint_every is not None or resume or on_nonfinite == "restore") and checkpoint_dir is None:
+            raise ValueError("checkpoint_every, resume and on_nonfinite='restore' need checkpoint_dir")
+        if on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
         if checkpoint_every is not None:
             checkpoint_every = validation.check_positive_int("checkpoint_every", checkpoint_every)
         keep_checkpoints = validation.check_positive_int("keep_checkpoints", keep_checkpoints)
@@ -421,6 +436,7 @@ class MLP:
             graphs = {} if graphs and b.supports_graphs else None
             self.stop_training = False
             self.optimizer, self._clip_norm = optimizer, clip_norm
+            self._guard = Guard(b) if self._scaler is None else None
             call(callbacks, "on_train_begin", self)
             for epoch in range(first_epoch, epochs):
                 call(callbacks, "on_epoch_begin", self, epoch)
@@ -441,6 +457,7 @@ class MLP:
                     logs = {"batch_size": ws.batch}
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
                         logs["loss"] = float(running[0]) / min(n, start_row + ws.batch)
+                        self._nonfinite(on_nonfinite, optimizer, checkpoint_dir)
                     call(callbacks, "on_batch_end", self, s, logs)
                     if checkpoint_every and optimizer.steps % checkpoint_every == 0:
                         optimizer._sync_steps()
@@ -448,6 +465,7 @@ class MLP:
                             "epoch": epoch, "step": s + 1, "rng": epoch_rng,
                             "running": b.to_host(running).tolist(), "history": dict(history),
                         }, keep_checkpoints)
+                self._nonfinite(on_nonfinite, optimizer, checkpoint_dir)
                 optimizer._sync_steps()
                 logs = self._logs(running, n)
                 if val is not None:
@@ -457,13 +475,21 @@ class MLP:
                 call(callbacks, "on_epoch_end", self, epoch, logs)
                 if self.stop_training:
                     break
-            self._clip_norm = None
+            self._clip_norm = self._guard = None
             call(callbacks, "on_train_end", self)
         return dict(history)
 
     def _resume(self, directory, optimizer):
         """Load the newest sound checkpoint in ``directory`` into the model and the
-        optimizer; its progress (see gpubackprop.checkpoint), or None if there is none."""
+        optimizer, and the shuffle state; its progress (see gpubackprop.checkpoint),
+        or None if there is none."""
+        progress = self._restore(directory, optimizer)
+        if progress is not None:
+            self._shuffle_rng.bit_generator.state = progress["rng"]
+        return progress
+
+    def _restore(self, directory, optimizer):
+        """Parameters and optimizer state from the newest sound checkpoint; its progress, or None."""
         found = checkpoint.latest(directory)
         if found is None:
             return None
@@ -475,8 +501,30 @@ class MLP:
             raise ValueError(f"{path} is a checkpoint of {saved!r}, not of this {self!r}")
         optimizer.load_state_dict(saved_optimizer.state_dict())
         self.load_state_dict(saved.state_dict())
-        self._shuffle_rng.bit_generator.state = progress["rng"]
         return progress
+
+    def _nonfinite(self, policy, optimizer, checkpoint_dir):
+        """Apply ``on_nonfinite`` to the steps the guard skipped since it last looked."""
+        if self._guard is None:
+            return
+        new, first = self._guard.poll()
+        if not new:
+            return
+        what = f"{new} step(s) had non-finite gradients, the first at step {first + 1}"
+        if policy == "raise":
+            raise FloatingPointError(
+                f"{what}: {describe(self._named(self._grads))}. Those updates were skipped, so the model holds its "
+                "last finite parameters. Lower the learning rate, clip gradients (fit(clip_norm=...)), check the "
+                "data, or pass on_nonfinite='skip' or 'restore'")
+        if policy == "restore":
+            if self._restore(checkpoint_dir, optimizer) is None:
+                raise FloatingPointError(f"{what}, and {checkpoint_dir} holds no checkpoint to restore; "
+                                         "set checkpoint_every")
+            optimizer.lr = optimizer.lr / 2
+            what += f"; restored the newest checkpoint and halved the learning rate to {optimizer.lr:g}"
+        else:
+            what += "; their updates were skipped"
+        warnings.warn(what, RuntimeWarning, stacklevel=3)
 
     def _fit_step(self, ws, X, T, optimizer, running, graphs):
         """One step on the rows ws.index of (X, T), eagerly or as a graph launch."""

@@ -161,7 +161,8 @@ class Backend:
 
     # The optimizers read the step count t from ``steps`` (a (1,) uint32 array on
     # this device: steps done so far) and store t there, so that a replayed graph
-    # counts too. With ``found_inf`` (mixed precision only) set, they skip the step.
+    # counts too. With ``found_inf`` set (fp16 overflow, or the divergence guard),
+    # they skip the step.
     def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
                    found_inf=None):
         raise NotImplementedError
@@ -173,6 +174,14 @@ class Backend:
     def clip_by_global_norm(self, g, max_norm):
         """g *= min(1, max_norm / (||g||_2 + 1e-6)) over the whole flat gradient buffer
         (torch.nn.utils.clip_grad_norm_)."""
+        raise NotImplementedError
+
+    def flag_nonfinite(self, g, flag):
+        """flag[0] = 1 if any of g is Inf or NaN (the divergence guard)."""
+        raise NotImplementedError
+
+    def count_nonfinite(self, flag, count, first_bad, steps):
+        """After the update: if flag[0], count[0] += 1 (first_bad[0] = steps[0] on the first); clear flag."""
         raise NotImplementedError
 
     def capture(self, fn):

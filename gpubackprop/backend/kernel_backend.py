@@ -25,6 +25,7 @@ Per primitive, with the kernel that does it:
     sgd_update, adam_update   one launch over the flat parameter buffer
                      (the step count lives on the device)
     clip_by_global_norm       sum_of_squares, then clip_to_norm
+    flag_nonfinite, count_nonfinite   the divergence guard
     cast_parameters, unscale_and_check, update_loss_scale   mixed precision
 
 ``capture(fn)`` records fn's launches and GEMMs as a graph to replay: on the GPU
@@ -69,6 +70,7 @@ SOURCES = {
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
     "loss.cu": [instance(k, t) for k in ("softmax_cross_entropy", "mean_squared_error") for t in CTYPES],
     "optimizers.cu": [instance(k, t) for k in ("sgd_update", "adam_update") for t in ("float32", "float64")],
+    "nonfinite.cu": [instance("flag_nonfinite", t) for t in ("float32", "float64")] + ["count_nonfinite"],
     "clipping.cu": [instance(k, t) for k in ("sum_of_squares", "clip_to_norm") for t in ("float32", "float64")],
     "mixed_precision.cu": [instance("cast_parameters", t) for t in LOW_PRECISION]
     + ["unscale_and_check", "update_loss_scale"],
@@ -277,6 +279,12 @@ class KernelBackend(NumpyBackend):
         self._launch("sum_of_squares", g.dtype, (), grid, (self.BLOCK,),
                      (g, np.int64(g.size), self._scratch(g.dtype, 2 * grid[0]), self._counter(1), norm_sq))
         self._launch("clip_to_norm", g.dtype, (), grid, (self.BLOCK,), (g, np.int64(g.size), norm_sq, compute(max_norm)))
+
+    def flag_nonfinite(self, g, flag):
+        self._launch("flag_nonfinite", g.dtype, (), self._grid_1d(g.size), (self.BLOCK,), (g, np.int64(g.size), flag))
+
+    def count_nonfinite(self, flag, count, first_bad, steps):
+        self._launch("count_nonfinite", None, (), (1,), (32,), (flag, count, first_bad, steps))
 
     # ---- mixed precision (kernels/mixed_precision.cu) ---------------------------------------
     def cast_parameters(self, p, low):

@@ -96,10 +96,22 @@ class NumpyBackend(Backend):
         if coef < 1.0:
             self.xp.multiply(g, coef, out=g)
 
+    def flag_nonfinite(self, g, flag):
+        if not self.xp.isfinite(g).all():
+            flag[0] = 1
+
+    def count_nonfinite(self, flag, count, first_bad, steps):
+        if flag[0]:
+            if count[0] == 0:
+                first_bad[0] = steps[0]
+            count[0] += 1
+        flag[0] = 0
+
     # ---- optimizers (maths in gpubackprop.optim) --------------------------------
     def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
                    found_inf=None):
-        _full_precision_only(found_inf)
+        if found_inf is not None and found_inf[0]:
+            return  # the divergence guard found Inf / NaN in g: skip, step count included
         xp = self.xp
         first = steps[0] == 0
         steps[0] += 1
@@ -130,7 +142,8 @@ class NumpyBackend(Backend):
 
     def adam_update(self, p, g, m, v, scratch, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled,
                     found_inf=None):
-        _full_precision_only(found_inf)
+        if found_inf is not None and found_inf[0]:
+            return
         xp = self.xp
         steps[0] += 1
         step = int(steps[0])
