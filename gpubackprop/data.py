@@ -33,6 +33,7 @@ import csv
 import gzip
 import math
 import os
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -142,6 +143,11 @@ def _labels(y):
 
 
 # ---- npz ----------------------------------------------------------------------------------
+# What a damaged zip member can raise while it is read; NotImplementedError is
+# zipfile's answer to a compression method it does not know (found by fuzzing).
+_ZIP_ERRORS = (OSError, EOFError, zlib.error, NotImplementedError)
+
+
 def _load_npz(path):
     _check_npz_headers(path)
     try:
@@ -150,7 +156,7 @@ def _load_npz(path):
             pair = next(((kx, ky) for kx, ky in NPZ_KEYS if kx in keys and ky in keys), None)
             if pair is not None:
                 X, y = data[pair[0]], data[pair[1]]
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    except (ValueError, zipfile.BadZipFile) + _ZIP_ERRORS as e:
         raise ValueError(f"{path} could not be read as an .npz file ({type(e).__name__}: {e})") from None
     if pair is None:
         wanted = ", ".join(f"{a}/{b}" for a, b in NPZ_KEYS)
@@ -168,7 +174,7 @@ def _check_npz_headers(path):
                         _check_npy_header(path, info.filename[:-4], f, info.file_size)
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path} is not an .npz file (not a valid zip archive: {e})") from None
-    except (OSError, EOFError, zlib.error) as e:
+    except _ZIP_ERRORS as e:
         raise ValueError(f"{path} could not be read as an .npz file ({type(e).__name__}: {e})") from None
 
 
@@ -185,7 +191,9 @@ def _check_npy_header(path, key, f, size):
             shape, _, dtype = fmt.read_array_header_2_0(f)
         else:
             return  # a newer header version: np.load checks it
-    except (ValueError, EOFError) as e:
+    # NumPy parses the header with the tokenizer and ast.literal_eval: a damaged one
+    # can raise their errors too (found by fuzzing).
+    except (ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError, RecursionError) as e:
         if key is None:
             raise ValueError(f"{path} is not a .npy file ({e}); write arrays with np.save") from None
         raise ValueError(f"{what} has a malformed .npy header ({e})") from None
@@ -256,6 +264,9 @@ def _load_csv(path, label_column=None):
         raise ValueError(f"{path} holds no data rows")
     if table.shape[1] < 2:
         raise ValueError(f"{path} has {table.shape[1]} column; it needs feature columns and a label column")
+    if table.shape[1] != len(first):  # found by fuzzing: a header wider than the rows
+        raise ValueError(f"{path}: the {'header' if header else 'first row'} has {len(first)} columns but the "
+                         f"data rows have {table.shape[1]}; every row needs the same columns")
     if not np.isfinite(table).all():
         row = int(np.argwhere(~np.isfinite(table))[0, 0])
         _csv_find_error(path, header)

@@ -13,6 +13,11 @@ anyway (every 16 steps and at each epoch's end) and applies its policy,
     "restore"   load the newest checkpoint (checkpoint_dir), halve the learning
                 rate, go on
 
+An update can also overflow by itself: finite gradients times a huge learning
+rate. The parameters are checked after each update too; that cannot be undone
+(the step has been applied), so it raises under "raise" and "skip" alike, and
+restores under "restore".
+
 fp16 training has this built in: its loss scaler skips overflowing steps and
 shrinks the scale, which is how fp16 finds its range, so the guard stands aside.
 """
@@ -22,25 +27,41 @@ import numpy as np
 POLICIES = ("raise", "skip", "restore")
 
 
+class _Counter:
+    """A device flag, the count of steps it was raised in, and the first such step."""
+
+    def __init__(self, backend):
+        self.flag, self.count, self.first = (backend.zeros((1,), np.uint32) for _ in range(3))
+        self.seen = 0
+
+
 class Guard:
     def __init__(self, backend):
         self.backend = backend
-        self.flag = backend.zeros((1,), np.uint32)
-        self.count = backend.zeros((1,), np.uint32)
-        self.first_bad = backend.zeros((1,), np.uint32)
-        self.seen = 0
+        self.grads, self.params = _Counter(backend), _Counter(backend)
+
+    @property
+    def flag(self):
+        """Set when this step's gradients are not finite: the optimizer skips the step."""
+        return self.grads.flag
 
     def check(self, grads):
-        self.backend.flag_nonfinite(grads, self.flag)
+        self.backend.flag_nonfinite(grads, self.grads.flag)
 
-    def after_update(self, steps):
-        self.backend.count_nonfinite(self.flag, self.count, self.first_bad, steps)
+    def after_update(self, params, steps):
+        self.backend.flag_nonfinite(params, self.params.flag)
+        for c in (self.grads, self.params):
+            self.backend.count_nonfinite(c.flag, c.count, c.first, steps)
 
     def poll(self):
-        """(steps skipped since the last poll, the step count at the first ever) (a host sync)."""
-        count = int(self.backend.to_host(self.count)[0])
-        new, self.seen = count - self.seen, count
-        return new, int(self.backend.to_host(self.first_bad)[0])
+        """For the gradients and for the parameters: (steps flagged since the last poll,
+        the step count at the first ever) (a host sync)."""
+        result = []
+        for c in (self.grads, self.params):
+            count = int(self.backend.to_host(c.count)[0])
+            new, c.seen = count - c.seen, count
+            result.append((new, int(self.backend.to_host(c.first)[0])))
+        return result
 
 
 def describe(named_grads):

@@ -363,7 +363,7 @@ class MLP:
         if self._scaler is not None:
             self._scaler.update()
         elif self._guard is not None:
-            self._guard.after_update(optimizer._steps_on_device)
+            self._guard.after_update(self._params, optimizer._steps_on_device)
         if self._low is not None:
             self.backend.cast_parameters(self._params, self._low)
         return loss
@@ -507,10 +507,17 @@ class MLP:
         """Apply ``on_nonfinite`` to the steps the guard skipped since it last looked."""
         if self._guard is None:
             return
-        new, first = self._guard.poll()
+        (new, first), (overflowed, first_overflow) = self._guard.poll()
+        if overflowed:
+            what = (f"the update of step {first_overflow} made parameters non-finite "
+                    f"({describe(self.state_dict())}) from finite gradients: the learning rate is too high")
+            if policy != "restore":
+                raise FloatingPointError(f"{what}. An applied update cannot be skipped; lower the learning rate, "
+                                         "or fit(on_nonfinite='restore', checkpoint_dir=...)")
+            new, first = max(new, 1), first_overflow - 1
         if not new:
             return
-        what = f"{new} step(s) had non-finite gradients, the first at step {first + 1}"
+        what = f"{new} step(s) had non-finite gradients or updates, the first at step {first + 1}"
         if policy == "raise":
             raise FloatingPointError(
                 f"{what}: {describe(self._named(self._grads))}. Those updates were skipped, so the model holds its "

@@ -70,3 +70,11 @@ def test_policy_and_its_needs_are_checked(rng):
         model.fit(X, y, on_nonfinite="ignore", progress=False)
     with pytest.raises(ValueError, match="need checkpoint_dir"):
         model.fit(X, y, on_nonfinite="restore", progress=False)
+
+
+def test_an_update_that_overflows_by_itself_raises(device, rng):
+    X, y = random_batch(rng, [6, 10, 3], "cross_entropy", 16)
+    X *= 1e4  # finite gradients in the thousands, times the learning rate below: past float32's 3.4e38
+    model = gb.MLP([6, 10, 3], seed=0, device=device)
+    with pytest.raises(FloatingPointError, match="the update of step 1 made parameters non-finite.*too high"):
+        model.fit(X, y, epochs=1, batch_size=16, optimizer=gb.optim.SGD(1e38), progress=False, on_nonfinite="skip")
