@@ -309,6 +309,20 @@ class MLP:
                                       "pass fewer rows at a time (fit on a subset, or call train_step per batch)") from None
         return X, T
 
+    def _prepare_streamed(self, X, y):
+        """A memory-mapped X checked in chunks (shape, dtype, finiteness) without being
+        read whole, and the targets on the device."""
+        if X.ndim != 2 or X.shape[1] != self.sizes[0] or X.shape[0] == 0:
+            raise ValueError(f"X has shape {X.shape}; the model needs (n > 0, {self.sizes[0]})")
+        if X.dtype.kind not in "biuf":
+            raise TypeError(f"X has dtype {X.dtype}; it must be numeric")
+        rows = max(1, (16 << 20) // max(1, X.shape[1] * X.itemsize))  # 16 MiB at a time
+        for start in range(0, X.shape[0], rows):
+            if X.dtype.kind == "f" and not np.isfinite(X[start:start + rows]).all():
+                raise ValueError(f"X contains NaN or Inf (rows {start} to {start + rows}); clean or impute them")
+        T = validation.check_targets(y, X.shape[0], self.loss, self.sizes[-1], self.dtype, self.backend)
+        return X, self._to_compute(T, "the targets")
+
     def _to_compute(self, A, name):
         if A.dtype == self._compute_dtype:
             return A
@@ -413,8 +427,14 @@ class MLP:
         keep_checkpoints = validation.check_positive_int("keep_checkpoints", keep_checkpoints)
         b, xp = self.backend, self.backend.xp
         with self._context():
-            # The data set goes to the device once; batches are gathered there.
-            X, T = self._prepare(X, y)
+            # The data set goes to the device once and batches are gathered there; a
+            # memory-mapped X stays on disk and each batch's rows are read as needed.
+            if isinstance(X, np.memmap):
+                X_disk, T = self._prepare_streamed(X, y)
+                X = X_disk
+            else:
+                X_disk = None
+                X, T = self._prepare(X, y)
             val = self._prepare(*validation_data) if validation_data is not None else None
             start = self._resume(checkpoint_dir, optimizer) if resume else None
             try:
@@ -443,8 +463,8 @@ class MLP:
                 epoch_rng = self._shuffle_rng.bit_generator.state
                 # Drawn on the host from the model's seeded generator, so a seed gives
                 # the same batches on every device; one small copy per epoch.
-                order = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
-                order = b.asarray(order)
+                order_host = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
+                order = b.asarray(order_host)
                 running.fill(0)
                 if epoch == first_epoch and start:
                     xp.copyto(running, b.asarray(np.array(start["running"], np.float64)))
@@ -453,7 +473,10 @@ class MLP:
                         continue  # done before the checkpoint this run resumed from
                     ws = self._workspace(min(batch_size, n - start_row))
                     xp.copyto(ws.index, order[start_row:start_row + ws.batch])
-                    self._fit_step(ws, X, T, optimizer, running, graphs)
+                    if X_disk is not None:
+                        rows = order_host[start_row:start_row + ws.batch]
+                        xp.copyto(ws.a[0], b.asarray(self._to_compute(np.asarray(X_disk[rows], self.dtype), "X")))
+                    self._fit_step(ws, None if X_disk is not None else X, T, optimizer, running, graphs)
                     logs = {"batch_size": ws.batch}
                     if s % 16 == 15:  # reading the loss is a device sync: not every step
                         logs["loss"] = float(running[0]) / min(n, start_row + ws.batch)
@@ -538,7 +561,8 @@ class MLP:
         b = self.backend
 
         def step():
-            b.gather_rows(X, ws.index, ws.a[0])
+            if X is not None:  # else fit has read the batch from a memory-mapped X already
+                b.gather_rows(X, ws.index, ws.a[0])
             b.gather_rows(T, ws.index, ws.target)
             self._step(ws, optimizer, running)
 

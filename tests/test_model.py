@@ -306,3 +306,25 @@ def test_precision_is_checked_saved_and_loaded(tmp_path):
     path = str(tmp_path / "m.safetensors")
     gb.MLP([3, 2], precision="tf32").save(path)
     assert gb.load(path).precision == "tf32" and "precision='tf32'" in repr(gb.load(path))
+
+
+def test_a_memory_mapped_data_set_trains_like_one_in_memory_without_being_read_whole(tmp_path, rng):
+    import tracemalloc
+
+    n, d = 20000, 500  # 40 MB of float32 on disk
+    X = np.lib.format.open_memmap(tmp_path / "X.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    for start in range(0, n, 5000):
+        X[start:start + 5000] = rng.standard_normal((5000, d), dtype=np.float32)
+    X.flush()
+    y = rng.integers(0, 10, n)
+    X = np.load(tmp_path / "X.npy", mmap_mode="r")
+    settings = dict(epochs=1, batch_size=500, optimizer=None, progress=False)
+    streamed = gb.MLP([d, 16, 10], seed=0)
+    tracemalloc.start()
+    h_streamed = streamed.fit(X, y, **settings)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20  # far under X's 40 MB: batches and a 16 MiB chunk's finiteness mask at a time
+    in_memory = gb.MLP([d, 16, 10], seed=0)
+    assert in_memory.fit(np.array(X), y, **settings) == h_streamed
+    assert_same_params(in_memory.state_dict(), streamed.state_dict())

@@ -503,3 +503,17 @@ def test_dropout_fit_is_the_same_on_the_kernels_graphed_and_eager(kernel_backend
     for k in runs["cpu"][1]:
         np.testing.assert_array_equal(runs["graph"][1][k], runs["eager"][1][k], err_msg=k)
         np.testing.assert_allclose(runs["graph"][1][k], runs["cpu"][1][k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_memory_mapped_data_trains_like_device_data(kernel_backend, rng, tmp_path):
+    """The streamed path (rows read per batch, the rest of the step captured) equals
+    the device-resident one."""
+    X, y = random_batch(rng, [9, 17, 3], "cross_entropy", 120)
+    np.save(tmp_path / "X.npy", X.astype(np.float32))
+    runs = []
+    for data in (np.load(tmp_path / "X.npy", mmap_mode="r"), X.astype(np.float32)):
+        m = gb.MLP([9, 17, 3], seed=2, device=kernel_backend)
+        runs.append((m.fit(data, y, epochs=2, batch_size=16, progress=False), m.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k in runs[1][1]:
+        np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k], err_msg=k)
