@@ -243,11 +243,14 @@ class MLP:
     def _workspace(self, batch):
         ws = self._workspaces.pop(batch, None)
         if ws is None:
+            need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize, self.dropout > 0)
+            free = self.backend.free_bytes()
             try:
+                if free is not None and need > free:  # say so before trying, not after a failed allocation
+                    raise MemoryError
                 with self.backend.context():
                     ws = _Workspace(self.backend, self.sizes, self._act, batch, self._compute_dtype, self.dropout > 0)
             except MemoryError:
-                need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize, self.dropout > 0)
                 raise self._out_of_memory(f"the buffers of a batch of {batch} rows", need, "use a smaller batch_size") from None
             while len(self._workspaces) >= _WORKSPACES_KEPT:
                 self._workspaces.popitem(last=False)

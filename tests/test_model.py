@@ -328,3 +328,16 @@ def test_a_memory_mapped_data_set_trains_like_one_in_memory_without_being_read_w
     in_memory = gb.MLP([d, 16, 10], seed=0)
     assert in_memory.fit(np.array(X), y, **settings) == h_streamed
     assert_same_params(in_memory.state_dict(), streamed.state_dict())
+
+
+def test_a_batch_beyond_the_free_memory_is_refused_before_allocating(rng):
+    backend = _OutOfMemoryBackend(limit=10**9)
+    backend.free_bytes = lambda: 50_000
+    allocations = []
+    empty = backend.empty
+    backend.empty = lambda shape, dtype: allocations.append(shape) or empty(shape, dtype)
+    model = gb.MLP([64, 256, 10], seed=0, device=backend)
+    allocations.clear()
+    with pytest.raises(gb.OutOfMemoryError, match=r"batch of 100 rows: 0\.\d MiB needed, 0\.0 MiB free"):
+        model.train_step(*random_batch(rng, [64, 256, 10], "cross_entropy", 100), gb.optim.SGD(0.1))
+    assert allocations == []
