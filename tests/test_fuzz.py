@@ -142,3 +142,35 @@ def test_mutated_files_load_or_fail_cleanly(kind, tmp_path, rng):
             assert str(e), f"{type(e).__name__} without a message"
             clean += 1
     assert tried == 120 * SCALE and clean > 0  # the mutations did break files, and nothing crashed
+
+
+# ---- the fuzzer's findings, kept as regression tests ------------------------------------
+def test_a_csv_header_wider_than_its_rows(tmp_path):
+    path = tmp_path / "wide.csv"
+    path.write_text("a,b,c,d,label\n1,2,0\n3,4,1\n")
+    with pytest.raises(ValueError, match="the header has 5 columns but the data rows have 3"):
+        data.load_dataset(str(path))
+
+
+def test_a_npy_header_numpy_cannot_parse(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(3))
+    blob = bytearray((tmp_path / "x.npy").read_bytes())
+    blob[20:24] = b"\xd7(\x00{"  # inside the header's dict literal
+    (tmp_path / "x.npy").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="not a .npy file"):
+        data.load_dataset(str(tmp_path / "x.npy"), labels=str(tmp_path / "y.npy"))
+
+
+def test_an_npz_member_with_an_unknown_compression_method(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, X=np.zeros((3, 2)), y=np.arange(3))
+    blob = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers
+        at = blob.find(signature)
+        while at != -1:
+            blob[at + offset:at + offset + 2] = (99).to_bytes(2, "little")
+            at = blob.find(signature, at + 4)
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="could not be read as an .npz file"):
+        data.load_dataset(str(path))
