@@ -126,28 +126,37 @@ __device__ __forceinline__ bool arrived_last(unsigned* counter, unsigned expecte
     return last;
 }
 
-// Two sums over a 1-D grid, each of one value per warp (every lane of a warp
-// holds it); the last block stores *out = a_total * scale and, when running is
-// given, adds to the running totals: running[0] += *out * rows (as rounded to
-// T, the same bits the caller sees) and running[1] += b_total. partials holds
-// 2 * gridDim.x values. Blocks hold whole warps.
-template <typename C, typename T>
-__device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, C scale, double* running, int rows) {
+// Adds (a, b) over the block's warps, one value per warp (held by every lane), in
+// warp order; the totals are valid in thread 0. Blocks hold whole warps.
+template <typename C> __device__ __forceinline__ void sum_warps(C& a, C& b) {
     __shared__ C per_warp[2][32];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();  // a previous call's reads of per_warp are done
     if (lane == 0) {
         per_warp[0][warp] = a;
         per_warp[1][warp] = b;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        C sa = C(0), sb = C(0);
+        a = b = C(0);
         for (unsigned w = 0; w < warps; ++w) {
-            sa += per_warp[0][w];
-            sb += per_warp[1][w];
+            a += per_warp[0][w];
+            b += per_warp[1][w];
         }
-        partials[blockIdx.x] = sa;
-        partials[gridDim.x + blockIdx.x] = sb;
+    }
+}
+
+// Two sums over a 1-D grid, each of one value per warp (every lane of a warp
+// holds it); the last block stores *out = a_total * scale and, when running is
+// given, adds to the running totals: running[0] += *out * rows (as rounded to
+// T, the same bits the caller sees) and running[1] += b_total. partials holds
+// 2 * gridDim.x values.
+template <typename C, typename T>
+__device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, C scale, double* running, int rows) {
+    sum_warps(a, b);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = a;
+        partials[gridDim.x + blockIdx.x] = b;
     }
     if (!arrived_last(counter, gridDim.x)) return;
     const volatile C* done = partials;  // written by other blocks: not from a stale cache
@@ -158,21 +167,12 @@ __device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, 
     }
     sa = warp_sum(sa);
     sb = warp_sum(sb);
-    if (lane == 0) {
-        per_warp[0][warp] = sa;
-        per_warp[1][warp] = sb;
-    }
-    __syncthreads();
+    sum_warps(sa, sb);
     if (threadIdx.x == 0) {
-        C ta = C(0), tb = C(0);
-        for (unsigned w = 0; w < warps; ++w) {
-            ta += per_warp[0][w];
-            tb += per_warp[1][w];
-        }
-        st(out, ta * scale);
+        st(out, sa * scale);
         if (running) {
             running[0] += (double)ld(out) * rows;
-            running[1] += (double)tb;
+            running[1] += (double)sb;
         }
     }
 }

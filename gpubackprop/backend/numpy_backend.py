@@ -76,7 +76,8 @@ class NumpyBackend(Backend):
         return mask.astype(like.dtype) * like.dtype.type(spec.scale)
 
     def loss(self, name, z, y, delta, out, running, scratch, loss_scale=None):
-        _full_precision_only(loss_scale)
+        if loss_scale is not None:
+            raise NotImplementedError("the NumPy backend computes in float32 / float64 only, without loss scaling")
         xp = self.xp
         row, pred, label, hit = scratch
         out[...] = losses.get_loss(name)(xp, z, y, delta, row)
@@ -172,7 +173,3 @@ class NumpyBackend(Backend):
         xp.multiply(d, lr / (1.0 - beta1**step), out=d)
         xp.subtract(p, d, out=p)
 
-
-def _full_precision_only(mixed_precision_argument):
-    if mixed_precision_argument is not None:
-        raise NotImplementedError("the NumPy backend computes in float32 / float64 only, without loss scaling")
