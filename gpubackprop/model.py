@@ -313,16 +313,8 @@ class MLP:
         return X, T
 
     def _prepare_streamed(self, X, y):
-        """A memory-mapped X checked in chunks (shape, dtype, finiteness) without being
-        read whole, and the targets on the device."""
-        if X.ndim != 2 or X.shape[1] != self.sizes[0] or X.shape[0] == 0:
-            raise ValueError(f"X has shape {X.shape}; the model needs (n > 0, {self.sizes[0]})")
-        if X.dtype.kind not in "biuf":
-            raise TypeError(f"X has dtype {X.dtype}; it must be numeric")
-        rows = max(1, (16 << 20) // max(1, X.shape[1] * X.itemsize))  # 16 MiB at a time
-        for start in range(0, X.shape[0], rows):
-            if X.dtype.kind == "f" and not np.isfinite(X[start:start + rows]).all():
-                raise ValueError(f"X contains NaN or Inf (rows {start} to {start + rows}); clean or impute them")
+        """A memory-mapped X checked without being read whole, and the targets on the device."""
+        X = validation.check_X_on_disk(X, self.sizes[0])
         T = validation.check_targets(y, X.shape[0], self.loss, self.sizes[-1], self.dtype, self.backend)
         return X, self._to_compute(T, "the targets")
 

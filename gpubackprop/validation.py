@@ -37,7 +37,7 @@ def check_positive_int(name, value, minimum=1):
 
 
 def _as_numeric(name, x, backend):
-    if backend.is_native(x) or isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray) or (backend is not None and backend.is_native(x)):
         arr = x
     elif hasattr(x, "__cuda_array_interface__"):
         # A GPU array of another library (PyTorch, JAX, Numba): the CUDA backend
@@ -63,9 +63,7 @@ def _check_finite(name, arr, xp):
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean or impute them before training")
 
 
-def check_X(X, n_features, dtype, backend):
-    """X as a finite (n, n_features) array of ``dtype`` on ``backend``."""
-    arr = _as_numeric("X", X, backend)
+def _check_X_shape(arr, n_features):
     if arr.ndim != 2:
         hint = "; for one sample use X.reshape(1, -1)" if arr.ndim == 1 else ""
         raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {arr.shape}{hint}")
@@ -73,9 +71,26 @@ def check_X(X, n_features, dtype, backend):
         raise ValueError("X is empty (0 samples)")
     if arr.shape[1] != n_features:
         raise ValueError(f"X has {arr.shape[1]} features but the model's input size is {n_features}")
+
+
+def check_X(X, n_features, dtype, backend):
+    """X as a finite (n, n_features) array of ``dtype`` on ``backend``."""
+    arr = _as_numeric("X", X, backend)
+    _check_X_shape(arr, n_features)
     arr = backend.asarray(arr, dtype=dtype)
     _check_finite("X", arr, backend.xp)
     return arr
+
+
+def check_X_on_disk(X, n_features, chunk_bytes=16 << 20):
+    """The checks of check_X on a memory-mapped X, read ``chunk_bytes`` at a time
+    (never whole, and never copied off the disk)."""
+    _as_numeric("X", X, None)
+    _check_X_shape(X, n_features)
+    rows = max(1, chunk_bytes // (X.shape[1] * X.itemsize))
+    for start in range(0, X.shape[0], rows):
+        _check_finite("X", X[start:start + rows], np)
+    return X
 
 
 def check_targets(y, n, loss, n_out, dtype, backend):

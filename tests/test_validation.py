@@ -162,3 +162,15 @@ def test_load_state_dict_checks_everything_first(rng):
         with pytest.raises(error, match=message):
             model.load_state_dict(sd)
         assert_same_params(params_of(model), before)
+
+
+def test_a_memory_mapped_X_gets_check_Xs_errors(tmp_path):
+    from gpubackprop import validation
+
+    X = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(40, 3))
+    X[:] = 1.0
+    X[37, 1] = np.nan
+    with pytest.raises(ValueError, match="X has 3 features but the model's input size is 4"):
+        validation.check_X_on_disk(X, 4)
+    with pytest.raises(ValueError, match=r"X contains 1 NaN or Inf value\(s\)"):
+        validation.check_X_on_disk(X, 3, chunk_bytes=24)  # the bad row in a later chunk
