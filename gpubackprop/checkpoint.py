@@ -48,13 +48,13 @@ def write(directory, model, optimizer, progress, keep):
 
 
 def latest(directory):
-    """(model file, optimizer, progress) of the newest sound checkpoint, or None."""
+    """(path, model on the CPU, optimizer, progress) of the newest sound checkpoint, or None."""
     for path in reversed(checkpoints(directory)):
         try:
-            meta = io.load_metadata(path)
-            if not isinstance(meta, dict) or "checkpoint" not in meta:
-                raise ValueError("no checkpoint metadata")
-            return path, io.load_optimizer(path), meta["checkpoint"]
+            model, optimizer, meta = io.load_all(path)
+            if optimizer is None or not isinstance(meta, dict) or "checkpoint" not in meta:
+                raise ValueError("no checkpoint metadata or optimizer state")
+            return path, model, optimizer, meta["checkpoint"]
         except ValueError as e:
             warnings.warn(f"skipping checkpoint {path}: {e}", RuntimeWarning, stacklevel=2)
     return None

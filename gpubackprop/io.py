@@ -104,9 +104,34 @@ def _json(meta, key, path):
 
 def load(path, device="cpu"):
     """The MLP saved at ``path``, on ``device``."""
+    meta, tensors = _read(path)
+    return _model(meta, tensors, path, device)
+
+
+def load_optimizer(path):
+    """The optimizer saved beside the model at ``path`` by ``model.save(path, optimizer=...)``."""
+    meta, tensors = _read(path)
+    if "optimizer" not in meta:
+        raise ValueError(f"{path} holds no optimizer state; save it with model.save(path, optimizer=opt)")
+    return _optimizer(meta, tensors, path)
+
+
+def load_metadata(path):
+    """The ``metadata`` passed to ``save`` (None if there was none)."""
+    meta, _ = _read(path)
+    return _metadata(meta, path)
+
+
+def load_all(path, device="cpu"):
+    """(model, optimizer or None, metadata or None) from one read of ``path``."""
+    meta, tensors = _read(path)
+    optimizer = _optimizer(meta, tensors, path) if "optimizer" in meta else None
+    return _model(meta, tensors, path, device), optimizer, _metadata(meta, path)
+
+
+def _model(meta, tensors, path, device):
     from .model import MLP
 
-    meta, tensors = _read(path)
     config = _json(meta, "config", path)
     # precision and dropout arrived after version 1's first files: optional (float32, 0).
     if not isinstance(config, dict) or not {"sizes", "activation", "loss", "dtype"} <= set(config) <= {
@@ -118,19 +143,13 @@ def load(path, device="cpu"):
     return model
 
 
-def load_optimizer(path):
-    """The optimizer saved beside the model at ``path`` by ``model.save(path, optimizer=...)``."""
+def _optimizer(meta, tensors, path):
     from . import optim
 
-    meta, tensors = _read(path)
-    if "optimizer" not in meta:
-        raise ValueError(f"{path} holds no optimizer state; save it with model.save(path, optimizer=opt)")
     state = _json(meta, "optimizer", path)
     state["state"] = {k[len(_OPT):]: v for k, v in tensors.items() if k.startswith(_OPT)}
     return optim.from_state_dict(state)
 
 
-def load_metadata(path):
-    """The ``metadata`` passed to ``save`` (None if there was none)."""
-    meta, _ = _read(path)
+def _metadata(meta, path):
     return _json(meta, "user", path) if "user" in meta else None

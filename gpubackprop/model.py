@@ -511,10 +511,7 @@ class MLP:
         found = checkpoint.latest(directory)
         if found is None:
             return None
-        path, saved_optimizer, progress = found
-        from . import io
-
-        saved = io.load(path)
+        path, saved, saved_optimizer, progress = found
         if saved.config() != self.config():
             raise ValueError(f"{path} is a checkpoint of {saved!r}, not of this {self!r}")
         optimizer.load_state_dict(saved_optimizer.state_dict())

@@ -113,7 +113,7 @@ def test_torn_and_altered_checkpoints_are_skipped_with_a_warning(tmp_path, rng):
     data[-3] ^= 0xFF  # altered: a flipped bit in the tensors
     open(files[-2], "wb").write(bytes(data))
     with pytest.warns(RuntimeWarning) as caught:
-        path, optimizer, progress = checkpoint.latest(str(tmp_path))
+        path, _, optimizer, progress = checkpoint.latest(str(tmp_path))
     assert path == files[-3] and optimizer.steps == 2 and progress["step"] == 2
     messages = " ".join(str(w.message) for w in caught)
     assert "not a readable safetensors file" in messages and "checksum" in messages
