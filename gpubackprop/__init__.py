@@ -11,6 +11,7 @@ from .backend import DeviceUnavailableError, OutOfMemoryError, get_backend
 from .gradcheck import gradcheck
 from .io import load, load_metadata, load_optimizer
 from .model import MLP
+from .trace import trace
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "optim", "gradcheck", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]
+__all__ = ["MLP", "optim", "gradcheck", "trace", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]
