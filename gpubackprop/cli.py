@@ -4,6 +4,7 @@
     gpubackprop train --dataset mnist5k --hidden 128 --device auto   (needs gpubackprop[mnist])
     gpubackprop train --dataset data.csv --label-column species --scale minmax
     gpubackprop bench bench/results/gpu-2026-11-22.json   (a bar chart of a benchmark run)
+    gpubackprop explain --sizes 4 2 2 1 --seed 0   (one training step, every number shown)
     gpubackprop info
 
 ``train`` writes <out>/model.safetensors (model and optimizer state, with the
@@ -21,7 +22,7 @@ import numpy as np
 
 import gpubackprop as gb
 
-from . import data, plots
+from . import data, plots, validation
 from .io import atomic_write
 from .activations import ACTIVATIONS
 from .precision import PRECISIONS
@@ -29,6 +30,7 @@ from .precision import PRECISIONS
 OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
 SCALINGS = ("standard", "minmax", "none")
 PIXELS = ("digits", "mnist5k", "idx")  # features already in [0, 1]: not scaled by default
+EXPLAIN_MAX_PARAMS = 1000  # a line each
 
 
 def build_parser():
@@ -68,6 +70,20 @@ def build_parser():
     b = commands.add_parser("bench", help="draw a benchmark result file (bench/results/*.json) as a bar chart")
     b.add_argument("results", help="a JSON file written by bench/step_bench.py or bench/cpu_table.py")
     b.add_argument("--out", help="the PNG to write (default: the results path with .png)")
+    e = commands.add_parser("explain", help="one training step of a small network with every intermediate shown "
+                                            "(z, a, delta, dW, db, the loss and the updated weights)")
+    e.add_argument("--sizes", type=int, nargs="+", default=[4, 2, 2, 1], metavar="N",
+                   help="layer widths, input first (default 4 2 2 1)")
+    e.add_argument("--seed", type=int, default=0, help="draws the weights, x and y (default 0)")
+    e.add_argument("--activation", default="sigmoid", choices=sorted(ACTIVATIONS),
+                   help="hidden activation (default sigmoid, the textbook's: g' = a (1 - a) checks by hand)")
+    e.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"], help="default mse")
+    e.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    e.add_argument("--samples", type=int, default=1, help="batch size (default 1)")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    e.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    e.add_argument("--format", default="text", choices=["text", "markdown"])
+    e.add_argument("--png", metavar="PATH", help="also draw the network with its numbers into this PNG")
     commands.add_parser("info", help="versions, BLAS, threads and whether a GPU can be used")
     return parser
 
@@ -79,7 +95,7 @@ def main(argv=None):
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return {"train": train, "bench": bench, "info": lambda args: info()}[args.command](args)
+        return {"train": train, "bench": bench, "explain": explain, "info": lambda args: info()}[args.command](args)
     except (OSError, ValueError, TypeError, ImportError, gb.DeviceUnavailableError) as e:
         print(f"gpubackprop: error: {e}", file=sys.stderr)
         return 2
@@ -160,6 +176,43 @@ def bench(args):
     out = args.out or os.path.splitext(args.results)[0] + ".png"
     plots.benchmark_chart(result, out)
     print(f"wrote {out}")
+    return 0
+
+
+# ---- explain ---------------------------------------------------------------------------
+def explain(args):
+    """One SGD step on a small network, printed with every intermediate (gpubackprop.trace).
+
+    The seed draws the network's initial weights, rounded to 2 decimals, and the
+    inputs and targets, also rounded to 2 decimals, so that the step can be checked
+    by hand; the biases start at 0, as in every model.
+    """
+    sizes = validation.check_sizes(args.sizes)
+    samples = validation.check_positive_int("--samples", args.samples)
+    n_in, n_out = sizes[0], sizes[-1]
+    n_params = sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
+    if n_params > EXPLAIN_MAX_PARAMS:
+        raise ValueError(f"explain prints every weight: --sizes {' '.join(map(str, sizes))} has {n_params} parameters, "
+                         f"more than {EXPLAIN_MAX_PARAMS}; use gb.trace(model, X, y) on a bigger network")
+    if args.loss == "cross_entropy" and n_out < 2:
+        raise ValueError(f"cross_entropy needs at least 2 output units, got --sizes {' '.join(map(str, sizes))}")
+    backend = gb.get_backend(args.device)
+    if backend.note:
+        print(backend.note, file=sys.stderr)  # stdout stays the report alone
+    model = gb.MLP(sizes, activation=args.activation, loss=args.loss, device=backend, dtype=args.dtype,
+                   seed=args.seed)
+    model.load_state_dict({name: np.round(v, 2) for name, v in model.state_dict().items()})
+    rng = np.random.default_rng(args.seed)
+    X = np.round(rng.uniform(-1, 1, (samples, n_in)), 2)
+    if args.loss == "cross_entropy":
+        y = rng.integers(0, n_out, samples)
+    else:
+        y = np.round(rng.uniform(0, 1, (samples, n_out)), 2)
+    t = gb.trace(model, X, y, gb.optim.SGD(args.lr))
+    print(t.to_markdown() if args.format == "markdown" else t.to_text(), end="")
+    if args.png:
+        t.plot(args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
     return 0
 
 
