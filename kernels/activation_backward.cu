@@ -20,7 +20,8 @@ __global__ void act_backward_bias_grad(T* g, const T* __restrict__ a, const T* _
                                        typename Compute<T>::type* __restrict__ db, typename Compute<T>::type* partials,
                                        unsigned* counters, int rows, int cols, int rows_per_slice,
                                        unsigned threshold, typename Compute<T>::type keep_scale, unsigned seed,
-                                       const unsigned* __restrict__ steps, unsigned layer) {
+                                       const unsigned* __restrict__ steps, unsigned layer,
+                                       unsigned long long offset) {
     typedef typename Compute<T>::type C;
     __shared__ C column_sums[8][33];  // 33: no bank conflicts when read down a column
     const int c = blockIdx.x * 32 + threadIdx.x;
@@ -31,7 +32,7 @@ __global__ void act_backward_bias_grad(T* g, const T* __restrict__ a, const T* _
         for (int r = first + (int)threadIdx.y; r < last; r += 8) {
             const size_t i = (size_t)r * cols + c;
             C delta = ld(g + i);
-            if (steps) delta = dropout_keep(seed, *steps, layer, i, threshold) ? delta * keep_scale : C(0);
+            if (steps) delta = dropout_keep(seed, *steps, layer, offset + i, threshold) ? delta * keep_scale : C(0);
             if (ACT != ACT_IDENTITY || steps) {
                 delta *= act_grad<ACT>(ld(a + i), ACT == ACT_GELU ? ld(z + i) : C(0));
                 st(g + i, delta);

@@ -13,7 +13,8 @@
 template <typename T, int ACT>
 __global__ void bias_act_forward(T* z, const T* __restrict__ b, T* a, int rows, int cols, T* __restrict__ dropped,
                                  unsigned threshold, typename Compute<T>::type keep_scale, unsigned seed,
-                                 const unsigned* __restrict__ steps, unsigned layer) {
+                                 const unsigned* __restrict__ steps, unsigned layer,
+                                unsigned long long offset) {
     typedef typename Compute<T>::type C;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
         const C bias = ld(b + c);
@@ -23,7 +24,7 @@ __global__ void bias_act_forward(T* z, const T* __restrict__ b, T* a, int rows, 
             if (ACT == ACT_GELU) st(z + i, zi);
             const C ai = act_forward<ACT>(zi);
             st(a + i, ai);
-            if (steps) st(dropped + i, dropout_keep(seed, *steps, layer, i, threshold) ? ai * keep_scale : C(0));
+            if (steps) st(dropped + i, dropout_keep(seed, *steps, layer, offset + i, threshold) ? ai * keep_scale : C(0));
         }
     }
 }

@@ -84,6 +84,8 @@ template <int ACT, typename C> __device__ __forceinline__ C act_grad(C a, C z) {
 // mask instead of storing it, a captured step draws a new mask on every replay
 // (step is read from the device), and the NumPy backend (gpubackprop/dropout.py)
 // draws the very same masks. Kept with probability 1 - threshold / 2^32.
+// i counts from the global batch's first element: a rank of data-parallel
+// training adds its shard's offset, so ranks draw one process's masks.
 __device__ __forceinline__ unsigned mix32(unsigned x) {  // "lowbias32", a full-avalanche 32-bit mixer
     x ^= x >> 16;
     x *= 0x7feb352du;

@@ -24,6 +24,15 @@ def test_masks_keep_one_minus_p_and_differ_by_step_and_layer(rate):
         assert 0.3 < np.mean(other != m) / (2 * rate * (1 - rate)) < 1.7  # independent draws disagree this often
 
 
+def test_a_shard_draws_its_rows_of_the_global_batch_mask():
+    """Data parallel: rows [r, r + k) of a batch, drawn with offset r * cols, get the
+    global batch's mask for those rows, not a copy of its first rows."""
+    whole = keep_mask(spec(0.5, layer=1), (40, 7), step=3)
+    part = keep_mask(spec(0.5, layer=1)._replace(offset=13 * 7), (10, 7), step=3)
+    np.testing.assert_array_equal(part, whole[13:23])
+    assert not np.array_equal(part, whole[:10])
+
+
 def test_rate_zero_keeps_everything():
     assert keep_mask(spec(0.0), (7, 9), step=0).all()
 

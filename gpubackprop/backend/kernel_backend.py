@@ -196,8 +196,9 @@ class KernelBackend(NumpyBackend):
         """The kernels' dropout arguments (steps None: no dropout)."""
         c = KernelBackend._compute(dtype)
         if spec is None:
-            return np.uint32(0), c(1.0), np.uint32(0), None, np.uint32(0)
-        return np.uint32(spec.threshold), c(spec.scale), np.uint32(spec.seed), spec.steps, np.uint32(spec.layer)
+            return np.uint32(0), c(1.0), np.uint32(0), None, np.uint32(0), np.uint64(0)
+        return (np.uint32(spec.threshold), c(spec.scale), np.uint32(spec.seed), spec.steps, np.uint32(spec.layer),
+                np.uint64(spec.offset))
 
     def dense_forward(self, a_prev, W, b, act, out, z, scratch, dropout=None):
         zbuf = out if z is None else z

@@ -480,7 +480,8 @@ def test_dropout_layers_match_numpy(kernel_backend, name, dtype, rng):
             out, dropped = poisoned(be, (B, n_out), dtype), poisoned(be, (B, n_out), dtype)
             z = poisoned(be, (B, n_out), dtype) if act.needs_z else None
             scratch = tuple(poisoned(be, (B, n_out), dtype) for _ in range(act.n_scratch))
-            spec = Dropout(0.3, 12345, be.asarray(np.array([7], np.uint32)), 2, dropped)
+            # An offset past 2^32 elements: a rank's shard deep in a global batch, and the hash's high word.
+            spec = Dropout(0.3, 12345, be.asarray(np.array([7], np.uint32)), 2, dropped, offset=(2**32 + 5) * n_out)
             be.dense_forward(a_prev, W, b, act, out, z, scratch, dropout=spec)
             dW, db, gp = poisoned(be, (n_out, n_in), dtype), poisoned(be, (n_out,), dtype), poisoned(be, (B, n_in), dtype)
             be.dense_backward(grad, out, z, a_prev, W, act, scratch, dW, db, gp, put(np.ones(B)), dropout=spec)
