@@ -6,7 +6,7 @@
     model.evaluate(X_test, y_test)          # {"loss": ..., "accuracy": ...}
 """
 
-from . import optim
+from . import distributed, optim
 from .backend import DeviceUnavailableError, OutOfMemoryError, get_backend
 from .gradcheck import gradcheck
 from .io import load, load_metadata, load_optimizer
@@ -14,4 +14,4 @@ from .model import MLP
 from .trace import trace
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "optim", "gradcheck", "trace", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]
+__all__ = ["MLP", "optim", "distributed", "gradcheck", "trace", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]

@@ -157,6 +157,8 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, model, epoch, logs):
         if self.save_best_only and not self._monitor.improved(logs):
             return
+        if model._comm.rank != 0:  # data parallel: the ranks hold the same model; one writes it
+            return
         path = self.path.format(epoch=epoch + 1, **logs)
         model.save(path, optimizer=getattr(model, "optimizer", None))
         self.saved.append(path)

@@ -16,11 +16,12 @@ batch size; a step allocates nothing after the first of its size.
 
 import collections
 import contextlib
+import functools
 import warnings
 
 import numpy as np
 
-from . import checkpoint, interop
+from . import checkpoint, distributed, interop
 from . import precision as precision_modes
 from . import validation
 from .activations import ACTIVATIONS, get_activation
@@ -35,6 +36,7 @@ _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
 _EVAL_BATCH = 2048
 _WORKSPACES_KEPT = 4  # the training batch, its last partial batch, and evaluation's
+_ONE_PROCESS = distributed.SingleProcess()
 
 
 class _Workspace:
@@ -43,13 +45,16 @@ class _Workspace:
     a[l] activations, z[l] pre-activations (only where g' needs z), g[l] dL/da_l
     turned into delta_l in place, scratch[l] the activation's temporaries; index
     the rows of the data set this batch is gathered from, loss the batch's loss;
-    d[l] the dropped activations fed to layer l + 1 (hidden layers, with dropout).
+    d[l] the dropped activations fed to layer l + 1 (hidden layers, with dropout);
+    first_row where the batch starts in the global batch (data parallel: a rank's
+    shard; dropout masks are drawn by position in the global batch).
     """
 
     def __init__(self, backend, sizes, act, batch, dtype, dropout=False):
         L = len(sizes) - 1
         empty = backend.empty
         self.batch = batch
+        self.first_row = 0
         self.a = [empty((batch, n), dtype) for n in sizes]
         self.g = [None] + [empty((batch, n), dtype) for n in sizes[1:]]
         self.z = [None] * (L + 1)
@@ -126,6 +131,7 @@ class MLP:
         self.stop_training = False
         self.optimizer = None  # the last fit's
         self._clip_norm = self._guard = None  # during fit only
+        self._comm = _ONE_PROCESS  # the fit's communicator while it runs
         self._set_params(self._initial_params(np.random.default_rng(init_seq)))
 
     # ---- parameters -------------------------------------------------------------
@@ -261,7 +267,7 @@ class MLP:
         """Layer l's Dropout in a train step (steps: the optimizer's device step count), else None."""
         if steps is None or not self.dropout or l in (0, len(self._W)):
             return None
-        return Dropout(self.dropout, self._dropout_seed, steps, l, ws.d[l])
+        return Dropout(self.dropout, self._dropout_seed, steps, l, ws.d[l], ws.first_row * self.sizes[l])
 
     def _input(self, ws, l, steps):
         """What layer l + 1 reads: a_l, or its dropped copy in training."""
@@ -293,6 +299,7 @@ class MLP:
 
     def _load_batch(self, X, T):
         ws = self._workspace(X.shape[0])
+        ws.first_row = 0
         xp = self.backend.xp
         xp.copyto(ws.a[0], X)
         xp.copyto(ws.target, T)
@@ -354,11 +361,20 @@ class MLP:
             optimizer._sync_steps()  # fp16 may have skipped the step
             return loss
 
-    def _step(self, ws, optimizer, running=None):
+    def _step(self, ws, optimizer, running=None, reduce=None):
+        """Forward, loss, backward and update; the loss (a device scalar). Data
+        parallel: ``reduce`` turns this rank's gradients into the global batch's, and
+        ``ws`` None means this rank's share of the batch is empty (gradients zero)."""
         steps = optimizer._steps_on_device
-        self._forward(ws, steps)
-        loss = self._loss(ws, running)
-        self._backward(ws, steps)
+        loss = None
+        if ws is None:
+            self._grads.fill(0)
+        else:
+            self._forward(ws, steps)
+            loss = self._loss(ws, running)
+            self._backward(ws, steps)
+        if reduce is not None:
+            reduce(self._grads)
         found_inf = None
         if self._scaler is not None:  # fp16: unscale, and skip the update if the gradients overflowed
             self._scaler.unscale_and_check(self._grads)
@@ -381,7 +397,7 @@ class MLP:
     def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
             validation_data=None, progress=True, callbacks=None, graphs=True, clip_norm=None,
             checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, resume=False,
-            on_nonfinite="raise"):
+            on_nonfinite="raise", comm=None):
         """Mini-batch training, reshuffled every epoch; returns the history.
 
         The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
@@ -406,6 +422,12 @@ class MLP:
         size is captured whole (gathering the batch, forward, loss, backward,
         update) and every later step is one graph launch; ``graphs=False`` runs
         every step op by op instead (for debugging: the numbers are the same).
+
+        ``comm`` (from ``gpubackprop.distributed.init()``) trains data parallel: each
+        of its ranks passes the whole data set, trains on its shard of every global
+        batch of ``batch_size`` rows, and the model ends equal on all ranks and to
+        one process's (see gpubackprop.distributed). Rank 0 alone shows progress
+        and writes checkpoints; an error on any rank aborts the job.
         """
         epochs = validation.check_positive_int("epochs", epochs, minimum=0)
         batch_size = validation.check_positive_int("batch_size", batch_size)
@@ -420,7 +442,7 @@ class MLP:
         if checkpoint_every is not None:
             checkpoint_every = validation.check_positive_int("checkpoint_every", checkpoint_every)
         keep_checkpoints = validation.check_positive_int("keep_checkpoints", keep_checkpoints)
-        b, xp = self.backend, self.backend.xp
+        comm = _ONE_PROCESS if comm is None else _check_comm(comm, self.backend)
         with self._context():
             # The data set goes to the device once and batches are gathered there; a
             # memory-mapped X stays on disk and each batch's rows are read as needed.
@@ -431,71 +453,126 @@ class MLP:
                 X_disk = None
                 X, T = self._prepare(X, y)
             val = self._prepare(*validation_data) if validation_data is not None else None
-            start = self._resume(checkpoint_dir, optimizer) if resume else None
+            self._comm = comm
             try:
-                optimizer._bind(self)  # its state allocated now, not after a step has begun
-            except MemoryError:
-                need = self._params.nbytes * (len(optimizer._buffers) + optimizer._n_scratch)
-                raise self._out_of_memory(f"the state of {optimizer!r}", need,
-                                          "use SGD without momentum, or a smaller model") from None
-            n = X.shape[0]
-            batch_size = min(batch_size, n)
-            steps = -(-n // batch_size)
-            if progress:
-                callbacks.append(ProgressBar(epochs, steps))
-            history = collections.defaultdict(list, start["history"] if start else {})
-            # The epoch's [sum of batch losses * batch sizes, rows predicted right],
-            # accumulated on the device: no host sync per step.
-            running = b.zeros((2,), np.float64)
-            first_epoch, done_steps = (start["epoch"], start["step"]) if start else (0, 0)
-            graphs = {} if graphs and b.supports_graphs else None
-            self.stop_training = False
-            self.optimizer, self._clip_norm = optimizer, clip_norm
-            self._guard = Guard(b) if self._scaler is None else None
-            call(callbacks, "on_train_begin", self)
-            for epoch in range(first_epoch, epochs):
-                call(callbacks, "on_epoch_begin", self, epoch)
-                epoch_rng = self._shuffle_rng.bit_generator.state
-                # Drawn on the host from the model's seeded generator, so a seed gives
-                # the same batches on every device; one small copy per epoch.
-                order_host = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
-                order = b.asarray(order_host)
-                running.fill(0)
-                if epoch == first_epoch and start:
-                    xp.copyto(running, b.asarray(np.array(start["running"], np.float64)))
-                for s, start_row in enumerate(range(0, n, batch_size)):
-                    if epoch == first_epoch and s < done_steps:
-                        continue  # done before the checkpoint this run resumed from
-                    ws = self._workspace(min(batch_size, n - start_row))
-                    xp.copyto(ws.index, order[start_row:start_row + ws.batch])
+                return self._train(X, X_disk, T, val, epochs, batch_size, optimizer, shuffle, progress, callbacks,
+                                   graphs, clip_norm, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
+                                   on_nonfinite)
+            except BaseException as e:
+                if comm.size > 1:  # the other ranks would wait for this one forever
+                    comm.abort(e)
+                raise
+            finally:
+                self._comm = _ONE_PROCESS
+
+    def _train(self, X, X_disk, T, val, epochs, batch_size, optimizer, shuffle, progress, callbacks, graphs,
+               clip_norm, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, on_nonfinite):
+        """fit's loop, on data already checked and on the device."""
+        b, xp, comm = self.backend, self.backend.xp, self._comm
+        root = comm.rank == 0
+        n = X.shape[0]
+        root_n = comm.bcast(n)
+        if root_n != n:
+            raise ValueError(f"rank {comm.rank} has {n} training rows, rank 0 has {root_n}: "
+                             "every rank must pass the whole data set (fit shards it)")
+        try:
+            optimizer._bind(self)  # its state allocated now, not after a step has begun
+        except MemoryError:
+            need = self._params.nbytes * (len(optimizer._buffers) + optimizer._n_scratch)
+            raise self._out_of_memory(f"the state of {optimizer!r}", need,
+                                      "use SGD without momentum, or a smaller model") from None
+        if resume:
+            start = self._resume(checkpoint_dir, optimizer)
+        else:
+            start = None
+            if comm.size > 1:
+                self._adopt_root(optimizer)
+        batch_size = min(batch_size, n)
+        steps = -(-n // batch_size)
+        if progress and root:
+            callbacks.append(ProgressBar(epochs, steps))
+        history = collections.defaultdict(list, start["history"] if start else {})
+        # This rank's share of the epoch's [sum of batch losses * batch sizes, rows
+        # predicted right], accumulated on the device: no host sync per step.
+        running = b.zeros((2,), np.float64)
+        first_epoch, done_steps = (start["epoch"], start["step"]) if start else (0, 0)
+        # A step is captured whole; one with a collective in its middle is not (yet).
+        graphs = {} if graphs and b.supports_graphs and comm.size == 1 else None
+        self.stop_training = False
+        self.optimizer, self._clip_norm = optimizer, clip_norm
+        self._guard = Guard(b) if self._scaler is None else None
+        call(callbacks, "on_train_begin", self)
+        for epoch in range(first_epoch, epochs):
+            call(callbacks, "on_epoch_begin", self, epoch)
+            epoch_rng = self._shuffle_rng.bit_generator.state
+            # Drawn on the host from the model's seeded generator, so a seed gives
+            # the same batches on every device (and every rank); one small copy per epoch.
+            order_host = self._shuffle_rng.permutation(n) if shuffle else np.arange(n)
+            order = b.asarray(order_host)
+            running.fill(0)
+            if epoch == first_epoch and start and root:  # the checkpoint holds all ranks' sums
+                xp.copyto(running, b.asarray(np.array(start["running"], np.float64)))
+            for s, start_row in enumerate(range(0, n, batch_size)):
+                if epoch == first_epoch and s < done_steps:
+                    continue  # done before the checkpoint this run resumed from
+                rows = min(batch_size, n - start_row)
+                lo, hi = distributed.shard(rows, comm.rank, comm.size)
+                ws = self._workspace(hi - lo) if hi > lo else None  # None: this rank's shard is empty
+                if ws is not None:
+                    ws.first_row = lo
+                    xp.copyto(ws.index, order[start_row + lo:start_row + hi])
                     if X_disk is not None:
-                        rows = order_host[start_row:start_row + ws.batch]
-                        xp.copyto(ws.a[0], b.asarray(self._to_compute(np.asarray(X_disk[rows], self.dtype), "X")))
-                    self._fit_step(ws, None if X_disk is not None else X, T, optimizer, running, graphs)
-                    logs = {"batch_size": ws.batch}
-                    if s % 16 == 15:  # reading the loss is a device sync: not every step
-                        logs["loss"] = float(running[0]) / min(n, start_row + ws.batch)
-                        self._nonfinite(on_nonfinite, optimizer, checkpoint_dir)
-                    call(callbacks, "on_batch_end", self, s, logs)
-                    if checkpoint_every and optimizer.steps % checkpoint_every == 0:
-                        optimizer._sync_steps()
+                        mine = order_host[start_row + lo:start_row + hi]
+                        xp.copyto(ws.a[0], b.asarray(self._to_compute(np.asarray(X_disk[mine], self.dtype), "X")))
+                reduce = None if comm.size == 1 else functools.partial(comm.allreduce_mean, weight=(hi - lo) / rows)
+                self._fit_step(ws, None if X_disk is not None else X, T, optimizer, running, graphs, reduce)
+                logs = {"batch_size": rows}
+                if s % 16 == 15:  # reading the loss is a device sync: not every step
+                    logs["loss"] = self._totals(running)[0] / min(n, start_row + rows)
+                    self._nonfinite(on_nonfinite, optimizer, checkpoint_dir)
+                call(callbacks, "on_batch_end", self, s, logs)
+                if checkpoint_every and optimizer.steps % checkpoint_every == 0:
+                    optimizer._sync_steps()
+                    totals = self._totals(running)
+                    if root:
                         checkpoint.write(checkpoint_dir, self, optimizer, {
                             "epoch": epoch, "step": s + 1, "rng": epoch_rng,
-                            "running": b.to_host(running).tolist(), "history": dict(history),
+                            "running": totals.tolist(), "history": dict(history),
                         }, keep_checkpoints)
-                self._nonfinite(on_nonfinite, optimizer, checkpoint_dir)
-                optimizer._sync_steps()
-                logs = self._logs(running, n)
-                if val is not None:
-                    logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
-                for k, v in logs.items():
-                    history[k].append(v)
-                call(callbacks, "on_epoch_end", self, epoch, logs)
-                if self.stop_training:
-                    break
-            self._clip_norm = self._guard = None
-            call(callbacks, "on_train_end", self)
+            self._nonfinite(on_nonfinite, optimizer, checkpoint_dir)
+            optimizer._sync_steps()
+            logs = self._logs(self._totals(running), n)
+            if val is not None:
+                logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+            for k, v in logs.items():
+                history[k].append(v)
+            call(callbacks, "on_epoch_end", self, epoch, logs)
+            self.stop_training = comm.bcast(self.stop_training)  # rank 0's callbacks decide for all
+            if self.stop_training:
+                break
+        self._clip_norm = self._guard = None
+        call(callbacks, "on_train_end", self)
         return dict(history)
+
+    def _totals(self, running):
+        """The running [loss sum, hits] of all ranks, on the host (a device sync)."""
+        totals = self.backend.to_host(running).copy()
+        self._comm.allreduce_sum(totals)
+        return totals
+
+    def _adopt_root(self, optimizer):
+        """Every rank takes rank 0's parameters, optimizer state and step count, shuffle
+        state and dropout seed (data parallel: the ranks start equal and stay so)."""
+        comm = self._comm
+        comm.bcast_params(self._params)
+        self._params_changed()
+        for name in optimizer._buffers:
+            comm.bcast_params(optimizer.state[name])
+        optimizer.steps, rng, self._dropout_seed = comm.bcast(
+            (optimizer.steps, self._shuffle_rng.bit_generator.state, self._dropout_seed))
+        self._shuffle_rng.bit_generator.state = rng
+        optimizer._steps_on_device = None
+        optimizer._bind(self)
 
     def _resume(self, directory, optimizer):
         """Load the newest sound checkpoint in ``directory`` into the model and the
@@ -507,15 +584,20 @@ class MLP:
         return progress
 
     def _restore(self, directory, optimizer):
-        """Parameters and optimizer state from the newest sound checkpoint; its progress, or None."""
-        found = checkpoint.latest(directory)
-        if found is None:
-            return None
-        path, saved, saved_optimizer, progress = found
-        if saved.config() != self.config():
-            raise ValueError(f"{path} is a checkpoint of {saved!r}, not of this {self!r}")
-        optimizer.load_state_dict(saved_optimizer.state_dict())
-        self.load_state_dict(saved.state_dict())
+        """Parameters and optimizer state from the newest sound checkpoint; its progress,
+        or None. Rank 0 reads it and the other ranks take its state."""
+        found = checkpoint.latest(directory) if self._comm.rank == 0 else None
+        progress = None
+        if found is not None:
+            path, saved, saved_optimizer, progress = found
+            if saved.config() != self.config():
+                raise ValueError(f"{path} is a checkpoint of {saved!r}, not of this {self!r}")
+            optimizer.load_state_dict(saved_optimizer.state_dict())
+            self.load_state_dict(saved.state_dict())
+            optimizer._bind(self)
+        if self._comm.size > 1:
+            progress = self._comm.bcast(progress)
+            self._adopt_root(optimizer)
         return progress
 
     def _nonfinite(self, policy, optimizer, checkpoint_dir):
@@ -548,15 +630,16 @@ class MLP:
             what += "; their updates were skipped"
         warnings.warn(what, RuntimeWarning, stacklevel=3)
 
-    def _fit_step(self, ws, X, T, optimizer, running, graphs):
+    def _fit_step(self, ws, X, T, optimizer, running, graphs, reduce=None):
         """One step on the rows ws.index of (X, T), eagerly or as a graph launch."""
         b = self.backend
 
         def step():
-            if X is not None:  # else fit has read the batch from a memory-mapped X already
+            if X is not None and ws is not None:  # else fit has read the batch from a memory-mapped X already
                 b.gather_rows(X, ws.index, ws.a[0])
-            b.gather_rows(T, ws.index, ws.target)
-            self._step(ws, optimizer, running)
+            if ws is not None:
+                b.gather_rows(T, ws.index, ws.target)
+            self._step(ws, optimizer, running, reduce)
 
         optimizer._bind(self)  # a no-op unless a callback swapped its state
         if graphs is None:
@@ -628,11 +711,11 @@ class MLP:
         running = self.backend.zeros((2,), np.float64)
         for ws, _ in self._batches(X, T):
             self._loss(ws, running)
-        return self._logs(running, X.shape[0])
+        return self._logs(self.backend.to_host(running), X.shape[0])
 
-    def _logs(self, running, n):
-        """The metrics from the running sums over n samples (the only host sync of an epoch)."""
-        total_loss, correct = self.backend.to_host(running)
+    def _logs(self, totals, n):
+        """The metrics from the host's [loss sum, hits] over n samples."""
+        total_loss, correct = totals
         logs = {"loss": float(total_loss) / n}
         if self.loss == "cross_entropy":
             logs["accuracy"] = int(correct) / n
@@ -675,6 +758,15 @@ def _check_dtype(dtype):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return name
+
+
+def _check_comm(comm, backend):
+    if not isinstance(comm, distributed.Communicator):
+        raise TypeError(f"comm must be a gpubackprop.distributed communicator (gb.distributed.init()), got {comm!r}")
+    if isinstance(comm, distributed.NCCLCommunicator) and not backend.name.startswith("cuda"):
+        raise ValueError(f"NCCL reduces GPU arrays but the model is on {backend.name}; "
+                         f"make it with device=comm.device ({comm.device})")
+    return comm
 
 
 def _check_optimizer(optimizer):

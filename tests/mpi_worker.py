@@ -1,0 +1,89 @@
+"""One rank of the data-parallel tests (tests/test_distributed.py), run under mpiexec:
+
+    mpiexec -n 2 python tests/mpi_worker.py SCENARIO OUT_DIR [KEY=VALUE ...]
+
+Every rank builds the model from a different seed (rank 0's must win), trains with
+gb.distributed.init(transport) on the data of ``data()``, and writes
+OUT_DIR/rank<r>.npz: its final parameters, its history, and the row indices it
+trained on per step. Scenarios: "train" (options below), "raise" and "kill" (rank 1
+fails after a few steps).
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+
+import gpubackprop as gb
+from gpubackprop import callbacks
+from gpubackprop.model import MLP
+
+SIZES = [7, 13, 5]
+
+
+def data(n, dtype):
+    rng = np.random.default_rng(1234)
+    return rng.standard_normal((n, SIZES[0])).astype(dtype), rng.integers(0, SIZES[-1], n)
+
+
+def options(args):
+    opts = {"n": 203, "batch": 37, "epochs": 3, "dtype": "float32", "dropout": 0.0, "optimizer": "adam",
+            "checkpoint_every": 0, "resume": 0, "memmap": 0, "transport": "mpi", "device": "cpu"}
+    for arg in args:
+        key, value = arg.split("=", 1)
+        opts[key] = type(opts[key])(value) if not isinstance(opts[key], str) else value
+    return opts
+
+
+def optimizer(name):
+    return gb.optim.Adam(1e-2) if name == "adam" else gb.optim.SGD(0.05, momentum=0.9)
+
+
+class Fail(callbacks.Callback):
+    """Rank 1 raises, or is killed, at its third step."""
+
+    def __init__(self, how, rank):
+        self.how, self.rank = how, rank
+
+    def on_batch_end(self, model, batch, logs):
+        if self.rank == 1 and batch == 2:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure")
+
+
+def main(scenario, out, *args):
+    opts = options(args)
+    comm = gb.distributed.init(opts["transport"])
+    X, y = data(opts["n"], opts["dtype"])
+    if opts["memmap"]:
+        path = os.path.join(out, f"X-{comm.rank}.npy")
+        np.save(path, X)
+        X = np.load(path, mmap_mode="r")
+    rows = []  # the rows this rank trained on, step by step
+    fit_step = MLP._fit_step
+
+    def spy(self, ws, *a, **kw):
+        rows.append([] if ws is None else self.backend.to_host(ws.index).tolist())
+        return fit_step(self, ws, *a, **kw)
+
+    MLP._fit_step = spy
+    model = gb.MLP(SIZES, seed=comm.rank, dtype=opts["dtype"], dropout=opts["dropout"], device=opts["device"])
+    initial = model.state_dict()
+    fail = [Fail(scenario, comm.rank)] if scenario in ("raise", "kill") else []
+    checkpoints = os.path.join(out, "checkpoints")
+    history = model.fit(X, y, epochs=opts["epochs"], batch_size=opts["batch"], optimizer=optimizer(opts["optimizer"]),
+                        progress=False, callbacks=fail, comm=comm,
+                        checkpoint_dir=checkpoints if opts["checkpoint_every"] or opts["resume"] else None,
+                        checkpoint_every=opts["checkpoint_every"] or None, resume=bool(opts["resume"]))
+    np.savez(os.path.join(out, f"rank{comm.rank}.npz"),
+             **{f"param.{k}": v for k, v in model.state_dict().items()},
+             **{f"initial.{k}": v for k, v in initial.items()},
+             **{f"history.{k}": np.array(v) for k, v in history.items()},
+             rows=np.array([r for step in rows for r in step], np.int64),
+             steps=np.array([len(step) for step in rows], np.int64))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

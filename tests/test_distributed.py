@@ -1,0 +1,213 @@
+"""Data-parallel training: N ranks under mpiexec end where one process ends on the
+same global batches; rank 0's start wins; shards are disjoint and cover the data;
+a rank that fails ends the job instead of hanging it."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop import distributed
+
+from . import mpi_worker
+from .conftest import require_tool
+
+WORKER = os.path.join(os.path.dirname(__file__), "mpi_worker.py")
+HANG = 90  # seconds: a job still running then is hung
+
+
+def mpiexec(n, scenario, out, *opts, timeout=HANG):
+    """Run tests/mpi_worker.py on n ranks; (returncode, stderr, seconds)."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        require_tool("mpi4py (pip install 'gpubackprop[mpi]')")
+    launcher = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    if launcher is None:
+        require_tool("mpiexec (pip install 'gpubackprop[mpi]' brings MPICH's)")
+    start = time.monotonic()
+    proc = subprocess.Popen([launcher, "-n", str(n), sys.executable, WORKER, scenario, str(out), *opts],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"mpiexec -n {n} {scenario} hung for {timeout} s")
+    return proc.returncode, err, time.monotonic() - start
+
+
+def ranks(out, n):
+    return [np.load(out / f"rank{r}.npz") for r in range(n)]
+
+
+def one_process(opts, epochs=None, **fit):
+    """What a single process trains, from rank 0's seed, on the same global batches."""
+    o = mpi_worker.options(opts)
+    X, y = mpi_worker.data(o["n"], o["dtype"])
+    model = gb.MLP(mpi_worker.SIZES, seed=0, dtype=o["dtype"], dropout=o["dropout"])
+    history = model.fit(X, y, epochs=epochs or o["epochs"], batch_size=o["batch"],
+                        optimizer=mpi_worker.optimizer(o["optimizer"]), progress=False, **fit)
+    return model.state_dict(), history
+
+
+def assert_close(result, params, history, rtol):
+    """Each tensor within rtol of the reference, relative to its largest entry."""
+    for k, v in params.items():
+        err = np.abs(result[f"param.{k}"] - v).max() / np.abs(v).max()
+        assert err <= rtol, f"{k}: relative error {err:.2e} > {rtol:.0e}"
+    for k, v in history.items():
+        np.testing.assert_allclose(result[f"history.{k}"], v, rtol=max(rtol, 1e-12), err_msg=k)
+
+
+# ---- shards -----------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 8])
+def test_shards_are_disjoint_cover_the_batch_and_differ_by_at_most_one(size):
+    for rows in range(0, 40):
+        bounds = [distributed.shard(rows, r, size) for r in range(size)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == rows
+        assert all(hi == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))  # contiguous, no overlap
+        counts = [hi - lo for lo, hi in bounds]
+        assert min(counts) >= 0 and max(counts) - min(counts) <= 1
+
+
+# ---- two ranks against one process ------------------------------------------------------
+CASES = {
+    "float32-adam": ((), 1e-6),
+    "float64-sgd-momentum-dropout": (("dtype=float64", "optimizer=sgd", "dropout=0.2"), 1e-12),
+    # 7 rows in batches of 3: the last batch has one row, so rank 0's shard is empty.
+    "empty-shards": (("n=7", "batch=3", "epochs=4", "dtype=float64"), 1e-12),
+    "memmap": (("memmap=1", "dtype=float64"), 1e-12),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_end_where_one_process_ends(tmp_path, case):
+    opts, rtol = CASES[case]
+    code, err, _ = mpiexec(2, "train", tmp_path, *opts)
+    assert code == 0, err
+    r0, r1 = ranks(tmp_path, 2)
+    params, history = one_process(opts)
+    for k in params:
+        np.testing.assert_array_equal(r0[f"param.{k}"], r1[f"param.{k}"], err_msg=f"ranks differ in {k}")
+        # Each rank was made from its own seed: rank 0's parameters must have won.
+        assert not np.array_equal(r0[f"initial.{k}"], r1[f"initial.{k}"]) or k.endswith("bias")
+    assert_close(r0, params, history, rtol)
+
+
+def test_each_epoch_the_shards_are_disjoint_and_cover_the_data(tmp_path):
+    opts = ("n=50", "batch=8", "epochs=3")
+    code, err, _ = mpiexec(2, "train", tmp_path, *opts)
+    assert code == 0, err
+    r0, r1 = ranks(tmp_path, 2)
+    steps_per_epoch = -(-50 // 8)
+    assert len(r0["steps"]) == len(r1["steps"]) == 3 * steps_per_epoch
+    per_epoch = []
+    for r in (r0, r1):
+        ends = np.cumsum(r["steps"])[steps_per_epoch - 1::steps_per_epoch]
+        per_epoch.append(np.split(r["rows"], ends[:-1]))
+    for mine, theirs in zip(*per_epoch):
+        assert not set(mine) & set(theirs)
+        assert sorted([*mine, *theirs]) == list(range(50))
+    assert not all(np.array_equal(a, b) for a, b in zip(per_epoch[0], per_epoch[0][1:])), "reshuffled every epoch"
+
+
+# ---- checkpoints across rank counts -----------------------------------------------------
+def test_a_run_resumes_on_a_different_number_of_ranks(tmp_path):
+    """2 ranks train 2 epochs with checkpoints (the newest is mid-epoch), 1 process
+    resumes to 4; and the other way round. Both end where 4 epochs in one go end."""
+    opts = ("epochs=2", "checkpoint_every=5")
+    params, history = one_process(opts, epochs=4)
+
+    two_then_one = tmp_path / "two-then-one"
+    two_then_one.mkdir()
+    code, err, _ = mpiexec(2, "train", two_then_one, *opts)
+    assert code == 0, err
+    resumed, resumed_history = one_process(opts, epochs=4, checkpoint_dir=str(two_then_one / "checkpoints"),
+                                           resume=True)
+    assert_close({**{f"param.{k}": v for k, v in resumed.items()},
+                  **{f"history.{k}": np.array(v) for k, v in resumed_history.items()}}, params, history, 1e-6)
+
+    one_then_two = tmp_path / "one-then-two"
+    one_process(opts, checkpoint_dir=str(one_then_two / "checkpoints"), checkpoint_every=5)
+    code, err, _ = mpiexec(2, "train", one_then_two, "epochs=4", "resume=1")
+    assert code == 0, err
+    assert_close(ranks(one_then_two, 2)[0], params, history, 1e-6)
+
+
+# ---- faults -----------------------------------------------------------------------------
+def test_a_rank_that_raises_aborts_every_rank_with_its_error(tmp_path):
+    code, err, seconds = mpiexec(2, "raise", tmp_path)
+    assert code != 0
+    assert "rank 1 of 2 failed (RuntimeError: injected failure); aborting all 2 ranks" in err
+    assert not (tmp_path / "rank0.npz").exists()
+    assert seconds < HANG
+
+
+def test_a_killed_rank_ends_the_job_instead_of_hanging_it(tmp_path):
+    code, err, seconds = mpiexec(2, "kill", tmp_path)
+    assert code != 0, err
+    assert not (tmp_path / "rank0.npz").exists()
+    assert seconds < HANG
+
+
+# ---- the communicators in one process ----------------------------------------------------
+def test_one_process_is_the_default_and_its_collectives_change_nothing(monkeypatch):
+    for var in distributed._LAUNCHER_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    comm = distributed.init()
+    assert isinstance(comm, distributed.SingleProcess) and (comm.rank, comm.size) == (0, 1)
+    buf = np.arange(5, dtype=np.float32)
+    comm.allreduce_mean(buf)
+    comm.allreduce_sum(buf)
+    comm.bcast_params(buf)
+    np.testing.assert_array_equal(buf, np.arange(5, dtype=np.float32))
+    assert comm.bcast({"a": 1}) == {"a": 1}
+    with pytest.raises(ValueError, match="boom"):
+        comm.abort(ValueError("boom"))
+
+
+def test_a_launcher_without_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"gpubackprop\[mpi\]"):
+        distributed.init()
+
+
+def test_bad_transport_and_bad_comm_are_refused(rng):
+    with pytest.raises(ValueError, match="transport must be one of"):
+        distributed.init("gloo")
+    X, y = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
+    model = gb.MLP([3, 4, 2], seed=0)
+    before = model.state_dict()
+    with pytest.raises(TypeError, match="distributed communicator"):
+        model.fit(X, y, epochs=1, comm="mpi", progress=False)
+    nccl = object.__new__(distributed.NCCLCommunicator)
+    nccl.device = "cuda:0"
+    with pytest.raises(ValueError, match=r"NCCL reduces GPU arrays but the model is on cpu; make it with device=comm"):
+        model.fit(X, y, epochs=1, comm=nccl, progress=False)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+# ---- the GPU paths (a lent GPU) ----------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["nccl", "mpi"])
+def test_one_gpu_rank_over_nccl_or_staged_mpi_matches_one_process(tmp_path, transport):
+    """NCCL's bootstrap (unique id over MPI) and reduction, and MPI's host staging of
+    CuPy buffers, on one rank: they must leave the gradients as they are."""
+    try:
+        gb.get_backend("cuda")
+    except gb.DeviceUnavailableError as e:
+        pytest.skip(str(e))
+    opts = ("dtype=float64", f"transport={transport}", "device=cuda:0")
+    code, err, _ = mpiexec(1, "train", tmp_path, *opts)
+    assert code == 0, err
+    params, history = one_process(opts)
+    assert_close(ranks(tmp_path, 1)[0], params, history, 1e-9)
