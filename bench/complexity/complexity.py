@@ -514,7 +514,7 @@ def predicted(rows, n_next):
 def run_device(device, sizes, methods, args, log):
     """Every method of ``methods`` at every size that fits: {"methods": {...}, "agreement": [...]}."""
     series = {m: {"full": [], "sampled": [], "stopped": None} for m in methods}
-    agreements = []
+    agreements, loads = [], []
     for n in sizes:
         P = n_params(n)
         busy = [m for m in methods if series[m]["stopped"] is None or m in PER_PARAMETER]
@@ -558,12 +558,14 @@ def run_device(device, sizes, methods, args, log):
                                    "tolerance": tolerance(method), "ok": err <= tolerance(method)})
                 if not full:
                     cells.append(f"{method} ~{est['seconds']:.3g}s (k={est['sample']})")
-        log(f"  n={n:4d} P={P:>11,d}: " + ", ".join(cells))
+        load = load_average()
+        loads.append({"n": n, "load": load})
+        log(f"  n={n:4d} P={P:>11,d}: " + ", ".join(cells) + (f"  [load {load[0]:.1f}]" if load else ""))
         del prob
     for method in methods:
         if series[method]["stopped"]:
             log(f"  {method}: full runs stopped at {series[method]['stopped']}")
-    return {"methods": series, "agreement": agreements}
+    return {"methods": series, "agreement": agreements, "load_average": loads}
 
 
 def measure_full(prob, method, reference, device, log):
@@ -581,8 +583,12 @@ def measure_full(prob, method, reference, device, log):
     if method in PER_PARAMETER:
         row["max_rel_err"] = agreement(prob, result, reference)
     elif method == "backprop":
-        # the reference itself; against a second, independent run it must be identical
+        # The reference itself: a second run must give it again; on a GPU it is held to
+        # the CPU's float64 gradient of the same weights too (up to n = 128).
         row["max_rel_err"] = agreement(prob, prob.backprop_grad(), reference)
+        if prob.device != "cpu" and n <= PUBLIC_MAX_N:
+            row["vs_cpu_rel_err"] = agreement(prob, Problem(n, "cpu").backprop_grad(), reference)
+            row["max_rel_err"] = max(row["max_rel_err"], row["vs_cpu_rel_err"])
         if n <= PUBLIC_MAX_N:
             public_s, _, _ = time_call(public_backprop(prob), budget_s=1.0, warmup=1)
             row["public_s"] = public_s
@@ -758,6 +764,7 @@ def versions(blas_threads):
         v["scipy"] = scipy.__version__
     except ImportError:
         v["scipy"] = None
+    v["git"] = git_state()
     try:
         import cupy
 
@@ -765,6 +772,31 @@ def versions(blas_threads):
     except ImportError:
         v["cupy"] = None
     return v
+
+
+def git_state():
+    """Which engine was measured: the imported gpubackprop's folder, the commit it is
+    checked out at, and whether its sources differ from that commit. Outside a git
+    checkout (a ``git archive`` snapshot), the commit the environment variable
+    GPUBACKPROP_SOURCE_COMMIT names, if any."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gb.__file__)))
+    state = {"gpubackprop": os.path.dirname(os.path.abspath(gb.__file__)), "head": None, "gpubackprop_changes": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        lines = head.stdout.split()
+        if head.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[0], root):
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "gpubackprop"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.split("\n")
+            state.update(head=lines[1], gpubackprop_changes=[line.strip() for line in dirty if line.strip()])
+            return state
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if os.environ.get("GPUBACKPROP_SOURCE_COMMIT"):
+        state.update(head=os.environ["GPUBACKPROP_SOURCE_COMMIT"], source="a snapshot of that commit")
+    return state
 
 
 def machine():
