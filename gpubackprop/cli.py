@@ -3,6 +3,7 @@
     gpubackprop train --dataset digits --hidden 128 64 --epochs 30 --device auto
     gpubackprop train --dataset mnist5k --hidden 128 --device auto   (needs gpubackprop[mnist])
     gpubackprop train --dataset data.csv --label-column species --scale minmax
+    mpiexec -n 4 gpubackprop train --dataset mnist5k --distributed   (data parallel: one process per GPU or CPU share)
     gpubackprop bench bench/results/gpu-2026-11-22.json   (a bar chart of a benchmark run)
     gpubackprop explain --sizes 4 2 2 1 --seed 0   (one training step, every number shown)
     gpubackprop info
@@ -66,6 +67,10 @@ def build_parser():
     t.add_argument("--test-fraction", type=float, default=0.2, help="share of the data held out (default 0.2)")
     t.add_argument("--out", help="output folder (default runs/<dataset name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", nargs="?", const="auto", choices=gb.distributed.TRANSPORTS, metavar="TRANSPORT",
+                   help="data parallel across the processes mpiexec started: auto (NCCL on GPUs, else MPI), mpi, "
+                        "nccl or single; --batch-size is the global batch; rank 0 prints and writes (needs "
+                        "gpubackprop[mpi], or gpubackprop[nccl13] for NCCL)")
 
     b = commands.add_parser("bench", help="draw a benchmark result file (bench/results/*.json) as a bar chart")
     b.add_argument("results", help="a JSON file written by bench/step_bench.py or bench/cpu_table.py")
@@ -115,11 +120,29 @@ def _optimizer(args):
 
 
 def train(args):
+    comm = gb.distributed.init(args.distributed) if args.distributed else gb.distributed.SingleProcess()
+    if comm.size == 1:
+        return _train(args, comm, print)
+    try:
+        return _train(args, comm, print if comm.rank == 0 else _quiet)
+    except Exception as e:  # the other ranks would wait for this one in a collective forever
+        comm.abort(e)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _train(args, comm, print):
     optimizer = _optimizer(args)
-    backend = gb.get_backend(args.device)  # fails fast, before the data is read
+    device = comm.device if args.device == "auto" and comm.device != "auto" else args.device
+    backend = gb.get_backend(device)  # fails fast, before the data is read
     print(f"device: {backend.name}")
     if backend.note:
         print(f"  ({backend.note})")
+    if comm.size > 1:
+        print(f"distributed: {comm.size} ranks ({type(comm).__name__}); global batch {args.batch_size}, "
+              f"about {-(-args.batch_size // comm.size)} rows per rank")
 
     kind = data.dataset_format(args.dataset)
     X, y = data.load_dataset(args.dataset, labels=args.labels, label_column=args.label_column)
@@ -144,9 +167,11 @@ def train(args):
                    device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision)
     print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
     history = model.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-                        validation_data=(X_test, y_test), progress=not args.no_progress)
+                        validation_data=(X_test, y_test), progress=not args.no_progress, comm=comm)
     accuracy = model.evaluate(X_test, y_test)["accuracy"]
     print(f"held-out accuracy: {accuracy:.4f} ({len(y_test)} samples)")
+    if comm.rank != 0:  # every rank holds the same model: rank 0 writes it
+        return 0
 
     out = args.out or os.path.join("runs", _run_name(args.dataset))
     os.makedirs(out, exist_ok=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
-from gpubackprop import distributed
+from gpubackprop import cli, distributed
 
 from . import mpi_worker
 from .conftest import require_tool
@@ -22,25 +22,32 @@ WORKER = os.path.join(os.path.dirname(__file__), "mpi_worker.py")
 HANG = 90  # seconds: a job still running then is hung
 
 
-def mpiexec(n, scenario, out, *opts, timeout=HANG):
-    """Run tests/mpi_worker.py on n ranks; (returncode, stderr, seconds)."""
+def launch(n, *command, timeout=HANG):
+    """Run ``command`` on n ranks under mpiexec; (returncode, stdout, stderr, seconds)."""
     try:
         import mpi4py  # noqa: F401
     except ImportError:
         require_tool("mpi4py (pip install 'gpubackprop[mpi]')")
-    launcher = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    bin_dir = os.path.dirname(sys.executable)
+    launcher = shutil.which("mpiexec", path=os.pathsep.join([bin_dir, os.environ["PATH"]]))
     if launcher is None:
         require_tool("mpiexec (pip install 'gpubackprop[mpi]' brings MPICH's)")
     start = time.monotonic()
-    proc = subprocess.Popen([launcher, "-n", str(n), sys.executable, WORKER, scenario, str(out), *opts],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([launcher, "-n", str(n), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {scenario} hung for {timeout} s")
-    return proc.returncode, err, time.monotonic() - start
+        pytest.fail(f"mpiexec -n {n} {' '.join(command)} hung for {timeout} s")
+    return proc.returncode, out, err, time.monotonic() - start
+
+
+def mpiexec(n, scenario, out, *opts):
+    """tests/mpi_worker.py on n ranks; (returncode, stderr, seconds)."""
+    code, _, err, seconds = launch(n, sys.executable, WORKER, scenario, str(out), *opts)
+    return code, err, seconds
 
 
 def ranks(out, n):
@@ -154,6 +161,26 @@ def test_a_killed_rank_ends_the_job_instead_of_hanging_it(tmp_path):
     code, err, seconds = mpiexec(2, "kill", tmp_path)
     assert code != 0, err
     assert not (tmp_path / "rank0.npz").exists()
+    assert seconds < HANG
+
+
+# ---- the command line ---------------------------------------------------------------------
+def test_cli_trains_on_two_ranks_as_on_one_and_only_rank_0_speaks_and_writes(tmp_path):
+    command = os.path.join(os.path.dirname(sys.executable), "gpubackprop")
+    args = ["train", "--dataset", "digits", "--hidden", "32", "--epochs", "2", "--batch-size", "50", "--no-progress"]
+    code, out, err, _ = launch(2, command, *args, "--distributed", "--out", str(tmp_path / "two"))
+    assert code == 0, err
+    assert out.count("device: cpu") == 1 and "distributed: 2 ranks (MPICommunicator); global batch 50" in out
+    assert sorted(os.listdir(tmp_path / "two")) == ["curves.png", "history.json", "model.safetensors"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    two, one = gb.load(str(tmp_path / "two" / "model.safetensors")), gb.load(str(tmp_path / "one" / "model.safetensors"))
+    assert_close({f"param.{k}": v for k, v in two.state_dict().items()}, one.state_dict(), {}, 1e-6)
+
+
+def test_cli_error_on_two_ranks_ends_the_job(tmp_path):
+    command = os.path.join(os.path.dirname(sys.executable), "gpubackprop")
+    code, _, err, seconds = launch(2, command, "train", "--dataset", str(tmp_path / "missing.csv"), "--distributed")
+    assert code != 0 and "missing.csv" in err and "aborting all 2 ranks" in err
     assert seconds < HANG
 
 
