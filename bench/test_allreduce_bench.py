@@ -1,0 +1,31 @@
+"""allreduce_bench: the measurement on 1 and 2 ranks runs here (CI); the ring model's arithmetic."""
+
+import json
+
+import pytest
+
+import allreduce_bench as ab
+
+
+def test_ring_model_moves_2_n_minus_1_over_n_of_the_parameters():
+    compute = {"medium": 2e-3}
+    [nvlink, network] = ab.scaling_model(["medium"], compute, n=4)
+    params = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
+    assert nvlink["params"] == params
+    assert network["allreduce_s"] == pytest.approx(2 * 3 / 4 * 4 * params / 12.5e9)
+    t_ar = nvlink["allreduce_s"]
+    assert nvlink["weak_efficiency"] == pytest.approx(2e-3 / (2e-3 + t_ar))
+    assert nvlink["strong_efficiency"] == pytest.approx(0.5e-3 / (0.5e-3 + t_ar))
+    assert [r["allreduce_s"] for r in ab.scaling_model(["medium"], compute, n=1)] == [0.0, 0.0]
+
+
+def test_one_and_two_ranks_are_measured_and_written(tmp_path):
+    pytest.importorskip("mpi4py")
+    result = ab.main(["--ranks", "1", "2", "--cases", "medium", "--repeats", "1", "--out", str(tmp_path)])
+    [json_file] = tmp_path.glob("allreduce-*.json")
+    assert json.loads(json_file.read_text()) == json.loads(json.dumps(result))
+    one, two = result["measured"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and (one["rows_per_rank"], two["rows_per_rank"]) == (4096, 2048)
+    assert one["allreduce_s"] < two["allreduce_s"]  # one rank reduces nothing; two send 7.5 MB
+    assert all(r["compute_s"] > 0 and r["step_s"] > 0 for r in (one, two))
+    assert {r["link"] for r in result["model"]} == set(ab.LINKS)
