@@ -515,6 +515,7 @@ def run_device(device, sizes, methods, args, log):
     """Every method of ``methods`` at every size that fits: {"methods": {...}, "agreement": [...]}."""
     series = {m: {"full": [], "sampled": [], "stopped": None} for m in methods}
     agreements, loads = [], []
+    others = OtherLoad()
     for n in sizes:
         P = n_params(n)
         busy = [m for m in methods if series[m]["stopped"] is None or m in PER_PARAMETER]
@@ -558,14 +559,15 @@ def run_device(device, sizes, methods, args, log):
                                    "tolerance": tolerance(method), "ok": err <= tolerance(method)})
                 if not full:
                     cells.append(f"{method} ~{est['seconds']:.3g}s (k={est['sample']})")
-        load = load_average()
-        loads.append({"n": n, "load": load})
-        log(f"  n={n:4d} P={P:>11,d}: " + ", ".join(cells) + (f"  [load {load[0]:.1f}]" if load else ""))
+        load, busy = load_average(), others.read()
+        loads.append({"n": n, "load": load, "others_cpu": busy})
+        log(f"  n={n:4d} P={P:>11,d}: " + ", ".join(cells)
+            + (f"  [other processes: {100 * busy:.0f}% of the CPU]" if busy is not None else ""))
         del prob
     for method in methods:
         if series[method]["stopped"]:
             log(f"  {method}: full runs stopped at {series[method]['stopped']}")
-    return {"methods": series, "agreement": agreements, "load_average": loads}
+    return {"methods": series, "agreement": agreements, "load": loads}
 
 
 def measure_full(prob, method, reference, device, log):
@@ -725,6 +727,21 @@ def plot(path, results, title):
                     f = fit["top"]["n"]
                     xs = np.array([f["x"][0], f["x"][-1]])
                     ax.plot(xs, np.exp(f["intercept"]) * xs ** f["slope"], style, color="black", lw=0.9, alpha=0.6)
+        # guides: slope 3 through backprop's last point, slope 6 through the costliest last point
+        guide = [(3, r["methods"].get("backprop", {}).get("full", [])[-1:])]
+        ends = [s["sampled"][-1] if s["sampled"] and s["sampled"][-1]["n"] >= (s["full"] or [{"n": 0}])[-1]["n"]
+                else (s["full"] or [None])[-1] for m, s in r["methods"].items() if m in PER_PARAMETER]
+        ends = [e for e in ends if e]
+        if ends:
+            guide.append((6, [max(ends, key=lambda e: (e["n"], e["seconds"]))]))
+        for slope, point in guide:
+            if point:
+                n1, t1 = point[0]["n"], point[0]["seconds"]
+                xs = np.array([n1 / 8, n1])
+                if xs[0] >= 2:
+                    ax.plot(xs, t1 * 3 * (xs / n1) ** slope, color="0.55", lw=0.9, ls=(0, (4, 3)))
+                    ax.annotate(rf"$\propto n^{slope}$", (xs[0], t1 * 3 * (1 / 8) ** slope), xytext=(-4, 0),
+                                textcoords="offset points", ha="right", va="center", fontsize=8, color="0.4")
         for secs, name in ((1e-3, "1 ms"), (1, "1 s"), (60, "1 min"), (3600, "1 h"), (86400, "1 day"),
                            (365.25 * 86400, "1 year")):
             if ymin / 3 < secs < ymax * 3:
@@ -743,10 +760,10 @@ def plot(path, results, title):
         ax.set_title(f"{title} — {dev}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    fig.text(0.01, 0.005, "filled: measured in full; open: P x mean time per parameter over a sample; "
-             "dotted black: least-squares fits over the largest sizes (slopes in the legend, 95% CI)",
-             fontsize=7, color="0.3")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.text(0.01, 0.005, "filled: measured in full; open: P x mean time per parameter over a sample of parameters "
+             "from every layer\ndotted black: least-squares fits over the largest 4 sizes (slopes in the legend, "
+             "95% CI); grey dashed: slopes 3 and 6 for reference", fontsize=7, color="0.3")
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     tmp = path + ".tmp"
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -805,6 +822,38 @@ def machine():
     from cpu_bench import n_cores
 
     return {"cpu": cpu_model(), "cores": n_cores(), "platform": platform.platform()}
+
+
+class OtherLoad:
+    """The share of the machine's CPU time that other processes used since the last
+    ``read()``: all busy time in /proc/stat minus this process's own (Linux; None
+    elsewhere). The timings of a size are only as good as this is small."""
+
+    def __init__(self):
+        self.cores = os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last = self._now()
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+
+    def _now(self):
+        t = os.times()
+        return time.perf_counter(), self._busy(), t.user + t.system
+
+    def read(self):
+        then, self.last = self.last, self._now()
+        (w0, b0, o0), (w1, b1, o1) = then, self.last
+        if b0 is None or b1 is None or w1 <= w0:
+            return None
+        others = (b1 - b0) / self.tick - (o1 - o0)
+        return round(min(1.0, max(0.0, others / ((w1 - w0) * self.cores))), 3)
 
 
 def load_average():
@@ -906,9 +955,11 @@ def main(argv=None):
         log(f"# Cost of a gradient: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
             f"BLAS threads {threads}, {date}")
         result["load_before"] = load_average()
-        if result["load_before"] and result["load_before"][0] > result["machine"]["cores"]:
-            log(f"  warning: load average {result['load_before'][0]:.1f} on {result['machine']['cores']} cores: "
-                "other work is running and will slow these timings")
+        probe = OtherLoad()
+        time.sleep(1.0)
+        result["others_cpu_before"] = busy = probe.read()
+        if busy is not None and busy > 0.1:
+            log(f"  warning: other processes are using {100 * busy:.0f}% of the CPU: they will slow these timings")
         results = {}
         if args.device in ("cpu", "both"):
             log("## cpu")
