@@ -909,9 +909,55 @@ def summarise(result, methods, log):
         ratios = [c[2] for c in checks]
         notes.append(f"sample estimate / full time at the sizes run both ways: {min(ratios):.2f}..{max(ratios):.2f} "
                      f"({len(checks)} checks)")
+    if "forward" in series:
+        fwd = series["forward"]["full"][-fit_points_of(result):]
+        if fwd:
+            rates = ", ".join(f"n={r['n']}: {8 * r['P'] / r['seconds'] / 1e9:.1f}" for r in fwd)
+            notes.append("the forward pass reads every weight once; 8 P / t in GB/s: " + rates
+                         + " (a time growing like n^3 keeps this constant)")
+    for m in methods:
+        if m not in PER_PARAMETER:
+            continue
+        per = [r["seconds"] / (r["P"] * f) for r, f in per_forward(series, m)]
+        if per:
+            notes.append(f"{m} / (P x forward): {min(per):.2f}..{max(per):.2f} over n = "
+                         f"{per_forward(series, m)[0][0]['n']}..{per_forward(series, m)[-1][0]['n']}")
     for line in notes:
         log("  " + line)
     return notes
+
+
+def fit_points_of(result):
+    fits = result["fits"].get("forward", {}).get("full")
+    return fits["top"]["n"]["points"] if fits else FIT_POINTS
+
+
+def per_forward(series, method):
+    """[(row, forward seconds at its n)] of ``method``: its full timings, then its estimates
+    beyond them, wherever the forward pass was timed at the same n."""
+    fwd = {r["n"]: r["seconds"] for r in series.get("forward", {}).get("full", [])}
+    rows = {r["n"]: r for r in series[method]["sampled"]}
+    rows.update({r["n"]: r for r in series[method]["full"]})
+    return [(rows[n], fwd[n]) for n in sorted(rows) if n in fwd]
+
+
+def relative_table(result, methods):
+    """Markdown: each method's time over one forward pass at the same n, against P."""
+    series = result["methods"]
+    if "forward" not in series:
+        return ""
+    others = [m for m in methods if m != "forward"]
+    lines = ["| n | P | " + " | ".join(LABELS[m] for m in others) + " |", "|---:|---:|" + "---:|" * len(others)]
+    for f in series["forward"]["full"]:
+        cells = []
+        for m in others:
+            row = {r["n"]: r for r, _ in per_forward(series, m)}
+            r = row.get(f["n"])
+            ratio = r["seconds"] / f["seconds"] if r else None
+            mark = "~" if r and r not in series[m]["full"] else ""
+            cells.append("" if ratio is None else f"{mark}{ratio:.3g}")
+        lines.append(f"| {f['n']} | {f['P']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -984,6 +1030,8 @@ def main(argv=None):
             log(table(r, methods))
             log(f"\n## {dev}: fitted exponents, log t = c + k log n over the largest {args.fit_points} sizes\n")
             log(fits_table(r["fits"], methods))
+            log(f"\n## {dev}: time over one forward pass at the same n (P = the parameter count; ~: estimated)\n")
+            log(relative_table(r, methods))
             log("")
             r["notes"] = summarise(r, methods, log)
         if args.path_sizes:

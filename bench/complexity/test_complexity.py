@@ -157,7 +157,11 @@ def test_the_script_writes_its_results(tmp_path, capsys):
     png = js.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
     log = js.with_suffix(".log").read_text()
-    assert "| n | P |" in log and "gradient agreement" in log
+    assert "| n | P |" in log and "gradient agreement" in log and "time over one forward pass" in log
+    # the per-parameter methods cost about P forward passes (the claim, as a ratio)
+    for method in cx.PER_PARAMETER:
+        for row, fwd in cx.per_forward(cpu["methods"], method):
+            assert 0.05 < row["seconds"] / (row["P"] * fwd) < 20
     assert "fitted exponents" in capsys.readouterr().out
 
 
