@@ -64,6 +64,8 @@ class Communicator:
     def allreduce_mean(self, buf, weight=None):
         """buf = sum over ranks of w_r buf_r, in place, each rank giving its own weight
         w_r (default 1 / size); the weights should add up to 1."""
+        _scale(buf, 1.0 / self.size if weight is None else weight)
+        self.allreduce_sum(buf)
 
     def allreduce_sum(self, buf):
         """buf = sum over ranks of buf_r, in place."""
@@ -101,10 +103,6 @@ class MPICommunicator(Communicator):
         host, upload = self._host(buf)
         self.comm.Bcast(host, root=0)
         upload()
-
-    def allreduce_mean(self, buf, weight=None):
-        _scale(buf, 1.0 / self.size if weight is None else weight)
-        self.allreduce_sum(buf)
 
     def allreduce_sum(self, buf):
         host, upload = self._host(buf)

@@ -195,6 +195,8 @@ def test_one_process_is_the_default_and_its_collectives_change_nothing(monkeypat
     comm.allreduce_sum(buf)
     comm.bcast_params(buf)
     np.testing.assert_array_equal(buf, np.arange(5, dtype=np.float32))
+    comm.allreduce_mean(buf, weight=0.5)  # the one rank's weight
+    np.testing.assert_array_equal(buf, np.arange(5, dtype=np.float32) / 2)
     assert comm.bcast({"a": 1}) == {"a": 1}
     with pytest.raises(ValueError, match="boom"):
         comm.abort(ValueError("boom"))
