@@ -21,8 +21,8 @@ The five methods, each giving the full gradient dL/dtheta (P numbers)
     backprop      (b) the engine's forward, loss and backward (_forward, _loss,
                   _backward) on a workspace loaded once. The public
                   model.loss_and_grad adds input validation and a host copy of
-                  the gradients; it is timed too, up to n = 128, as
-                  backprop_public.
+                  the gradients; it is timed too, up to n = 128 (public_s in
+                  backprop's rows).
     forward_mode  (c) one forward pass of dual numbers (value, tangent) per
                   parameter, the tangent seeded at that parameter: P passes of
                   2 matrix-vector products per layer. The textbook version: every
@@ -46,8 +46,8 @@ growing n when its last timing, or the prediction for the next size from its las
 two, exceeds --max-seconds. Beyond that, the per-parameter methods are estimated:
 P times the mean time per parameter over a sample of k parameters spread evenly
 over the flat parameter vector (so over all layers), plus the per-gradient setup;
-at the sizes measured in full the estimate is taken too and its ratio to the full
-time reported, as a check on it.
+at the sizes measured in full the estimate is taken too (where the sample is at most
+a quarter of P) and its ratio to the full time reported, as a check on it.
 
 Fits: log t = c + k log n by least squares over the largest --fit-points sizes
 (default 4) of each series (measured in full; estimated), with a 95% confidence
