@@ -123,7 +123,7 @@ class Optimizer:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
         state = {}
         for name, value in d["state"].items():
-            if name not in self._buffers:
+            if name not in fresh._buffers:
                 raise ValueError(f"unexpected state buffer {name!r} for {type(self).__name__}")
             arr = np.asarray(value)
             if arr.ndim != 1 or arr.dtype.kind != "f" or not np.isfinite(arr).all():
@@ -132,6 +132,7 @@ class Optimizer:
         if len({a.shape for a in state.values()}) > 1:
             raise ValueError("state buffers differ in size")
         self.hyperparams, self.steps, self.state = fresh.hyperparams, int(steps), state
+        self._buffers = fresh._buffers  # SGD keeps a momentum buffer only with momentum
         self._scratch = self._steps_on_device = None
 
     def __repr__(self):

@@ -63,6 +63,26 @@ def test_load_state_dict_rejects_mismatches():
         gb.optim.from_state_dict({"type": "RMSprop"})
 
 
+def test_sgd_takes_the_momentum_buffers_of_the_state_it_loads(rng):
+    """An SGD made without momentum becomes the loaded one, momentum buffer included
+    (data-parallel ranks adopt rank 0's optimizer this way), and the reverse."""
+    X, y = random_batch(rng, [5, 4, 3], "cross_entropy", 8)
+    model = gb.MLP([5, 4, 3], seed=0)
+    with_momentum = gb.optim.SGD(0.05, momentum=0.9)
+    model.train_step(X, y, with_momentum)
+    plain = gb.optim.SGD(0.5)
+    plain.load_state_dict(with_momentum.state_dict())
+    assert plain.hyperparams == with_momentum.hyperparams and set(plain.state) == {"momentum_buffer"}
+    twin = gb.MLP([5, 4, 3], seed=0)
+    twin.load_state_dict(model.state_dict())
+    model.train_step(X, y, with_momentum)
+    twin.train_step(X, y, plain)
+    assert_same_params(params_of(model), params_of(twin))
+    back = gb.optim.SGD(0.05, momentum=0.9)
+    back.load_state_dict(gb.optim.SGD(0.5).state_dict())
+    assert back._buffers == () and back.hyperparams["momentum"] == 0.0
+
+
 def test_lr_can_be_changed_between_steps():
     opt = gb.optim.SGD(0.1)
     opt.lr = 0.01
