@@ -429,47 +429,48 @@ class MLP:
         one process's (see gpubackprop.distributed). Rank 0 alone shows progress
         and writes checkpoints; an error on any rank aborts the job.
         """
-        epochs = validation.check_positive_int("epochs", epochs, minimum=0)
-        batch_size = validation.check_positive_int("batch_size", batch_size)
-        optimizer = Adam() if optimizer is None else _check_optimizer(optimizer)
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
-        callbacks = list(callbacks or ())
-        if (checkpoint_every is not None or resume or on_nonfinite == "restore") and checkpoint_dir is None:
-            raise ValueError("checkpoint_every, resume and on_nonfinite='restore' need checkpoint_dir")
-        if on_nonfinite not in POLICIES:
-            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
-        if checkpoint_every is not None:
-            checkpoint_every = validation.check_positive_int("checkpoint_every", checkpoint_every)
-        keep_checkpoints = validation.check_positive_int("keep_checkpoints", keep_checkpoints)
         comm = _ONE_PROCESS if comm is None else _check_comm(comm, self.backend)
-        with self._context():
-            # The data set goes to the device once and batches are gathered there; a
-            # memory-mapped X stays on disk and each batch's rows are read as needed.
-            if isinstance(X, np.memmap):
-                X_disk, T = self._prepare_streamed(X, y)
-                X = X_disk
-            else:
-                X_disk = None
-                X, T = self._prepare(X, y)
-            val = self._prepare(*validation_data) if validation_data is not None else None
-            self._comm = comm
-            try:
+        try:  # on every rank, checks and data included: a failure anywhere aborts the job
+            epochs = validation.check_positive_int("epochs", epochs, minimum=0)
+            batch_size = validation.check_positive_int("batch_size", batch_size)
+            optimizer = Adam() if optimizer is None else _check_optimizer(optimizer)
+            if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+                raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+            callbacks = list(callbacks or ())
+            if (checkpoint_every is not None or resume or on_nonfinite == "restore") and checkpoint_dir is None:
+                raise ValueError("checkpoint_every, resume and on_nonfinite='restore' need checkpoint_dir")
+            if on_nonfinite not in POLICIES:
+                raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
+            if checkpoint_every is not None:
+                checkpoint_every = validation.check_positive_int("checkpoint_every", checkpoint_every)
+            keep_checkpoints = validation.check_positive_int("keep_checkpoints", keep_checkpoints)
+            with self._context():
+                # The data set goes to the device once and batches are gathered there; a
+                # memory-mapped X stays on disk and each batch's rows are read as needed.
+                if isinstance(X, np.memmap):
+                    X_disk, T = self._prepare_streamed(X, y)
+                    X = X_disk
+                else:
+                    X_disk = None
+                    X, T = self._prepare(X, y)
+                val = self._prepare(*validation_data) if validation_data is not None else None
+                self._comm = comm
                 return self._train(X, X_disk, T, val, epochs, batch_size, optimizer, shuffle, progress, callbacks,
                                    graphs, clip_norm, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
                                    on_nonfinite)
-            except BaseException as e:
-                if comm.size > 1:  # the other ranks would wait for this one forever
-                    comm.abort(e)
-                raise
-            finally:
-                self._comm = _ONE_PROCESS
+        except BaseException as e:
+            if comm.size > 1:  # the other ranks would wait for this one forever
+                comm.abort(e)
+            raise
+        finally:
+            self._comm = _ONE_PROCESS
 
     def _train(self, X, X_disk, T, val, epochs, batch_size, optimizer, shuffle, progress, callbacks, graphs,
                clip_norm, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, on_nonfinite):
         """fit's loop, on data already checked and on the device."""
         b, xp, comm = self.backend, self.backend.xp, self._comm
         root = comm.rank == 0
+        parallel = not isinstance(comm, distributed.SingleProcess)  # (even of one rank: its collectives run)
         n = X.shape[0]
         root_n = comm.bcast(n)
         if root_n != n:
@@ -485,7 +486,7 @@ class MLP:
             start = self._resume(checkpoint_dir, optimizer)
         else:
             start = None
-            if comm.size > 1:
+            if parallel:
                 self._adopt_root(optimizer)
         batch_size = min(batch_size, n)
         steps = -(-n // batch_size)
@@ -497,7 +498,7 @@ class MLP:
         running = b.zeros((2,), np.float64)
         first_epoch, done_steps = (start["epoch"], start["step"]) if start else (0, 0)
         # A step is captured whole; one with a collective in its middle is not (yet).
-        graphs = {} if graphs and b.supports_graphs and comm.size == 1 else None
+        graphs = {} if graphs and b.supports_graphs and not parallel else None
         self.stop_training = False
         self.optimizer, self._clip_norm = optimizer, clip_norm
         self._guard = Guard(b) if self._scaler is None else None
@@ -524,7 +525,7 @@ class MLP:
                     if X_disk is not None:
                         mine = order_host[start_row + lo:start_row + hi]
                         xp.copyto(ws.a[0], b.asarray(self._to_compute(np.asarray(X_disk[mine], self.dtype), "X")))
-                reduce = None if comm.size == 1 else functools.partial(comm.allreduce_mean, weight=(hi - lo) / rows)
+                reduce = functools.partial(comm.allreduce_mean, weight=(hi - lo) / rows) if parallel else None
                 self._fit_step(ws, None if X_disk is not None else X, T, optimizer, running, graphs, reduce)
                 logs = {"batch_size": rows}
                 if s % 16 == 15:  # reading the loss is a device sync: not every step
@@ -543,7 +544,7 @@ class MLP:
             optimizer._sync_steps()
             logs = self._logs(self._totals(running), n)
             if val is not None:
-                logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+                logs.update({f"val_{k}": v for k, v in self._evaluate(*val, comm).items()})
             for k, v in logs.items():
                 history[k].append(v)
             call(callbacks, "on_epoch_end", self, epoch, logs)
@@ -561,18 +562,28 @@ class MLP:
         return totals
 
     def _adopt_root(self, optimizer):
-        """Every rank takes rank 0's parameters, optimizer state and step count, shuffle
-        state and dropout seed (data parallel: the ranks start equal and stay so)."""
-        comm = self._comm
+        """Every rank takes rank 0's parameters, optimizer (hyperparameters, step count,
+        state), loss scale, shuffle state and dropout seed: data parallel, the ranks
+        start equal and stay so."""
+        comm, b = self._comm, self.backend
+        scaler = self._scaler and [b.to_host(x).copy() for x in (self._scaler.scale, self._scaler.clean_steps)]
+        kind, hyperparams, steps, rng, seed, scaler = comm.bcast(
+            (type(optimizer).__name__, optimizer.hyperparams, optimizer.steps, self._shuffle_rng.bit_generator.state,
+             self._dropout_seed, scaler))
+        if comm.rank != 0:
+            if kind != type(optimizer).__name__:
+                raise ValueError(f"rank {comm.rank} trains with {optimizer!r}, rank 0 with a {kind}: "
+                                 "every rank must use the same optimizer")
+            optimizer.load_state_dict({"type": kind, "hyperparams": hyperparams, "steps": steps, "state": {}})
+            optimizer._bind(self)
+            self._shuffle_rng.bit_generator.state, self._dropout_seed = rng, seed
+            if scaler is not None:
+                for dst, src in zip((self._scaler.scale, self._scaler.clean_steps), scaler):
+                    b.xp.copyto(dst, b.asarray(src))
         comm.bcast_params(self._params)
         self._params_changed()
         for name in optimizer._buffers:
             comm.bcast_params(optimizer.state[name])
-        optimizer.steps, rng, self._dropout_seed = comm.bcast(
-            (optimizer.steps, self._shuffle_rng.bit_generator.state, self._dropout_seed))
-        self._shuffle_rng.bit_generator.state = rng
-        optimizer._steps_on_device = None
-        optimizer._bind(self)
 
     def _resume(self, directory, optimizer):
         """Load the newest sound checkpoint in ``directory`` into the model and the
@@ -595,7 +606,7 @@ class MLP:
             optimizer.load_state_dict(saved_optimizer.state_dict())
             self.load_state_dict(saved.state_dict())
             optimizer._bind(self)
-        if self._comm.size > 1:
+        if not isinstance(self._comm, distributed.SingleProcess):
             progress = self._comm.bcast(progress)
             self._adopt_root(optimizer)
         return progress
@@ -707,11 +718,15 @@ class MLP:
         with self._context():
             return self._evaluate(*self._prepare(X, y))
 
-    def _evaluate(self, X, T):
+    def _evaluate(self, X, T, comm=_ONE_PROCESS):
+        """Loss and metric over (X, T); with ``comm``, each rank evaluates its shard of the rows."""
+        lo, hi = distributed.shard(X.shape[0], comm.rank, comm.size)
         running = self.backend.zeros((2,), np.float64)
-        for ws, _ in self._batches(X, T):
+        for ws, _ in self._batches(X[lo:hi], T[lo:hi]):
             self._loss(ws, running)
-        return self._logs(self.backend.to_host(running), X.shape[0])
+        totals = self.backend.to_host(running).copy()
+        comm.allreduce_sum(totals)
+        return self._logs(totals, X.shape[0])
 
     def _logs(self, totals, n):
         """The metrics from the host's [loss sum, hits] over n samples."""
@@ -763,9 +778,9 @@ def _check_dtype(dtype):
 def _check_comm(comm, backend):
     if not isinstance(comm, distributed.Communicator):
         raise TypeError(f"comm must be a gpubackprop.distributed communicator (gb.distributed.init()), got {comm!r}")
-    if isinstance(comm, distributed.NCCLCommunicator) and not backend.name.startswith("cuda"):
-        raise ValueError(f"NCCL reduces GPU arrays but the model is on {backend.name}; "
-                         f"make it with device=comm.device ({comm.device})")
+    if isinstance(comm, distributed.NCCLCommunicator) and backend.name != comm.device:
+        raise ValueError(f"this rank's NCCL communicator is bound to {comm.device} but the model is on "
+                         f"{backend.name}; make the model with device=comm.device")
     return comm
 
 

@@ -6,7 +6,7 @@ Every rank builds the model from a different seed (rank 0's must win), trains wi
 gb.distributed.init(transport) on the data of ``data()``, and writes
 OUT_DIR/rank<r>.npz: its final parameters, its history, and the row indices it
 trained on per step. Scenarios: "train" (options below), "raise" and "kill" (rank 1
-fails after a few steps).
+fails after a few steps), "bad-data" (rank 1's X has a column too few).
 """
 
 import os
@@ -29,15 +29,19 @@ def data(n, dtype):
 
 def options(args):
     opts = {"n": 203, "batch": 37, "epochs": 3, "dtype": "float32", "dropout": 0.0, "optimizer": "adam",
-            "checkpoint_every": 0, "resume": 0, "memmap": 0, "transport": "mpi", "device": "cpu"}
+            "checkpoint_every": 0, "resume": 0, "memmap": 0, "transport": "mpi", "device": "cpu",
+            "rank1_lr": 0.0}
     for arg in args:
         key, value = arg.split("=", 1)
         opts[key] = type(opts[key])(value) if not isinstance(opts[key], str) else value
     return opts
 
 
-def optimizer(name):
-    return gb.optim.Adam(1e-2) if name == "adam" else gb.optim.SGD(0.05, momentum=0.9)
+def optimizer(name, lr=0.0):
+    """The run's optimizer; a nonzero ``lr`` replaces its learning rate (and drops SGD's momentum)."""
+    if name == "adam":
+        return gb.optim.Adam(lr or 1e-2)
+    return gb.optim.SGD(lr, momentum=0.0) if lr else gb.optim.SGD(0.05, momentum=0.9)
 
 
 class Fail(callbacks.Callback):
@@ -57,6 +61,8 @@ def main(scenario, out, *args):
     opts = options(args)
     comm = gb.distributed.init(opts["transport"])
     X, y = data(opts["n"], opts["dtype"])
+    if scenario == "bad-data" and comm.rank == 1:
+        X = X[:, 1:]
     if opts["memmap"]:
         path = os.path.join(out, f"X-{comm.rank}.npy")
         np.save(path, X)
@@ -73,7 +79,8 @@ def main(scenario, out, *args):
     initial = model.state_dict()
     fail = [Fail(scenario, comm.rank)] if scenario in ("raise", "kill") else []
     checkpoints = os.path.join(out, "checkpoints")
-    history = model.fit(X, y, epochs=opts["epochs"], batch_size=opts["batch"], optimizer=optimizer(opts["optimizer"]),
+    lr = opts["rank1_lr"] if comm.rank == 1 else 0.0  # rank 0's optimizer must win
+    history = model.fit(X, y, epochs=opts["epochs"], batch_size=opts["batch"], optimizer=optimizer(opts["optimizer"], lr),
                         progress=False, callbacks=fail, comm=comm,
                         checkpoint_dir=checkpoints if opts["checkpoint_every"] or opts["resume"] else None,
                         checkpoint_every=opts["checkpoint_every"] or None, resume=bool(opts["resume"]))

@@ -91,6 +91,8 @@ CASES = {
     # 7 rows in batches of 3: the last batch has one row, so rank 0's shard is empty.
     "empty-shards": (("n=7", "batch=3", "epochs=4", "dtype=float64"), 1e-12),
     "memmap": (("memmap=1", "dtype=float64"), 1e-12),
+    # Rank 1 brings SGD(0.5) without momentum: rank 0's SGD(0.05, momentum=0.9) must win.
+    "rank-0-optimizer-wins": (("optimizer=sgd", "rank1_lr=0.5", "dtype=float64"), 1e-12),
 }
 
 
@@ -157,6 +159,13 @@ def test_a_rank_that_raises_aborts_every_rank_with_its_error(tmp_path):
     assert seconds < HANG
 
 
+def test_bad_data_on_one_rank_aborts_the_job_before_training(tmp_path):
+    code, err, seconds = mpiexec(2, "bad-data", tmp_path)
+    assert code != 0
+    assert "rank 1 of 2 failed (ValueError: X has 6 features but the model's input size is 7" in err
+    assert seconds < HANG
+
+
 def test_a_killed_rank_ends_the_job_instead_of_hanging_it(tmp_path):
     code, err, seconds = mpiexec(2, "kill", tmp_path)
     assert code != 0, err
@@ -218,8 +227,8 @@ def test_bad_transport_and_bad_comm_are_refused(rng):
     with pytest.raises(TypeError, match="distributed communicator"):
         model.fit(X, y, epochs=1, comm="mpi", progress=False)
     nccl = object.__new__(distributed.NCCLCommunicator)
-    nccl.device = "cuda:0"
-    with pytest.raises(ValueError, match=r"NCCL reduces GPU arrays but the model is on cpu; make it with device=comm"):
+    nccl.device = "cuda:1"
+    with pytest.raises(ValueError, match=r"bound to cuda:1 but the model is on cpu; make the model with device=comm"):
         model.fit(X, y, epochs=1, comm=nccl, progress=False)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
