@@ -13,8 +13,7 @@
 template <typename T, int ACT>
 __global__ void bias_act_forward(T* z, const T* __restrict__ b, T* a, int rows, int cols, T* __restrict__ dropped,
                                  unsigned threshold, typename Compute<T>::type keep_scale, unsigned seed,
-                                 const unsigned* __restrict__ steps, unsigned layer,
-                                unsigned long long offset) {
+                                 const unsigned* __restrict__ steps, unsigned layer, unsigned long long offset) {
     typedef typename Compute<T>::type C;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
         const C bias = ld(b + c);
