@@ -60,7 +60,8 @@ def one_process(opts, epochs=None, **fit):
     X, y = mpi_worker.data(o["n"], o["dtype"])
     model = gb.MLP(mpi_worker.SIZES, seed=0, dtype=o["dtype"], dropout=o["dropout"])
     history = model.fit(X, y, epochs=epochs or o["epochs"], batch_size=o["batch"],
-                        optimizer=mpi_worker.optimizer(o["optimizer"]), progress=False, **fit)
+                        optimizer=mpi_worker.optimizer(o["optimizer"]), progress=False,
+                        validation_data=mpi_worker.validation(X, y), **fit)
     return model.state_dict(), history
 
 
