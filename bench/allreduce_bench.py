@@ -46,6 +46,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_bench import n_cores, step_flops  # noqa: E402
 
+from gpubackprop.model import parameter_count  # noqa: E402
+
 CASES = {  # name -> (sizes, global batch): measured here; the networks of step_bench.py
     "medium": ((784, 1024, 1024, 10), 4096),
     "large": ((4096, 4096, 4096, 4096, 10), 512),  # step_bench's 8192 rows take a minute per step on 2 cores
@@ -110,7 +112,7 @@ def scaling_model(cases, compute_s, n=8):
     out = []
     for name in cases:
         sizes, batch = GPU_CASES[name]
-        params = sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
+        params = parameter_count(sizes)
         t_c = compute_s[name]
         for link, (beta, _) in LINKS.items():
             t_ar = 2 * (n - 1) / n * 4 * params / beta

@@ -26,6 +26,7 @@ import gpubackprop as gb
 from . import data, plots, validation
 from .io import atomic_write
 from .activations import ACTIVATIONS
+from .model import parameter_count
 from .precision import PRECISIONS
 
 OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
@@ -215,7 +216,7 @@ def explain(args):
     sizes = validation.check_sizes(args.sizes)
     samples = validation.check_positive_int("--samples", args.samples)
     n_in, n_out = sizes[0], sizes[-1]
-    n_params = sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
+    n_params = parameter_count(sizes)
     if n_params > EXPLAIN_MAX_PARAMS:
         raise ValueError(f"explain prints every weight: --sizes {' '.join(map(str, sizes))} has {n_params} parameters, "
                          f"more than {EXPLAIN_MAX_PARAMS}; use gb.trace(model, X, y) on a bigger network")

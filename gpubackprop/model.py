@@ -141,7 +141,7 @@ class MLP:
 
     @property
     def n_params(self):
-        return sum(o * i + o for i, o in zip(self.sizes[:-1], self.sizes[1:]))
+        return parameter_count(self.sizes)
 
     def _layout(self):
         """(weight slice, bias slice, out, in) of each layer in the flat buffer."""
@@ -759,6 +759,11 @@ class MLP:
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
                 f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r}"
                 + (f", dropout={self.dropout})" if self.dropout else ")"))
+
+
+def parameter_count(sizes):
+    """Weights and biases of an MLP with layer widths ``sizes``: sum of n_l (n_{l-1} + 1)."""
+    return sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
 
 
 def _megabytes(n):
