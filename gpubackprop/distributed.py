@@ -57,6 +57,7 @@ class Communicator:
     """
 
     rank, size, device = 0, 1, "auto"
+    parallel = True  # whether fit runs the collectives (also for a job of one rank)
 
     def bcast_params(self, buf):
         """buf = rank 0's buf, in place."""
@@ -83,7 +84,9 @@ class Communicator:
 
 
 class SingleProcess(Communicator):
-    """One process: every collective is the identity."""
+    """One process: every collective is the identity, and fit skips them."""
+
+    parallel = False
 
 
 class MPICommunicator(Communicator):

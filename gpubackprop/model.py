@@ -470,7 +470,7 @@ class MLP:
         """fit's loop, on data already checked and on the device."""
         b, xp, comm = self.backend, self.backend.xp, self._comm
         root = comm.rank == 0
-        parallel = not isinstance(comm, distributed.SingleProcess)  # (even of one rank: its collectives run)
+        parallel = comm.parallel
         n = X.shape[0]
         root_n = comm.bcast(n)
         if root_n != n:
@@ -544,7 +544,7 @@ class MLP:
             optimizer._sync_steps()
             logs = self._logs(self._totals(running), n)
             if val is not None:
-                logs.update({f"val_{k}": v for k, v in self._evaluate(*val, comm).items()})
+                logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
             for k, v in logs.items():
                 history[k].append(v)
             call(callbacks, "on_epoch_end", self, epoch, logs)
@@ -606,7 +606,7 @@ class MLP:
             optimizer.load_state_dict(saved_optimizer.state_dict())
             self.load_state_dict(saved.state_dict())
             optimizer._bind(self)
-        if not isinstance(self._comm, distributed.SingleProcess):
+        if self._comm.parallel:
             progress = self._comm.bcast(progress)
             self._adopt_root(optimizer)
         return progress
@@ -718,15 +718,13 @@ class MLP:
         with self._context():
             return self._evaluate(*self._prepare(X, y))
 
-    def _evaluate(self, X, T, comm=_ONE_PROCESS):
-        """Loss and metric over (X, T); with ``comm``, each rank evaluates its shard of the rows."""
-        lo, hi = distributed.shard(X.shape[0], comm.rank, comm.size)
+    def _evaluate(self, X, T):
+        """Loss and metric over (X, T); in a data-parallel fit each rank evaluates its shard of the rows."""
+        lo, hi = distributed.shard(X.shape[0], self._comm.rank, self._comm.size)
         running = self.backend.zeros((2,), np.float64)
         for ws, _ in self._batches(X[lo:hi], T[lo:hi]):
             self._loss(ws, running)
-        totals = self.backend.to_host(running).copy()
-        comm.allreduce_sum(totals)
-        return self._logs(totals, X.shape[0])
+        return self._logs(self._totals(running), X.shape[0])
 
     def _logs(self, totals, n):
         """The metrics from the host's [loss sum, hits] over n samples."""
