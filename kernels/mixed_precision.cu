@@ -31,9 +31,12 @@ __global__ void unscale_and_check(float* __restrict__ g, long long n, const floa
     if (bad) *found_inf = 1u;
 }
 
-// One thread: S and the count of clean steps since S last changed.
+// One thread: S and the count of clean steps since S last changed. Launched as one
+// warp (the host harness runs whole warps); the others must not repeat the
+// read-modify-write.
 __global__ void update_loss_scale(float* loss_scale, unsigned* clean_steps, unsigned* found_inf,
                                   float backoff, float growth, unsigned interval) {
+    if (threadIdx.x != 0) return;
     if (*found_inf) {
         *loss_scale *= backoff;
         *clean_steps = 0;

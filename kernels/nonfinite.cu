@@ -18,8 +18,10 @@ __global__ void flag_nonfinite(const T* __restrict__ g, long long n, unsigned* _
 }
 
 // One thread, after the update: count a flagged step, note the first one (the
-// optimizer's step count when it happened), clear the flag.
+// optimizer's step count when it happened), clear the flag. Launched as one warp,
+// like update_loss_scale.
 __global__ void count_nonfinite(unsigned* flag, unsigned* count, unsigned* first_bad, const unsigned* steps) {
+    if (threadIdx.x != 0) return;
     if (*flag) {
         if (*count == 0u) *first_bad = *steps;
         *count += 1u;
