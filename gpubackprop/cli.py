@@ -6,6 +6,7 @@
     mpiexec -n 4 gpubackprop train --dataset mnist5k --distributed   (data parallel: one process per GPU or CPU share)
     gpubackprop bench bench/results/gpu-2026-11-22.json   (a bar chart of a benchmark run)
     gpubackprop explain --sizes 4 2 2 1 --seed 0   (one training step, every number shown)
+    gpubackprop selftest --device cuda   (every primitive and mode against NumPy; exit 1 on a failure)
     gpubackprop info
 
 ``train`` writes <out>/model.safetensors (model and optimizer state, with the
@@ -23,7 +24,7 @@ import numpy as np
 
 import gpubackprop as gb
 
-from . import data, plots, validation
+from . import data, plots, selftest, validation
 from .io import atomic_write
 from .activations import ACTIVATIONS
 from .model import parameter_count
@@ -90,6 +91,14 @@ def build_parser():
     e.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     e.add_argument("--format", default="text", choices=["text", "markdown"])
     e.add_argument("--png", metavar="PATH", help="also draw the network with its numbers into this PNG")
+    s = commands.add_parser("selftest", help="check every primitive, in every dtype and precision mode, and whole "
+                                             "training steps on a device against float64 NumPy (exit status 1 on "
+                                             "any failure)")
+    s.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default auto)")
+    s.add_argument("--quick", action="store_true", help="fewer shapes, and no training on digits")
+    s.add_argument("--modes", nargs="+", choices=list(selftest.MODES), metavar="MODE",
+                   help=f"a subset of {' '.join(selftest.MODES)} (default all)")
+    s.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     commands.add_parser("info", help="versions, BLAS, threads and whether a GPU can be used")
     return parser
 
@@ -101,7 +110,8 @@ def main(argv=None):
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return {"train": train, "bench": bench, "explain": explain, "info": lambda args: info()}[args.command](args)
+        return {"train": train, "bench": bench, "explain": explain, "selftest": run_selftest,
+                "info": lambda args: info()}[args.command](args)
     except (OSError, ValueError, TypeError, ImportError, gb.DeviceUnavailableError) as e:
         print(f"gpubackprop: error: {e}", file=sys.stderr)
         return 2
@@ -240,6 +250,18 @@ def explain(args):
         t.plot(args.png)
         print(f"wrote {args.png}", file=sys.stderr)
     return 0
+
+
+# ---- selftest --------------------------------------------------------------------------
+def run_selftest(args):
+    """The device's primitives and steps against float64 NumPy (gpubackprop.selftest)."""
+    backend = gb.get_backend(args.device)
+    if backend.note:
+        print(backend.note, file=sys.stderr)
+    report = selftest.run(backend, quick=args.quick, modes=args.modes)
+    if args.json:
+        atomic_write(args.json, json.dumps(report.to_dict(), indent=1).encode())
+    return 0 if report.passed else 1
 
 
 def _run_name(dataset):
