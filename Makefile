@@ -10,7 +10,7 @@ comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_table.py
+
+# On a machine with an NVIDIA GPU: selftest, the GPU tests and the step benchmark,
+# every log and JSON into OUT (bench/gpu_check.sh), with the interpreter PYTHON
+# that has gpubackprop and CuPy (pip install -e '.[cuda13,test,compare]').
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

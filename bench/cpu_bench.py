@@ -106,28 +106,36 @@ class Timing:
         return {"best_s": self.best, "median_s": self.median, "loop": self.loop, "repeat_means_s": self.means}
 
 
-def calibrate(fn, target_s=TARGET_S, warmup_s=None):
+def _no_sync():
+    pass
+
+
+def calibrate(fn, target_s=TARGET_S, warmup_s=None, sync=_no_sync):
     """Warm ``fn`` up (at least twice, at least ``warmup_s``, default target_s / 2) and
-    return how many calls make a loop of ~``target_s``."""
+    return how many calls make a loop of ~``target_s``. ``sync`` waits for work
+    ``fn`` queued on a device (GPU calls return before their work is done)."""
     warmup_s = target_s / 2 if warmup_s is None else warmup_s
     calls, t0 = 0, time.perf_counter()
     while True:
         fn()
+        sync()
         calls += 1
         elapsed = time.perf_counter() - t0
         if calls >= 2 and elapsed >= warmup_s:
             break
-    t1 = time.perf_counter()
-    fn()  # a steady-state call: the warm-up average still holds the first, cold ones
-    per_call = min(elapsed / calls, time.perf_counter() - t1)
+    # A steady-state loop: the warm-up average still holds the first, cold calls.
+    per_call = min(elapsed / calls, loop_mean(fn, 3, sync))
     return max(1, round(target_s / per_call))
 
 
-def loop_mean(fn, loop):
-    """Mean seconds per call over ``loop`` back-to-back calls."""
+def loop_mean(fn, loop, sync=_no_sync):
+    """Mean seconds per call over ``loop`` back-to-back calls, from a synced device
+    to a synced device."""
+    sync()
     t0 = time.perf_counter()
     for _ in range(loop):
         fn()
+    sync()
     return (time.perf_counter() - t0) / loop
 
 
@@ -141,27 +149,28 @@ def time_call(fn, target_s=TARGET_S, repeats=REPEATS):
     return time_interleaved({"fn": fn}, target_s, repeats)["fn"]
 
 
-def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS):
+def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS, sync=_no_sync, settle_s=SETTLE_S):
     """Timings of several callables ({name: fn} -> {name: Timing}), repeats interleaved.
 
     Each is warmed up and its loop sized first; then every repeat runs one loop of
     each in turn, so a burst of load from elsewhere hits all of them alike instead
     of only the one being timed at the moment. Each loop starts after ``settle()``
-    and one untimed call.
+    and one untimed call. ``sync`` (a device's synchronize) closes every loop, so a
+    loop's time is its device work's; GPUs have no spinning CPU pools: settle_s=0.
     """
     several = len(fns) > 1
     loops = {}
     for name, fn in fns.items():
         if several:
-            settle()
-        loops[name] = calibrate(fn, target_s)
+            settle(settle_s)
+        loops[name] = calibrate(fn, target_s, sync=sync)
     means = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
         for name, fn in fns.items():
             if several:
-                settle()
+                settle(settle_s)
                 fn()  # its own threads and caches warm again after the pause
-            means[name].append(loop_mean(fn, loops[name]))
+            means[name].append(loop_mean(fn, loops[name], sync))
     return {name: Timing(best=min(m), loop=loops[name], means=m) for name, m in means.items()}
 
 

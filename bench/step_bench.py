@@ -1,41 +1,61 @@
-"""Train-step throughput side by side: gpubackprop against PyTorch, eager and graphed,
-per precision mode, with the matmul ceiling and peak memory measured in the same run.
+"""Train-step throughput side by side: gpubackprop against PyTorch (eager and
+CUDA-graphed) and JAX ``jit``, per precision mode, with the matmul ceiling and
+peak memory measured in the same run.
 
     python bench/step_bench.py [--device cuda|cpu] [--cases small,medium,...]
-                               [--precisions float32,tf32,bf16,fp16] [--steps 50] [--out bench/results]
+                               [--precisions float32,tf32,bf16,fp16] [--out bench/results]
 
 A step is what ``fit`` does per batch: gather the batch from a data set already on
 the device, forward, cross-entropy loss, backward, SGD update (lr 0.01), ReLU
-hidden layers. For gpubackprop on CUDA that is one graph launch (``fit``'s path);
-PyTorch runs nn.Sequential + F.cross_entropy + optim.SGD eagerly, and captured
-whole with torch.cuda.graph ("torch_graph"), in the same precision:
-tf32 = allow_tf32 on both sides; bf16 / fp16 = torch.autocast (fp16 with a
-GradScaler, which is not captured: its graph column is left empty) against our
-mixed precision, float32 master weights on both sides.
+hidden layers. For gpubackprop on CUDA that is one graph launch (``fit``'s path).
+The peers run their idiomatic step in the same precision, indexing the same
+fixed permutation of the data set:
 
-Times are CUDA-event medians over ``--repeats`` loops of ``--steps`` steps after
-warm-up (on the CPU: perf_counter). ``ceiling_fraction`` is our useful FLOP/s
-(cpu_bench.step_flops) over a large GEMM's FLOP/s in the same precision, timed in
-the same run (cuBLAS through torch; np.matmul on the CPU). Peak bytes: PyTorch's
-max_memory_allocated; ours, the CuPy pool's bytes in use after the timed steps
-(a step allocates nothing after the first of its size, so that is the peak).
+    torch_eager   nn.Sequential + F.cross_entropy + optim.SGD
+    torch_graph   the same step captured whole with torch.cuda.graph (CUDA only)
+    jax           value_and_grad + an SGD tree_map under jax.jit, parameters donated
+
+tf32 = TF32 matmuls on every side (allow_tf32; jax_default_matmul_precision
+"tensorfloat32"; float32 is "float32" there, exact); bf16 / fp16 = float32 master
+weights and 16-bit compute on every side: torch.autocast (fp16 with a GradScaler,
+which cannot be captured: torch_graph's fp16 cell stays empty), casts inside the
+JAX step (fp16 with no loss scaling: JAX itself has none), our mixed precision
+(fp16 with dynamic loss scaling).
+
+Timing (cpu_bench.time_interleaved): every implementation warmed up and its loop
+sized to ~``--target-s``; then ``--repeats`` passes, each timing one loop of every
+implementation in turn, each loop from a synchronized device to a synchronized
+device (cudaDeviceSynchronize waits for all three libraries' streams); the best
+pass is kept. ``ceiling_fraction`` is our useful FLOP/s (cpu_bench.step_flops)
+over an n x n x n GEMM's in the same precision, timed in the same run (cuBLAS
+through torch on random data; np.matmul on the CPU).
+
+Peak bytes, each measured alone before the timing, with the data set included:
+ours, the growth of CuPy's pool in use over building the model and three steps (a
+step allocates nothing after the first of its size); torch eager, the growth of
+max_memory_allocated over the same; JAX, the compiled step's memory_analysis
+(arguments + outputs + temporaries - donated aliases).
+
 Writes ``<out>/gpu-<date>.json`` (``cpu-steps-<date>.json`` on the CPU) and prints
 a Markdown table. The CPU half exists so that this script is exercised in CI.
 """
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
-import numpy as np
+# JAX takes 75% of GPU memory at its first use unless told not to; the other
+# libraries in this process need theirs.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_bench import have, step_flops  # noqa: E402
+from cpu_bench import SETTLE_S, have, step_flops, time_interleaved  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
 
@@ -47,8 +67,11 @@ CASES = {  # name -> [(sizes, batch)]
     "large": [((4096, 4096, 4096, 4096, 10), 8192)],
     "narrow-deep": [((64, 64, 64, 64, 64, 16), 262144)],
 }
+IMPLS = ("ours", "torch_eager", "torch_graph", "jax")
 CEILING_N = {"cuda": 8192, "cpu": 2048}
 TORCH_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
+JAX_MATMUL = {"float32": "float32", "tf32": "tensorfloat32"}  # 16-bit: their own dtype's
+WARM_STEPS = 3
 
 
 def make_data(sizes, batch, rng):
@@ -56,11 +79,31 @@ def make_data(sizes, batch, rng):
     return X, rng.integers(0, sizes[-1], batch)
 
 
-# ---- the steps: each factory returns (step, peak_bytes) ------------------------------
+def order_of(batch):
+    return np.random.default_rng(1).permutation(batch)
+
+
+# ---- the steps: each factory returns (step, peak_bytes) -----------------------------
+# peak_bytes() is read after WARM_STEPS steps, before any other library runs (see
+# the module docstring), or is None where it is not measured.
+
+def _synchronize(device):
+    if device == "cuda":
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+
 
 def ours(sizes, batch, precision, device):
     """fit's per-batch path: indices into a fixed buffer, then gather + step (one
     graph launch on CUDA, from the third call on)."""
+    pool = None
+    if device == "cuda":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        _synchronize(device)
+        before = pool.used_bytes()
     model = gb.MLP(list(sizes), seed=SEED, device=device, precision=precision)
     X, y = make_data(sizes, batch, np.random.default_rng(SEED))
     opt = gb.optim.SGD(LR)
@@ -69,7 +112,7 @@ def ours(sizes, batch, precision, device):
         Xd, T = model._prepare(X, y)
         opt._bind(model)
         running = b.zeros((2,), np.float64)
-        order = b.asarray(np.random.default_rng(1).permutation(batch))
+        order = b.asarray(order_of(batch))
         ws = model._workspace(batch)
         graphs = {} if b.supports_graphs else None
 
@@ -78,19 +121,27 @@ def ours(sizes, batch, precision, device):
             b.xp.copyto(ws.index, order)
             model._fit_step(ws, Xd, T, opt, running, graphs)
 
-    def peak():
-        return b.xp.get_default_memory_pool().used_bytes() if device == "cuda" else None
-
-    return step, peak
+    for _ in range(WARM_STEPS):
+        step()
+    _synchronize(device)
+    return step, (None if pool is None else pool.used_bytes() - before)
 
 
 def torch_step(sizes, batch, precision, device, graph):
+    """PyTorch's idiomatic step (``graph``: captured whole); (None, None) for the
+    fp16 graph, whose GradScaler cannot be captured."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
+    if graph and precision == "fp16":
+        return None, None
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     torch.manual_seed(SEED)
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -98,13 +149,11 @@ def torch_step(sizes, batch, precision, device, graph):
     net = nn.Sequential(*layers).to(device)
     X, y = make_data(sizes, batch, np.random.default_rng(SEED))
     data, labels = torch.from_numpy(X).to(device), torch.from_numpy(y).to(device)
-    order = torch.from_numpy(np.random.default_rng(1).permutation(batch)).to(device)
+    order = torch.from_numpy(order_of(batch)).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     autocast = TORCH_AUTOCAST.get(precision)
     amp_dtype = getattr(torch, autocast) if autocast else None
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
-    if graph and scaler is not None:
-        return None, None
 
     def body():
         x, t = data.index_select(0, order), labels.index_select(0, order)
@@ -123,125 +172,186 @@ def torch_step(sizes, batch, precision, device, graph):
         opt.zero_grad(set_to_none=False)
         body()
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     if not graph:
-        return eager, lambda: torch.cuda.max_memory_allocated() if device == "cuda" else None
+        for _ in range(WARM_STEPS):
+            eager()
+        peak = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        return eager, peak
     # Whole-step capture, as PyTorch's CUDA graphs notes show: warm up on a side stream first.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
+        for _ in range(WARM_STEPS):
             eager()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=False)
     with torch.cuda.graph(g):
         body()
-    return g.replay, lambda: torch.cuda.max_memory_allocated()
+    return g.replay, None
 
 
-# ---- timing -------------------------------------------------------------------------
+def jax_step(sizes, batch, precision, device):
+    """JAX's idiomatic step: value_and_grad and an SGD tree_map under one jit, the
+    parameters donated so the update is in place."""
+    import jax
+    import jax.numpy as jnp
 
-def time_steps(step, device, steps, repeats, warmup=5):
-    """Median seconds per step over ``repeats`` loops of ``steps`` steps."""
-    for _ in range(warmup):
-        step()
-    per_step = []
-    if device == "cuda":
-        import cupy
-        import torch
+    dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    low = {"bf16": jnp.bfloat16, "fp16": jnp.float16}.get(precision)
+    rng = np.random.default_rng(SEED)
+    params = [(rng.normal(0.0, np.sqrt(2.0 / n_in), (n_out, n_in)).astype(np.float32), np.zeros(n_out, np.float32))
+              for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+    X, y = make_data(sizes, batch, np.random.default_rng(SEED))
+    params, data, labels, order = jax.device_put((params, X, y.astype(np.int32), order_of(batch)), dev)
 
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            # Events on the null stream bracket both libraries' work: torch's default
-            # stream is the null stream, and ours joins it when a call returns.
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(cupy.cuda.Stream.null)
-            for _ in range(steps):
-                step()
-            end.record(cupy.cuda.Stream.null)
-            end.synchronize()
-            per_step.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / steps)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            per_step.append((time.perf_counter() - t0) / steps)
-    return statistics.median(per_step)
+    def loss_fn(params, x, t):
+        h = x if low is None else x.astype(low)
+        for i, (W, b) in enumerate(params):
+            if low is not None:
+                W, b = W.astype(low), b.astype(low)
+            h = h @ W.T + b
+            if i < len(params) - 1:
+                h = jax.nn.relu(h)
+        logp = jax.nn.log_softmax(h.astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=1))
 
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(params, data, labels, order):
+        loss, grads = jax.value_and_grad(loss_fn)(params, data[order], labels[order])
+        return jax.tree.map(lambda p, g: p - LR * g, params, grads), loss
+
+    with jax.default_matmul_precision(JAX_MATMUL.get(precision, "default")):
+        compiled = step.lower(params, data, labels, order).compile()
+    mem = compiled.memory_analysis()
+    peak = None
+    if mem is not None:
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes)
+    state = [params]
+
+    def run():
+        state[0], _ = compiled(state[0], data, labels, order)
+
+    for _ in range(WARM_STEPS):
+        run()
+    jax.block_until_ready(state[0])
+    return run, peak
+
+
+FACTORIES = {
+    "ours": ours,
+    "torch_eager": functools.partial(torch_step, graph=False),
+    "torch_graph": functools.partial(torch_step, graph=True),
+    "jax": jax_step,
+}
+
+
+def available(device):
+    """The implementations this machine can run on ``device``."""
+    impls = ["ours"]
+    if have("torch"):
+        impls += ["torch_eager"] + (["torch_graph"] if device == "cuda" else [])
+    if have("jax"):
+        impls.append("jax")
+    return impls
+
+
+# ---- timing ------------------------------------------------------------------------
 
 def ceiling_flops(device, precision):
-    """FLOP/s of an n x n x n GEMM in ``precision`` (the best of 5)."""
+    """FLOP/s of an n x n x n GEMM in ``precision`` on random data (the best of 5 loops)."""
     n = CEILING_N[device]
+    rng = np.random.default_rng(SEED)
     if device == "cpu":
-        a, b = np.ones((n, n), np.float32) * 0.5, np.ones((n, n), np.float32) * 0.25
-        best = min(_time(lambda: np.matmul(a, b)) for _ in range(5))
-        return 2 * n**3 / best
+        a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+        timing = time_interleaved({"gemm": lambda: np.matmul(a, b)}, target_s=0.2, repeats=5)["gemm"]
+        return 2 * n**3 / timing.best
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 10)
-    return 2 * n**3 / min(times)
-
-
-def _time(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    timing = time_interleaved({"gemm": lambda: a @ b}, target_s=0.2, repeats=5, sync=torch.cuda.synchronize, settle_s=0)
+    return 2 * n**3 / timing["gemm"].best
 
 
 # ---- the run -------------------------------------------------------------------------
 
-def measure(device, cases, precisions, steps, repeats, log=print):
-    torch_ok = have("torch")
+def measure(device, cases, precisions, impls=None, target_s=0.2, repeats=5, log=print, on_row=lambda rows: None):
+    """The rows of the table; ``on_row(rows so far)`` after each (the file is
+    rewritten then, so a run cut short keeps what it measured)."""
+    impls = [i for i in IMPLS if i in (impls or available(device))]
+    sync = functools.partial(_synchronize, device)
     rows = []
     for precision in precisions:
         ceiling = ceiling_flops(device, precision)
         log(f"{precision}: GEMM ceiling {ceiling / 1e12:.2f} TFLOP/s")
         for name in cases:
             for sizes, batch in CASES[name]:
-                row = {"case": name, "net": list(sizes), "batch": batch, "precision": precision}
-                step, peak = ours(sizes, batch, precision, device)
-                t = time_steps(step, device, steps, repeats)
-                row["ours_samples_per_s"] = batch / t
-                row["ours_peak_bytes"] = peak()
-                row["ceiling_fraction"] = step_flops(sizes, batch) / t / ceiling
-                for key, graph in (("torch_eager", False), ("torch_graph", True)):
-                    row[f"{key}_samples_per_s"] = None
-                    if not torch_ok or (graph and device != "cuda"):
+                row = {"case": name, "net": list(sizes), "batch": batch, "precision": precision,
+                       "ceiling_flops": ceiling}
+                steps = {}
+                for impl in impls:
+                    try:
+                        step, peak = FACTORIES[impl](sizes, batch, precision, device)
+                    except Exception as e:  # a peer that cannot run this case leaves its cells empty, and says why
+                        if impl == "ours":
+                            raise
+                        row[f"{impl}_error"] = f"{type(e).__name__}: {e}"
+                        log(f"{impl} {sizes} @ {batch} {precision}: {row[f'{impl}_error']}")
                         continue
-                    fn, peak_fn = torch_step(sizes, batch, precision, device, graph)
-                    if fn is not None:
-                        row[f"{key}_samples_per_s"] = batch / time_steps(fn, device, steps, repeats)
-                        if not graph:
-                            row["torch_peak_bytes"] = peak_fn()
-                row.setdefault("torch_peak_bytes", None)
-                log(json.dumps(row))
+                    row[f"{impl}_peak_bytes"] = peak
+                    if step is not None:
+                        steps[impl] = step
+                timings = time_interleaved(steps, target_s=target_s, repeats=repeats, sync=sync,
+                                           settle_s=0 if device == "cuda" else SETTLE_S)
+                for impl in IMPLS:
+                    t = timings.get(impl)
+                    row[f"{impl}_samples_per_s"] = None if t is None else batch / t.best
+                    row[f"{impl}_timing"] = None if t is None else t.as_dict()
+                    row.setdefault(f"{impl}_peak_bytes", None)
+                row["ceiling_fraction"] = step_flops(sizes, batch) / timings["ours"].best / ceiling
+                del steps, timings
+                log(json.dumps({k: v for k, v in row.items() if not k.endswith("_timing")}))
                 rows.append(row)
+                on_row(rows)
     return rows
 
 
 def versions():
-    v = {"python": platform.python_version(), "numpy": np.__version__, "gpubackprop": gb.__version__}
-    for mod in ("cupy", "torch"):
+    v = {"python": platform.python_version(), "numpy": np.__version__, "gpubackprop": gb.__version__,
+         "commit": _commit()}
+    for mod in ("cupy", "torch", "jax"):
         if have(mod):
             v[mod] = __import__(mod).__version__
+    if have("cupy"):
+        import cupy
+
+        try:
+            v["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+            v["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+        except cupy.cuda.runtime.CUDARuntimeError:
+            pass  # no driver: a CPU run
     return v
+
+
+def _commit():
+    """The engine's git commit (with '+changes' when the tree differs), or None."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def device_name(device):
@@ -255,20 +365,24 @@ def device_name(device):
 
 
 def table(rows):
-    head = ("| net | batch | precision | ours samples/s | torch eager | torch graph | ours / eager | ours / graph "
-            "| % of GEMM ceiling | ours peak MiB | torch peak MiB |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| net | batch | precision | ours samples/s | torch eager | torch graph | JAX jit | ours / eager "
+            "| ours / graph | ours / JAX | % of GEMM ceiling | peak MiB ours / torch / JAX |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
-    for r in rows:
-        def num(x, fmt="{:,.0f}"):
-            return "" if x is None else fmt.format(x)
 
-        ratio = lambda k: num(r[k] and r["ours_samples_per_s"] / r[k], "{:.2f}x")  # noqa: E731
-        mib = lambda k: num(r[k] and r[k] / 2**20, "{:,.0f}")  # noqa: E731
-        lines.append(f"| {'-'.join(map(str, r['net']))} | {r['batch']} | {r['precision']} | "
-                     f"{num(r['ours_samples_per_s'])} | {num(r['torch_eager_samples_per_s'])} | "
-                     f"{num(r['torch_graph_samples_per_s'])} | {ratio('torch_eager_samples_per_s')} | "
-                     f"{ratio('torch_graph_samples_per_s')} | {100 * r['ceiling_fraction']:.1f}% | "
-                     f"{mib('ours_peak_bytes')} | {mib('torch_peak_bytes')} |")
+    def num(x, fmt="{:,.0f}"):
+        return "" if x is None else fmt.format(x)
+
+    for r in rows:
+        ours_rate = r["ours_samples_per_s"]
+        ratio = lambda k: num(r[k] and ours_rate / r[k], "{:.2f}x")  # noqa: E731
+        mib = "/".join(num(r[f"{k}_peak_bytes"] and r[f"{k}_peak_bytes"] / 2**20) or "-"
+                       for k in ("ours", "torch_eager", "jax"))
+        lines.append(f"| {'-'.join(map(str, r['net']))} | {r['batch']} | {r['precision']} | {num(ours_rate)} | "
+                     f"{num(r['torch_eager_samples_per_s'])} | {num(r['torch_graph_samples_per_s'])} | "
+                     f"{num(r['jax_samples_per_s'])} | {ratio('torch_eager_samples_per_s')} | "
+                     f"{ratio('torch_graph_samples_per_s')} | {ratio('jax_samples_per_s')} | "
+                     f"{100 * r['ceiling_fraction']:.1f}% | {mib} |")
     return "\n".join(lines)
 
 
@@ -277,8 +391,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--precisions", default=None, help="default: all four on cuda, float32 on cpu")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--impls", default=None, help=f"a subset of {','.join(IMPLS)} (default: all installed)")
+    p.add_argument("--target-s", type=float, default=0.2, help="seconds of one timed loop (default 0.2)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved passes; the best is kept (default 5)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     precisions = (args.precisions or ("float32,tf32,bf16,fp16" if args.device == "cuda" else "float32")).split(",")
@@ -286,14 +401,23 @@ def main(argv=None):
     unknown = set(cases) - set(CASES)
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; choose from {list(CASES)}")
-    rows = measure(args.device, cases, precisions, args.steps, args.repeats)
+    impls = args.impls.split(",") if args.impls else None
+    if impls is not None and ("ours" not in impls or not set(impls) <= set(IMPLS)):
+        p.error(f"--impls must include ours and name only {list(IMPLS)}")
     date = datetime.date.today().isoformat()
     result = {"device": device_name(args.device), "date": date, "versions": versions(),
-              "settings": {"steps": args.steps, "repeats": args.repeats, "lr": LR}, "rows": rows}
+              "settings": {"target_s": args.target_s, "repeats": args.repeats, "lr": LR, "warm_steps": WARM_STEPS},
+              "rows": []}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{'gpu' if args.device == 'cuda' else 'cpu-steps'}-{date}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+
+    def save(rows):
+        result["rows"] = rows
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    measure(args.device, cases, precisions, impls, args.target_s, args.repeats, on_row=save)
+    rows = result["rows"]
     print(f"\n{result['device']}, {date}\n\n{table(rows)}\n\nwrote {path}")
     return result
 

@@ -6,12 +6,12 @@ import pytest
 
 import step_bench as sb
 
-ROW_KEYS = {"case", "net", "batch", "precision", "ours_samples_per_s", "torch_eager_samples_per_s",
-            "torch_graph_samples_per_s", "ceiling_fraction", "ours_peak_bytes", "torch_peak_bytes"}
+ROW_KEYS = {"case", "net", "batch", "precision", "ceiling_flops", "ceiling_fraction"} | {
+    f"{impl}_{what}" for impl in sb.IMPLS for what in ("samples_per_s", "timing", "peak_bytes")}
 
 
 def test_cpu_half_writes_the_result_file(tmp_path):
-    result = sb.main(["--device", "cpu", "--cases", "small", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
+    result = sb.main(["--device", "cpu", "--cases", "small", "--target-s", "0.01", "--repeats", "1", "--out", str(tmp_path)])
     [path] = tmp_path.iterdir()
     assert json.loads(path.read_text()) == result
     assert {"device", "date", "versions", "rows"} <= set(result)
@@ -20,8 +20,9 @@ def test_cpu_half_writes_the_result_file(tmp_path):
         assert set(row) == ROW_KEYS
         assert row["ours_samples_per_s"] > 0 and 0 < row["ceiling_fraction"] < 1.5
         assert row["torch_graph_samples_per_s"] is None  # no CUDA graphs on the CPU
-        if sb.have("torch"):
-            assert row["torch_eager_samples_per_s"] > 0
+        for impl in ("torch_eager", "jax"):
+            if sb.have(impl.split("_")[0]):
+                assert row[f"{impl}_samples_per_s"] > 0 and row[f"{impl}_timing"]["loop"] >= 1
 
 
 @pytest.mark.gpu
@@ -33,7 +34,8 @@ def test_gpu_steps_run_in_every_precision(precision):
     except sb.gb.DeviceUnavailableError as e:
         pytest.skip(str(e))
     step, peak = sb.ours((784, 128, 10), 256, precision, "cuda")
-    assert sb.time_steps(step, "cuda", steps=5, repeats=2) > 0 and peak() > 0
+    timing = sb.time_interleaved({"ours": step}, target_s=0.01, repeats=2, sync=lambda: sb._synchronize("cuda"))
+    assert timing["ours"].best > 0 and peak > 0
     assert gb_backend.supports_graphs
 
 
