@@ -32,9 +32,12 @@ def launch(n, *command, timeout=HANG):
     launcher = shutil.which("mpiexec", path=os.pathsep.join([bin_dir, os.environ["PATH"]]))
     if launcher is None:
         require_tool("mpiexec (pip install 'gpubackprop[mpi]' brings MPICH's)")
+    env = dict(os.environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers: Open MPI's mpiexec refuses root without these
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     start = time.monotonic()
     proc = subprocess.Popen([launcher, "-n", str(n), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -8,7 +8,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from dockerfile_parse import DockerfileParser
+
+DockerfileParser = pytest.importorskip("dockerfile_parse", reason="needs the test extra's dockerfile-parse").DockerfileParser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
