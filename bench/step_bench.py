@@ -341,8 +341,12 @@ def versions():
 
 
 def _commit():
-    """The engine's git commit (with '+changes' when the tree differs), or None."""
+    """The engine's git commit (with '+changes' when the tree differs), or None.
+    BENCH_COMMIT overrides it where the checkout was copied without its history."""
     import subprocess
+
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
 
     here = os.path.dirname(os.path.abspath(__file__))
     try:
