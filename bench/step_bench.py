@@ -191,7 +191,15 @@ def torch_step(sizes, batch, precision, device, graph):
     opt.zero_grad(set_to_none=False)
     with torch.cuda.graph(g):
         body()
-    return g.replay, None
+
+    def replay(inputs=(net, opt, data, labels, order)):
+        # The graph holds addresses, not tensors: what it reads and writes must live
+        # as long as it does. (Returning g.replay alone freed them; on the first H200
+        # run another step's tensors took the memory, and replays read garbage
+        # indices: a device-side assert.)
+        g.replay()
+
+    return replay, None
 
 
 def jax_step(sizes, batch, precision, device):

@@ -69,3 +69,21 @@ def test_bench_gpu_train_step(benchmark, impl, sizes, batch):
     benchmark.group = f"{'-'.join(map(str, sizes))}_b{batch}"
     benchmark.extra_info["batch"] = batch
     benchmark(synchronized)
+
+
+@pytest.mark.gpu
+def test_torch_graph_step_keeps_what_it_captured_alive():
+    """A captured step reads its inputs by address: once the factory returns, other
+    allocations must not be able to take their memory (they did, on the first GPU run)."""
+    import gc
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device for torch")
+    step, _ = sb.torch_step((784, 128, 10), 64, "float32", "cuda", graph=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    junk = [torch.full((4096,), -(2**40), dtype=torch.int64, device="cuda") for _ in range(256)]
+    step()
+    torch.cuda.synchronize()  # raises on a device-side assert (an index out of bounds)
+    assert len(junk) == 256
