@@ -62,7 +62,8 @@ class _Workspace:
         for l in range(1, L):
             if act.needs_z:
                 self.z[l] = empty((batch, sizes[l]), dtype)
-            self.scratch[l] = tuple(empty((batch, sizes[l]), dtype) for _ in range(act.n_scratch))
+            if backend.elementwise_scratch:
+                self.scratch[l] = tuple(empty((batch, sizes[l]), dtype) for _ in range(act.n_scratch))
         self.target = empty((batch, sizes[-1]), dtype)
         self.row = empty((batch,), dtype)
         self.ones = backend.xp.ones((batch,), dtype)
@@ -77,10 +78,11 @@ class _Workspace:
                 self.d[l] = empty((batch, sizes[l]), dtype)
 
     @staticmethod
-    def nbytes(sizes, act, batch, itemsize, dropout=False):
-        """The bytes __init__ allocates (a test holds the two together)."""
+    def nbytes(sizes, act, batch, itemsize, dropout=False, scratch=True):
+        """The bytes __init__ allocates (``scratch``: the backend's elementwise_scratch;
+        a test holds the two together)."""
         hidden = sum(sizes[1:-1])
-        per_hidden = act.needs_z + act.n_scratch + bool(dropout)
+        per_hidden = act.needs_z + act.n_scratch * bool(scratch) + bool(dropout)
         floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * per_hidden + sizes[-1] + 2) + 1
         return floats * itemsize + batch * (8 + 8 + 1 + 8)
 
@@ -249,7 +251,8 @@ class MLP:
     def _workspace(self, batch):
         ws = self._workspaces.pop(batch, None)
         if ws is None:
-            need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize, self.dropout > 0)
+            need = _Workspace.nbytes(self.sizes, self._act, batch, self._compute_dtype.itemsize, self.dropout > 0,
+                                     self.backend.elementwise_scratch)
             free = self.backend.free_bytes()
             try:
                 if free is not None and need > free:  # say so before trying, not after a failed allocation
@@ -479,7 +482,7 @@ class MLP:
         try:
             optimizer._bind(self)  # its state allocated now, not after a step has begun
         except MemoryError:
-            need = self._params.nbytes * (len(optimizer._buffers) + optimizer._n_scratch)
+            need = self._params.nbytes * (len(optimizer._buffers) + optimizer.scratch_buffers(self.backend))
             raise self._out_of_memory(f"the state of {optimizer!r}", need,
                                       "use SGD without momentum, or a smaller model") from None
         if resume:

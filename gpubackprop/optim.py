@@ -74,11 +74,17 @@ class Optimizer:
                 self.state[name] = backend.zeros(params.shape, params.dtype)
             elif not (backend.is_native(buf) and buf.dtype == params.dtype):
                 self.state[name] = backend.asarray(backend.to_host(buf), dtype=params.dtype)
+        n = self.scratch_buffers(backend)
         s = self._scratch
-        if s is None or not (backend.is_native(s[0]) and s[0].dtype == params.dtype and s[0].shape == params.shape):
-            self._scratch = tuple(backend.empty(params.shape, params.dtype) for _ in range(self._n_scratch))
+        if s is None or len(s) != n or not all(backend.is_native(x) and x.dtype == params.dtype
+                                               and x.shape == params.shape for x in s):
+            self._scratch = tuple(backend.empty(params.shape, params.dtype) for _ in range(n))
         if self._steps_on_device is None or not backend.is_native(self._steps_on_device):
             self._steps_on_device = backend.asarray(np.array([self.steps], np.uint32))
+
+    def scratch_buffers(self, backend):
+        """How many parameter-sized temporaries the update needs on ``backend``."""
+        return self._n_scratch if backend.elementwise_scratch else 0
 
     def step(self, model):
         """Apply one update from the model's current gradients."""
@@ -165,7 +171,7 @@ class SGD(Optimizer):
     def _update(self, backend, p, g, found_inf):
         h = self.hyperparams
         backend.sgd_update(
-            p, g, self.state.get("momentum_buffer"), self._scratch[0], self._steps_on_device,
+            p, g, self.state.get("momentum_buffer"), self._scratch[0] if self._scratch else None, self._steps_on_device,
             lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
             nesterov=h["nesterov"], weight_decay=h["weight_decay"], found_inf=found_inf,
         )

@@ -242,18 +242,35 @@ def test_to_cpu_keeps_parameters():
 
 
 @pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("kernels", [False, True], ids=["numpy", "kernels"])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_workspace_nbytes_counts_what_it_allocates(act, dropout):
+def test_workspace_nbytes_counts_what_it_allocates(act, dropout, kernels):
+    """The kernels fuse the activations' temporaries away: their workspace has none."""
+    from gpubackprop.backend.kernel_backend import KernelBackend
     from gpubackprop.model import _Workspace
 
     sizes = [7, 13, 5, 3]
-    ws = _Workspace(NumpyBackend(), sizes, ACTIVATIONS[act], 11, "float32", dropout)
+    backend = KernelBackend(np, module=None, n_sm=1) if kernels else NumpyBackend()
+    ws = _Workspace(backend, sizes, ACTIVATIONS[act], 11, "float32", dropout)
     found = []  # attributes are arrays, lists of arrays (or None), and lists of tuples of arrays
     for v in vars(ws).values():
         for x in v if isinstance(v, list) else [v]:
             found.extend(x if isinstance(x, tuple) else [x])
-    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4, dropout) == sum(
+    assert _Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4, dropout, scratch=not kernels) == sum(
         a.nbytes for a in found if isinstance(a, np.ndarray))
+    assert (ws.scratch[1] == ()) == kernels
+
+
+@pytest.mark.parametrize("opt", [gb.optim.SGD(0.1), gb.optim.Adam()], ids=repr)
+def test_optimizers_allocate_temporaries_only_where_the_backend_uses_them(opt):
+    from gpubackprop.backend.kernel_backend import KernelBackend
+
+    kernels = KernelBackend(np, module=None, n_sm=1)
+    for backend, n in ((NumpyBackend(), opt._n_scratch), (kernels, 0)):
+        model = gb.MLP([3, 4, 2], device=backend)
+        opt._bind(model)
+        assert len(opt._scratch) == n == opt.scratch_buffers(backend)
+        assert all(s.shape == model._params.shape for s in opt._scratch)
 
 
 class _OutOfMemoryBackend(NumpyBackend):

@@ -97,6 +97,10 @@ class Backend:
     note = ""
     supports_graphs = False
     supports_mixed_precision = False  # float16 / bfloat16 compute: cast_parameters, unscale_and_check, ...
+    # Whether the primitives use the temporaries the model passes them (``scratch``
+    # of the activations and the optimizers, each as large as its operand): NumPy
+    # needs them for its out= chains; fused kernels need none, so none is allocated.
+    elementwise_scratch = True
 
     # ---- arrays -------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -161,7 +165,8 @@ class Backend:
 
     # The optimizers read the step count t from ``steps`` (a (1,) uint32 array on
     # this device: steps done so far) and store t there, so that a replayed graph
-    # counts too. With ``found_inf`` set (fp16 overflow, or the divergence guard),
+    # counts too. ``scratch`` is None (SGD) or () (Adam) where elementwise_scratch
+    # is False. With ``found_inf`` set (fp16 overflow, or the divergence guard),
     # they skip the step.
     def sgd_update(self, p, g, buf, scratch, steps, *, lr, momentum, dampening, nesterov, weight_decay,
                    found_inf=None):

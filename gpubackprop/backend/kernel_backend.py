@@ -103,6 +103,7 @@ class KernelBackend(NumpyBackend):
     BLOCK = 256
     supports_graphs = True
     supports_mixed_precision = True
+    elementwise_scratch = False
     matmul_precision = "float32"
 
     def __init__(self, xp, module, n_sm, note=""):
