@@ -398,6 +398,40 @@ def table(rows):
     return "\n".join(lines)
 
 
+def merge(results, names):
+    """One result from several runs of this script that measured different
+    implementations of the same rows (each library in a process of its own, say):
+    each implementation's cells come from the first run that measured them, and
+    ``{impl}_source`` names that run; the ceiling goes with ours."""
+    merged = {}
+    for result, name in zip(results, names):
+        for row in result["rows"]:
+            key = (tuple(row["net"]), row["batch"], row["precision"])
+            into = merged.setdefault(key, {k: row[k] for k in ("case", "net", "batch", "precision")})
+            for impl in IMPLS:
+                if row.get(f"{impl}_samples_per_s") is None or into.get(f"{impl}_samples_per_s") is not None:
+                    continue
+                for what in ("samples_per_s", "timing", "peak_bytes", "error"):
+                    if f"{impl}_{what}" in row:
+                        into[f"{impl}_{what}"] = row[f"{impl}_{what}"]
+                into[f"{impl}_source"] = name
+                if impl == "ours":
+                    into["ceiling_flops"], into["ceiling_fraction"] = row["ceiling_flops"], row["ceiling_fraction"]
+    rows = []
+    for row in merged.values():
+        for impl in IMPLS:
+            for what in ("samples_per_s", "timing", "peak_bytes", "source"):
+                row.setdefault(f"{impl}_{what}", None)
+        row.setdefault("ceiling_flops", None)
+        row.setdefault("ceiling_fraction", None)
+        rows.append(row)
+    first = results[0]
+    return {"device": first["device"], "date": first["date"], "versions": first["versions"],
+            "merged_from": [{"source": n, "date": r["date"], "versions": r["versions"], "settings": r["settings"]}
+                            for r, n in zip(results, names)],
+            "rows": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -407,7 +441,22 @@ def main(argv=None):
     p.add_argument("--target-s", type=float, default=0.2, help="seconds of one timed loop (default 0.2)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved passes; the best is kept (default 5)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: merge result files of runs that measured different implementations "
+                        "(see merge) into --out/gpu-<date>.json")
     args = p.parse_args(argv)
+    if args.merge:
+        results = []
+        for name in args.merge:
+            with open(name) as f:
+                results.append(json.load(f))
+        result = merge(results, args.merge)
+        path = os.path.join(args.out, f"gpu-{result['date']}.json")
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\n{result['device']}, {result['date']}\n\n{table(result['rows'])}\n\nwrote {path}")
+        return result
     precisions = (args.precisions or ("float32,tf32,bf16,fp16" if args.device == "cuda" else "float32")).split(",")
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)

@@ -87,3 +87,38 @@ def test_torch_graph_step_keeps_what_it_captured_alive():
     step()
     torch.cuda.synchronize()  # raises on a device-side assert (an index out of bounds)
     assert len(junk) == 256
+
+
+def _result(rows, date="2026-11-29"):
+    return {"device": "X", "date": date, "versions": {}, "settings": {}, "rows": rows}
+
+
+def _row(precision, **cells):
+    row = {"case": "small", "net": [784, 128, 10], "batch": 64, "precision": precision,
+           "ceiling_flops": 1e12, "ceiling_fraction": None}
+    for impl in sb.IMPLS:
+        row.update({f"{impl}_samples_per_s": None, f"{impl}_timing": None, f"{impl}_peak_bytes": None})
+    row.update(cells)
+    return row
+
+
+def test_merge_takes_each_implementation_from_the_run_that_measured_it(tmp_path):
+    ours = _result([_row("float32", ours_samples_per_s=10.0, ours_peak_bytes=5, ceiling_fraction=0.5,
+                         jax_samples_per_s=8.0), _row("bf16", ours_samples_per_s=20.0)])
+    torch = _result([_row("float32", torch_eager_samples_per_s=2.0, torch_eager_peak_bytes=7, ceiling_flops=9e12),
+                     _row("tf32", torch_eager_samples_per_s=3.0)])
+    paths = []
+    for name, result in (("a.json", ours), ("b.json", torch)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(result))
+    merged = sb.main(["--merge", *paths, "--out", str(tmp_path / "out")])
+    rows = {r["precision"]: r for r in merged["rows"]}
+    assert set(rows) == {"float32", "bf16", "tf32"}
+    f32 = rows["float32"]
+    assert (f32["ours_samples_per_s"], f32["jax_samples_per_s"], f32["torch_eager_samples_per_s"]) == (10.0, 8.0, 2.0)
+    assert (f32["ours_source"], f32["jax_source"], f32["torch_eager_source"]) == (paths[0], paths[0], paths[1])
+    assert f32["ceiling_flops"] == 1e12 and f32["ceiling_fraction"] == 0.5  # ours' run's ceiling
+    assert f32["torch_graph_samples_per_s"] is None and f32["torch_graph_source"] is None
+    assert rows["tf32"]["ours_samples_per_s"] is None and rows["tf32"]["ceiling_fraction"] is None
+    assert [m["source"] for m in merged["merged_from"]] == paths
+    assert json.loads((tmp_path / "out" / "gpu-2026-11-29.json").read_text()) == merged
