@@ -2,6 +2,7 @@
 and 2 ranks here, and a ring-allreduce model of N GPUs.
 
     python bench/allreduce_bench.py [--ranks 1 2] [--cases medium,large] [--repeats 7] [--out bench/results]
+    python bench/allreduce_bench.py --model-only --gpu-results bench/results/gpu-2026-11-29.json
 
 Measured (each rank runs what ``fit`` runs per step for its shard of one global
 batch, float32, SGD; medians of ``--repeats``, each timed between barriers):
@@ -25,8 +26,11 @@ against the compute time per step T_c (one GPU, the benchmark's batch B):
     strong scaling (global batch B, B / N per GPU): E = (T_c / N) / (T_c / N + T_ar)
 
 with no overlap of the allreduce and the backward pass (the bound overlap could
-lift it to: min(1, T_c / T_ar) in place of T_c / (T_c + T_ar)).
-Writes ``<out>/allreduce-<date>.json`` and ``.log``.
+lift it to: min(1, T_c / T_ar) in place of T_c / (T_c + T_ar)). T_c is a GPU's
+measured float32 step (``--gpu-results``: a bench/step_bench.py result file),
+else estimated as the step's FLOPs at 50% of an H100's float32 peak.
+Writes ``<out>/allreduce-<date>.json`` and ``.log``; ``--model-only`` prints the
+model's table and measures nothing.
 """
 
 import argparse
@@ -107,6 +111,26 @@ def _barrier(comm):
         comm.comm.Barrier()
 
 
+def gpu_step_seconds(cases, results_path=None):
+    """({case: one GPU's float32 step in seconds}, where the numbers come from):
+    measured by bench/step_bench.py when ``results_path`` is given, else estimated."""
+    if results_path is None:
+        return ({name: step_flops(*GPU_CASES[name]) / H100_FLOAT32_FLOPS for name in cases},
+                "step FLOPs / (50% of 67 TFLOP/s, H100 SXM float32), an estimate")
+    with open(results_path) as f:
+        result = json.load(f)
+    measured = {(tuple(r["net"]), r["batch"]): r["ours_samples_per_s"] for r in result["rows"]
+                if r["precision"] == "float32" and r.get("ours_samples_per_s")}
+    seconds = {}
+    for name in cases:
+        sizes, batch = GPU_CASES[name]
+        rate = measured.get((sizes, batch))
+        if rate is None:
+            raise SystemExit(f"{results_path} has no float32 row of ours for {name} {sizes} at batch {batch}")
+        seconds[name] = batch / rate
+    return seconds, f"measured: {result['device']}, {result['date']}, float32 (bench/step_bench.py, {results_path})"
+
+
 def scaling_model(cases, compute_s, n=8):
     """Efficiency rows of the ring model for ``n`` GPUs; compute_s[case] is one GPU's step."""
     out = []
@@ -124,13 +148,16 @@ def scaling_model(cases, compute_s, n=8):
 
 
 def markdown(measured, model):
-    lines = ["| case | ranks | params | rows per rank | compute (ms) | allreduce (ms) | step (ms) | allreduce / step |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in measured:
-        lines.append(f"| {r['case']} {'-'.join(map(str, r['net']))} | {r['ranks']} | {r['params']:,} | "
-                     f"{r['rows_per_rank']} | {1e3 * r['compute_s']:.1f} | {1e3 * r['allreduce_s']:.1f} | "
-                     f"{1e3 * r['step_s']:.1f} | {r['allreduce_s'] / r['step_s']:.1%} |")
-    lines += ["", "| case | link | 8 GPUs: allreduce (ms) | compute per step, 1 GPU (ms) | weak-scaling efficiency | "
+    lines = []
+    if measured:
+        lines += ["| case | ranks | params | rows per rank | compute (ms) | allreduce (ms) | step (ms) | allreduce / step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in measured:
+            lines.append(f"| {r['case']} {'-'.join(map(str, r['net']))} | {r['ranks']} | {r['params']:,} | "
+                         f"{r['rows_per_rank']} | {1e3 * r['compute_s']:.1f} | {1e3 * r['allreduce_s']:.1f} | "
+                         f"{1e3 * r['step_s']:.1f} | {r['allreduce_s'] / r['step_s']:.1%} |")
+        lines.append("")
+    lines += ["| case | link | 8 GPUs: allreduce (ms) | compute per step, 1 GPU (ms) | weak-scaling efficiency | "
               "strong-scaling efficiency |", "|---|---|---|---|---|---|"]
     for r in model:
         lines.append(f"| {r['case']} ({r['params'] / 1e6:.1f} M params, batch {r['batch']}) | {r['link']} | "
@@ -163,6 +190,8 @@ def main(argv=None):
     p.add_argument("--cases", default="medium,large")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--gpu-results", metavar="JSON", help="T_c from this step_bench result (float32, ours)")
+    p.add_argument("--model-only", action="store_true", help="print the ring model's table; measure nothing")
     p.add_argument("--rank-run", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cases = args.cases.split(",")
@@ -172,9 +201,12 @@ def main(argv=None):
             print(json.dumps(list(rows.values())), flush=True)
         return None
 
-    measured = [row for n in args.ranks for row in launch(n, cases, args.repeats)]
-    compute = {name: step_flops(*GPU_CASES[name]) / H100_FLOAT32_FLOPS for name in cases}
+    compute, compute_what = gpu_step_seconds(cases, args.gpu_results)
     model = scaling_model(cases, compute)
+    if args.model_only:
+        print(f"T_c: {compute_what}\n\n{markdown([], model)}")
+        return model
+    measured = [row for n in args.ranks for row in launch(n, cases, args.repeats)]
     import gpubackprop as gb
 
     date = datetime.date.today().isoformat()
@@ -184,8 +216,7 @@ def main(argv=None):
                      "mpi": _mpi_version()},
         "measured": measured, "model": model,
         "model_assumptions": {"links": {k: {"bytes_per_s": b, "what": w} for k, (b, w) in LINKS.items()},
-                              "compute": "step FLOPs / (50% of 67 TFLOP/s, H100 SXM float32), until a GPU run "
-                                         "of bench/step_bench.py replaces it",
+                              "compute": compute_what,
                               "latency": "left out"},
     }
     table = markdown(measured, model)

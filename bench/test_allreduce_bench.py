@@ -29,3 +29,20 @@ def test_one_and_two_ranks_are_measured_and_written(tmp_path):
     assert one["allreduce_s"] < two["allreduce_s"]  # one rank reduces nothing; two send 7.5 MB
     assert all(r["compute_s"] > 0 and r["step_s"] > 0 for r in (one, two))
     assert {r["link"] for r in result["model"]} == set(ab.LINKS)
+
+
+def test_the_model_takes_a_gpu_run_s_measured_step(tmp_path, capsys):
+    rows = [{"net": [784, 1024, 1024, 10], "batch": 4096, "precision": p, "ours_samples_per_s": rate}
+            for p, rate in (("tf32", 8e6), ("float32", 4e6))]
+    rows.append({"net": [4096, 4096, 4096, 4096, 10], "batch": 8192, "precision": "float32", "ours_samples_per_s": None})
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"device": "GPU X", "date": "2026-11-29", "rows": rows}))
+    seconds, what = ab.gpu_step_seconds(["medium"], str(path))
+    assert seconds == {"medium": 4096 / 4e6} and what.startswith("measured: GPU X, 2026-11-29, float32")
+    model = ab.main(["--model-only", "--cases", "medium", "--gpu-results", str(path)])
+    assert {r["compute_s"] for r in model} == {4096 / 4e6}
+    assert "| medium (1.9 M params, batch 4096) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no float32 row of ours for large"):
+        ab.gpu_step_seconds(["large"], str(path))
+    estimated, what = ab.gpu_step_seconds(["medium"])
+    assert "estimate" in what and estimated["medium"] > 0
