@@ -237,10 +237,13 @@ def dense_backward_from(act, a, a_prev, W, b, grad):
 
 
 def check_losses(be, rng, modes, shapes):
+    """Loss, delta_L and the running loss against float64; the running hit count
+    exactly (both sides take the argmax of the same rounded logits, ties to the
+    first column)."""
     for mode in modes:
         dtype = storage(mode)
         for name in ("cross_entropy", "mse"):
-            errs, hits_equal = [], True
+            errs, wrong_hits = [], 0
             for B, _, C in shapes:
                 for scale in (3.0, 300.0):  # 300: logits far past exp's range
                     if scale > 100 and mode == "fp16":
@@ -252,13 +255,10 @@ def check_losses(be, rng, modes, shapes):
                     lw, dw, rw = run_loss(REFERENCE, name, z, y, np.float64, running=(2.5, 7.0))
                     errs += [error(lg, lw, mode in NORMWISE), error(dg, dw, mode in NORMWISE),
                              error(rg[0], rw[0], mode in NORMWISE)]
-                    # Hits: argmax of the rounded logits; ties can only come from rounding, so
-                    # compare the count where the reference has no near-tie.
-                    hits_equal &= rg[1] == rw[1] or mode in NORMWISE
-            yield Check(f"loss {name} (loss, delta, running sum)", mode, max(errs), BOUND[mode],
-                        "" if hits_equal else "hit counts differ")
-            if not hits_equal:
-                yield Check(f"loss {name} hit count", mode, float("inf"), 0.0)
+                    wrong_hits += int(rg[1] != rw[1])
+            yield Check(f"loss {name} (loss, delta, running sum)", mode, max(errs), BOUND[mode])
+            yield Check(f"loss {name} running hit count", mode, float(wrong_hits), 0.0,
+                        "" if not wrong_hits else f"{wrong_hits} batches counted other hits than NumPy")
 
 
 def check_optimizers(be, rng, modes):
