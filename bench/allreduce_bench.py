@@ -92,7 +92,8 @@ def measure(cases, repeats):
             "allreduce_s": lambda: reduce and reduce(model._grads),
             "step_s": lambda: model._step(ws, opt, reduce=reduce),
         }
-        row = {"case": name, "net": list(sizes), "batch": batch, "params": model.n_params}
+        row = {"case": name, "net": list(sizes), "batch": batch, "params": model.n_params,
+               "allreduce_bytes": 0 if reduce is None else model._grads.nbytes}
         for key, run in runs.items():
             run()  # warm-up: workspaces, staging buffers, BLAS threads
             times = []

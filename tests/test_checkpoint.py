@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -22,36 +23,47 @@ SCRIPT = textwrap.dedent("""
 
     directory, out, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
 
-    class Slow(callbacks.Callback):  # stretches the run so that kills land inside it
+    class Progress(callbacks.Callback):  # says where it resumed and each step it takes
+        def on_train_begin(self, model):
+            print("from", model.optimizer.steps, flush=True)
+
         def on_batch_end(self, model, batch, logs):
-            time.sleep(pause)
+            print("step", model.optimizer.steps, flush=True)
+            time.sleep(pause)  # stretches the gap between steps, so kills land there too
 
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((200, 20)).astype(np.float32), rng.integers(0, 4, 200)
     model = gb.MLP([20, 32, 4], seed=0, dropout=0.1)
-    print("ready", flush=True)
     history = model.fit(X, y, epochs=5, batch_size=16, optimizer=gb.optim.Adam(1e-2), progress=False,
                         checkpoint_dir=directory, checkpoint_every=1, keep_checkpoints=2, resume=True,
-                        callbacks=[Slow()], validation_data=(X[:50], y[:50]))
+                        callbacks=[Progress()], validation_data=(X[:50], y[:50]))
     np.savez(out, **model.state_dict(), **{f"history.{k}": v for k, v in history.items()})
 """)
+STEPS = 5 * 13  # epochs x batches
 
 
-def run_script(tmp_path, directory, out, pause, kill_after=None):
-    """Run the training script; with kill_after, SIGKILL it that long after its imports.
-    Returns True if it ran to the end."""
+def run_script(tmp_path, directory, out, pause, kill_delay=None):
+    """Run the training script; with kill_delay (a callable giving seconds), SIGKILL it
+    that long after it reports its second step past where it resumed. The step is
+    reported before its checkpoint is written, so by then the first step's checkpoint
+    is on disk: every killed run leaves the next one at least a step further, and the
+    kill lands in a step, a save or the gap between them. Returns True if it ran to
+    the end."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(directory), str(out), str(pause)],
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    try:
-        proc.wait(timeout=kill_after if kill_after is not None else 120)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # SIGKILL: no handler, no cleanup, as a power cut or the OOM killer
-        proc.wait()
-        return False
-    assert proc.returncode == 0
+    start = None
+    for line in proc.stdout:
+        word, steps = line.split()
+        if word == "from":
+            start = int(steps)
+        elif kill_delay is not None and int(steps) >= start + 2:
+            time.sleep(kill_delay())
+            proc.kill()  # SIGKILL: no handler, no cleanup, as a power cut or the OOM killer
+            proc.wait()
+            return False
+    assert proc.wait() == 0
     return True
 
 
@@ -59,12 +71,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, rng):
     reference = tmp_path / "reference.npz"
     assert run_script(tmp_path, tmp_path / "ref", reference, pause=0.0)
     out, kills = tmp_path / "resumed.npz", 0
-    # 65 steps, each sleeping 20 ms and saving a checkpoint, so a kill lands in a
-    # step, in a save or between them; each resumed run gets a step or two further.
-    while not run_script(tmp_path, tmp_path / "ckpt", out, pause=0.02, kill_after=rng.uniform(0.01, 0.08)):
+    # Each step sleeps 10 ms after it is reported and each kill waits up to 10 ms more,
+    # so a run is killed within a step or two of its second; each advances at least one.
+    while not run_script(tmp_path, tmp_path / "ckpt", out, pause=0.01, kill_delay=lambda: rng.uniform(0, 0.01)):
         kills += 1
-        assert kills < 400, "the run never finished"
-    assert kills >= 20
+        assert kills < STEPS, "a killed run did not advance"
+    assert kills >= 15
     want, got = np.load(reference), np.load(out)
     assert sorted(want.files) == sorted(got.files)
     for name in want.files:

@@ -405,7 +405,7 @@ def time_call(fn, loop_s=None, long_s=LONG_S, repeats=None, budget_s=REPEAT_BUDG
             fn()
         means.append((time.perf_counter() - t0) / loop)
     # loop == 1 and few repeats: the first (cold) run counts too, so there are at least two
-    runs = means if len(means) >= 3 else means + [first]
+    runs = means + [first] if loop == 1 and len(means) < 3 else means
     return statistics.median(runs), {"runs_s": runs, "min_s": min(runs), "loop": loop, "first_s": first}, result
 
 
