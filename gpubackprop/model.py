@@ -36,6 +36,7 @@ _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
 _EVAL_BATCH = 2048
 _WORKSPACES_KEPT = 4  # the training batch, its last partial batch, and evaluation's
+_GRAPHS_KEPT = 4  # captured steps of one fit: the full batch and the partial last one, and spares
 _ONE_PROCESS = distributed.SingleProcess()
 
 
@@ -658,16 +659,25 @@ class MLP:
         optimizer._bind(self)  # a no-op unless a callback swapped its state
         if graphs is None:
             return step()
-        key = (ws.batch, optimizer._graph_key())
-        if key not in graphs:  # the first step of its kind runs eagerly: kernels load, scratch is sized
+        buffers, constants = optimizer._captured()
+        buffers += (ws, X, T, running, self._params, self._grads, self._low, self._scaler, self._guard)
+        # The buffers' identity, not a batch size: a new workspace of the same size (the
+        # old one evicted by other sizes) or new optimizer state is a new step. Ids
+        # cannot be reused while a captured step holds the buffers.
+        key = tuple(map(id, buffers)) + (constants, self._clip_norm, self.precision)
+        captured = graphs.pop(key, False)
+        if captured is False:  # the first step of its kind runs eagerly: kernels load, scratch is sized
             graphs[key] = None
-            return step()
-        graph = graphs[key]
-        if graph is None:
-            graph = graphs[key] = b.capture(step)  # counts this step on the host, as step() would
+            step()
+        elif captured is None:
+            graphs[key] = _CapturedStep(b, step, buffers)  # counts this step on the host, as step() would
+            graphs[key].launch()
         else:
+            graphs[key] = captured
             optimizer.steps += 1
-        graph.launch()
+            captured.launch()
+        while len(graphs) > _GRAPHS_KEPT:  # the least recently used goes, with its buffers
+            graphs.pop(next(iter(graphs)))
 
     # ---- inference ----------------------------------------------------------------------
     def _batches(self, X, T=None):
@@ -760,6 +770,22 @@ class MLP:
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
                 f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r}"
                 + (f", dropout={self.dropout})" if self.dropout else ")"))
+
+
+class _CapturedStep:
+    """A train step recorded once (``backend.capture``) and replayed by ``launch``.
+
+    A recording holds addresses, not arrays: it owns every buffer it reads or writes
+    (``buffers``), so none of them can be freed, and its memory handed to another
+    array, while the step may still be replayed.
+    """
+
+    def __init__(self, backend, step, buffers):
+        self.buffers = buffers
+        self._graph = backend.capture(step)
+
+    def launch(self):
+        self._graph.launch()
 
 
 def parameter_count(sizes):

@@ -104,10 +104,10 @@ class Optimizer:
         if self._steps_on_device is not None:
             self.steps = int(_host(self._steps_on_device)[0])
 
-    def _graph_key(self):
-        """What a captured update depends on: the buffers it reads and its hyperparameters."""
-        buffers = (self._steps_on_device, *self._scratch, *self.state.values())
-        return (id(self), repr(self.hyperparams), tuple(id(b) for b in buffers))
+    def _captured(self):
+        """What a captured update depends on: (the buffers it reads and writes, the
+        constants baked into its launch: the hyperparameters)."""
+        return (self._steps_on_device, *self._scratch, *self.state.values()), repr(self.hyperparams)
 
     def state_dict(self):
         return {

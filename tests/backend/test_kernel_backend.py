@@ -278,6 +278,29 @@ def test_a_changed_learning_rate_is_captured_anew(kernel_backend, rng):
         np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
 
 
+def test_graph_steps_survive_a_callback_that_evicts_the_workspace(kernel_backend, rng):
+    """A callback predicting on four other batch sizes pushes the training batch's
+    workspace out of the model's cache; the next epoch makes a new one of the same
+    size. A captured step must never replay against the old one (on a GPU: freed
+    memory), so graphs stay equal to eager steps."""
+    X, y = random_batch(rng, [9, 33, 3], "cross_entropy", 200)
+
+    class PredictElsewhere:
+        def on_epoch_end(self, model, epoch, logs):
+            for rows in (3, 5, 7, 11):
+                model.predict(X[:rows])
+
+    runs = []
+    for graphs in (True, False):
+        m = gb.MLP([9, 33, 3], seed=3, device=kernel_backend)
+        history = m.fit(X, y, epochs=3, batch_size=20, optimizer=optim.Adam(3e-3), progress=False, graphs=graphs,
+                        callbacks=[PredictElsewhere()])
+        runs.append((history, m.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k in runs[1][1]:
+        np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k], err_msg=k)
+
+
 def test_nothing_but_recorded_work_runs_inside_a_capture():
     """The host's stand-in for a CUDA graph refuses any other array operation."""
     from gpubackprop.backend.kernel_backend import KernelBackend
