@@ -32,9 +32,9 @@ def check(precision, dtype, backend):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "float32" and dtype != "float32":
         raise ValueError(f"precision={precision!r} needs dtype='float32' (the master weights), not {dtype!r}")
-    if precision in MIXED and not backend.supports_mixed_precision:
-        raise ValueError(f"precision={precision!r} needs the CUDA backend's 16-bit kernels; {backend.name} "
-                         "computes in float32: use precision='float32' there")
+    why = backend.precision_unavailable(precision)
+    if why:
+        raise ValueError(why)
     if precision == "bf16":
         try:
             backend.empty((1,), compute_dtype(precision, dtype))

@@ -134,6 +134,14 @@ class Backend:
         where the device has it (elsewhere float32 is computed exactly)."""
         return contextlib.nullcontext()
 
+    def precision_unavailable(self, mode):
+        """Why precision ``mode`` (gpubackprop.precision) cannot run here, with the fix,
+        or None when it can."""
+        if mode in ("bf16", "fp16") and not self.supports_mixed_precision:
+            return (f"precision={mode!r} needs the CUDA backend's 16-bit kernels; {self.name} computes in "
+                    "float32: use precision='float32' there")
+        return None
+
     def free_bytes(self):
         """Bytes this device can still allocate, or None where that is not known."""
         return None

@@ -1,8 +1,10 @@
-"""The CUDA backend: our kernels of ``kernels/*.cu`` through cupy.RawModule, cuBLAS
-GEMMs through CuPy (the launches themselves are in ``kernel_backend``).
+"""The CUDA backend: our kernels of ``kernels/*.cu`` (compiled by ``nvrtc``), cuBLAS
+GEMMs through ctypes, one stream, CUDA graphs (the launches themselves are in
+``kernel_backend``).
 
-Opening it checks, in order, that CuPy imports, that the CUDA driver and a GPU
-answer, and that the GPU runs a kernel; each failure becomes a
+Opening it checks, in order, that CuPy imports, that an NVIDIA driver and a GPU
+answer, that CuPy finds the toolkit libraries it needs (NVRTC, its headers,
+cuBLAS) and that the GPU runs a kernel; each failure becomes a
 DeviceUnavailableError naming the cause and the fix.
 """
 
@@ -13,11 +15,8 @@ import ctypes.util
 import numpy as np
 
 from . import DeviceUnavailableError
-from .kernel_backend import FILE_OF, SOURCES, KernelBackend, column_major_gemm, is_low_precision, source
-
-# --fmad=false: no contraction of a*b+c into one rounding, so the kernels round as
-# the NumPy backend does (they are bound by memory, so it costs no time).
-_OPTIONS = ("--std=c++17", "--fmad=false")
+from .kernel_backend import FILE_OF, KernelBackend, column_major_gemm, is_low_precision
+from .nvrtc import FIX, KernelCache, toolkit_problem
 
 
 def _import_cupy():
@@ -32,13 +31,27 @@ def _import_cupy():
     return cupy
 
 
+def _driver_installed():
+    """Whether the NVIDIA driver's library (libcuda) can be loaded at all."""
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if name:
+            try:
+                ctypes.CDLL(name)
+                return True
+            except OSError:
+                continue
+    return False
+
+
 def _open_device(cupy, index):
     runtime = cupy.cuda.runtime
     try:
         count = runtime.getDeviceCount()
     except runtime.CUDARuntimeError as e:
         text = str(e)
-        if "InsufficientDriver" in text:
+        if "InsufficientDriver" in text and not _driver_installed():
+            cause = f"no NVIDIA driver is installed (libcuda cannot be loaded; {text}); install the driver for your GPU"
+        elif "InsufficientDriver" in text:
             cause = (
                 f"the NVIDIA driver is older than this CuPy build needs ({text}); "
                 "update the driver or install the CuPy wheel for its CUDA version "
@@ -59,43 +72,52 @@ def _open_device(cupy, index):
         with cupy.cuda.Device(index):
             (cupy.arange(4, dtype=cupy.float32) * 2.0).sum().item()
     except Exception as e:  # a broken install surfaces as any of CuPy's many errors
-        raise DeviceUnavailableError(
-            f"cuda:{index} was found but could not run a kernel ({type(e).__name__}: {e})"
-        ) from None
+        raise _unavailable(index, e) from None
+
+
+def _unavailable(index, error):
+    """The DeviceUnavailableError for a failure to run or compile on cuda:index."""
+    missing = toolkit_problem(error)
+    if missing:
+        return DeviceUnavailableError(f"cuda:{index} cannot run kernels: {missing}", fix=FIX)
+    return DeviceUnavailableError(f"cuda:{index} was found but could not run a kernel ({type(error).__name__}: {error})")
 
 
 class RawModules:
     """kernels/*.cu on the GPU: ``launch(name_expression, grid, block, args)``.
 
-    A source file is compiled by NVRTC on the first launch of one of its kernels
-    (CuPy keeps the binary in its disk cache), once for float32 / float64 and once,
-    only if asked for, for float16 / bfloat16; functions are looked up once.
+    A source file is compiled (``nvrtc``: NVRTC without CuPy's flush-to-zero, the
+    binary cached on disk) on the first launch of one of its kernels, once for
+    float32 / float64 and once, only if asked for, for float16 / bfloat16;
+    functions are looked up once.
     """
 
-    def __init__(self, cupy):
+    def __init__(self, cupy, index, arch, cache=None):
         self._cupy = cupy
+        self.index, self.arch = index, arch
+        self.cache = KernelCache() if cache is None else cache
         self._modules = {}
         self._functions = {}
 
     def launch(self, name, grid, block, args):
         fn = self._functions.get(name)
         if fn is None:
-            fn = self._functions[name] = self._module(FILE_OF[name], is_low_precision(name)).get_function(name)
+            module, lowered = self._module(FILE_OF[name], is_low_precision(name))
+            fn = self._functions[name] = module.get_function(lowered[name])
         fn(grid, block, args)
 
     def _module(self, filename, low):
         key = (filename, low)
         if key not in self._modules:
-            names = [n for n in SOURCES[filename] if is_low_precision(n) == low]
-            options = _OPTIONS + (("-DGPUBACKPROP_LOW_PRECISION",) if low else ())
             try:
-                module = self._cupy.RawModule(code=source(filename), options=options, name_expressions=names)
-                module.compile()
-            except self._cupy.cuda.compiler.CompileException as e:
-                hint = (" float16 / bfloat16 kernels need the CUDA headers: pip install 'cupy-cuda13x[ctk]'"
-                        if low else " check that the CuPy wheel matches the driver's CUDA version")
-                raise RuntimeError(f"NVRTC could not compile kernels/{filename}:{hint}.\n{e}") from None
-            self._modules[key] = module
+                binary, lowered = self.cache.get(filename, low, self.arch)
+            except Exception as e:  # a missing NVRTC or header: say which, and the fix
+                if toolkit_problem(e) is None:
+                    raise
+                raise _unavailable(self.index, e) from None
+            module = self._cupy.cuda.function.Module()
+            module.load(bytes(binary))
+            self._modules[key] = module, lowered
         return self._modules[key]
 
 
@@ -114,16 +136,18 @@ def gemm_compute(a, out, precision):
 
 
 def _libcublas():
-    """The cuBLAS library CuPy has loaded (found in this process's memory map), else one on the path."""
+    """The cuBLAS library CuPy loaded: cuda.pathfinder (CuPy 14's loader) returns the
+    one it loaded for CuPy, not the first libcublas.so in the process (PyTorch's, say,
+    when torch was imported first); None where it finds none."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcublas.so" in line}
-    except OSError:
-        paths = set()
-    for path in sorted(paths):
-        return ctypes.CDLL(path)
-    found = ctypes.util.find_library("cublas")
-    return ctypes.CDLL(found) if found else None
+        from cuda import pathfinder
+    except ImportError:  # a CuPy that loads cuBLAS without it
+        found = ctypes.util.find_library("cublas")
+        return ctypes.CDLL(found) if found else None
+    try:
+        return ctypes.CDLL(pathfinder.load_nvidia_dynamic_lib("cublas").abs_path)
+    except (pathfinder.DynamicLibNotFoundError, OSError):
+        return None
 
 
 class Cublas:
@@ -179,8 +203,9 @@ class CupyBackend(KernelBackend):
     def __init__(self, index=0):
         cupy = _import_cupy()
         _open_device(cupy, index)
-        n_sm = cupy.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"]
-        super().__init__(cupy, RawModules(cupy), n_sm)
+        props = cupy.cuda.runtime.getDeviceProperties(index)
+        super().__init__(cupy, RawModules(cupy, index, 10 * props["major"] + props["minor"]),
+                         props["multiProcessorCount"])
         self.index = index
         self.name = f"cuda:{index}"
         with cupy.cuda.Device(index):
@@ -188,7 +213,10 @@ class CupyBackend(KernelBackend):
             # be captured on the legacy default stream, and one stream keeps eager
             # work and graph launches in order.
             self._stream = cupy.cuda.Stream(non_blocking=True)
-            cupy.cuda.device.get_cublas_handle()  # CuPy loads libcublas
+            try:
+                cupy.cuda.device.get_cublas_handle()  # CuPy loads libcublas
+            except Exception as e:  # without cuBLAS there is no GEMM at all, not even CuPy's
+                raise _unavailable(index, e) from None
             lib = _libcublas()
             self._cublas = Cublas(cupy, lib, self._stream) if lib is not None else None
         if self._cublas is None:
@@ -203,12 +231,23 @@ class CupyBackend(KernelBackend):
 
     def capture(self, fn):
         stream = self._stream
-        stream.begin_capture()
-        try:
-            fn()
-        finally:
-            graph = stream.end_capture()  # also on failure: the stream must leave capture mode
+        with self.context():  # this GPU current and our stream: what fn issues is what is captured
+            stream.begin_capture()
+            try:
+                fn()
+            except BaseException:
+                try:
+                    stream.end_capture()  # the stream must leave capture mode
+                except Exception:
+                    pass  # the capture is broken by fn's failure: that failure is the one to report
+                raise
+            graph = stream.end_capture()
         return _CudaGraph(graph, stream)
+
+    def precision_unavailable(self, mode):
+        if mode != "float32" and self._cublas is None:
+            return f"precision={mode!r} needs cuBLAS, and {self.name} has none ({self.note}); {FIX}"
+        return super().precision_unavailable(mode)
 
     def asarray(self, x, dtype=None):
         with self.context():

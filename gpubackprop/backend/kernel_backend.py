@@ -8,9 +8,9 @@ It runs kernels through a ``module`` with one method,
     module.launch(name_expression, grid, block, args)
 
 and leaves the matrix products to ``_matmul`` (``xp.matmul`` here; cublasGemmEx in
-the CUDA backend). The CUDA backend gives it CuPy and cupy.RawModule; the tests
-give it NumPy and the same
-sources compiled for the CPU by the host harness (tests/kernels/cuda_host.h), so
+the CUDA backend). The CUDA backend gives it CuPy and the sources compiled by
+NVRTC (cupy_backend.RawModules); the tests give it NumPy and the same sources
+compiled for the CPU by the host harness (tests/kernels/cuda_host.h), so
 CI runs every line here and every kernel's source without a GPU.
 
 Per primitive, with the kernel that does it:

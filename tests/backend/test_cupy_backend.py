@@ -5,6 +5,7 @@ kernels on a real GPU (``-m gpu``).
 Its primitives are KernelBackend's, checked against NumPy in test_kernel_backend.
 """
 
+import contextlib
 import sys
 import types
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
-from gpubackprop.backend import cupy_backend, kernel_backend
+from gpubackprop import precision
+from gpubackprop.backend import cupy_backend, kernel_backend, nvrtc
 
 
 def test_sources_inline_their_headers():
@@ -23,53 +25,199 @@ def test_sources_inline_their_headers():
         assert "arrived_last" in text and "template <typename T" in text
 
 
-class _FakeRawModule:
-    compiled = []
-    fail = False
+class _FakeModule:
+    """cupy.cuda.function.Module: records what it loads and launches."""
 
-    def __init__(self, *, code, options, name_expressions):
-        self.options, self.names = options, name_expressions
+    loaded, launches = [], []
 
-    def compile(self):
-        if self.fail:
-            raise _FakeCompileException("error: identifier __half is undefined")
-        self.compiled.append((self.options, tuple(self.names)))
+    def load(self, binary):
+        self.loaded.append(binary)
 
-    def get_function(self, name):
-        assert name in self.names
-        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+    def get_function(self, lowered):
+        return lambda grid, block, args: self.launches.append((lowered, grid, block, args))
 
 
-class _FakeCompileException(Exception):
-    pass
+class _FakeCache:
+    """nvrtc.KernelCache: 'compiles' by naming what it was asked for."""
+
+    def __init__(self, error=None):
+        self.asked, self.error = [], error
+
+    def get(self, filename, low, arch):
+        if self.error is not None:
+            raise self.error
+        self.asked.append((filename, low, arch))
+        names = nvrtc.module_names(filename, low)
+        return f"{filename}:{low}:{arch}".encode(), {n: f"_Z{i}" for i, n in enumerate(names)}
 
 
 @pytest.fixture
-def fake_cupy(monkeypatch):
-    _FakeRawModule.compiled, _FakeRawModule.launches, _FakeRawModule.fail = [], [], False
-    cupy = types.SimpleNamespace(RawModule=_FakeRawModule,
-                                 cuda=types.SimpleNamespace(compiler=types.SimpleNamespace(CompileException=_FakeCompileException)))
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    return cupy
+def fake_cupy():
+    _FakeModule.loaded, _FakeModule.launches = [], []
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(function=types.SimpleNamespace(Module=_FakeModule)))
 
 
 def test_raw_modules_compile_each_file_once_per_precision(fake_cupy):
-    modules = cupy_backend.RawModules(fake_cupy)
+    cache = _FakeCache()
+    modules = cupy_backend.RawModules(fake_cupy, 0, 90, cache)
     for dtype in ("float32", "float64", "float32", "float16", "bfloat16"):
         modules.launch(kernel_backend.instance("bias_act_forward", dtype, 1), (1, 1, 1), (32, 8, 1), ())
-    assert len(_FakeRawModule.launches) == 5
-    (float_opts, float_names), (low_opts, low_names) = _FakeRawModule.compiled
-    assert "-DGPUBACKPROP_LOW_PRECISION" not in float_opts and "-DGPUBACKPROP_LOW_PRECISION" in low_opts
-    assert "--fmad=false" in float_opts and any(o.startswith("--std=c++") for o in float_opts)
-    assert not any(kernel_backend.is_low_precision(n) for n in float_names)
-    assert all(kernel_backend.is_low_precision(n) for n in low_names)
+    assert cache.asked == [("bias_activation.cu", False, 90), ("bias_activation.cu", True, 90)]
+    assert _FakeModule.loaded == [b"bias_activation.cu:False:90", b"bias_activation.cu:True:90"]
+    assert len(_FakeModule.launches) == 5 and all(name.startswith("_Z") for name, *_ in _FakeModule.launches)
 
 
-def test_a_compile_failure_names_the_file_and_the_fix(fake_cupy):
-    _FakeRawModule.fail = True
-    with pytest.raises(RuntimeError, match=r"kernels/bias_activation.cu.*cupy-cuda13x\[ctk\]"):
-        cupy_backend.RawModules(fake_cupy).launch(kernel_backend.instance("bias_act_forward", "float16", 1),
-                                                  (1, 1, 1), (32, 8, 1), ())
+@pytest.mark.parametrize("error", [
+    RuntimeError("Failed to find CUDA headers"),
+    RuntimeError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12": No such file: libnvrtc.so.13 or libnvrtc.so.12'),
+    nvrtc.KernelCompileError('catastrophic error: cannot open source file "cuda_fp16.h"'),
+])
+def test_a_missing_toolkit_part_names_the_ctk_extra(fake_cupy, error):
+    modules = cupy_backend.RawModules(fake_cupy, 0, 90, _FakeCache(error))
+    with pytest.raises(gb.DeviceUnavailableError, match=r"cuda:0 cannot run kernels: CuPy cannot find .*\[ctk\]"):
+        modules.launch(kernel_backend.instance("bias_act_forward", "float16", 1), (1, 1, 1), (32, 8, 1), ())
+
+
+def test_other_compile_failures_are_not_disguised(fake_cupy):
+    error = nvrtc.KernelCompileError("kernels/loss.cu(12): error: identifier x is undefined")
+    with pytest.raises(nvrtc.KernelCompileError, match="identifier x is undefined"):
+        cupy_backend.RawModules(fake_cupy, 0, 90, _FakeCache(error)).launch(
+            kernel_backend.instance("softmax_cross_entropy", "float32"), (1, 1, 1), (256, 1, 1), ())
+
+
+def test_toolkit_problems_are_told_apart_from_other_errors():
+    found = nvrtc.toolkit_problem
+    assert "the CUDA headers" in found(RuntimeError("Failed to find CUDA headers"))
+    assert "NVRTC" in found(RuntimeError('Failure finding "libnvrtc.so.13": No such file: libnvrtc.so.13'))
+    assert "cuBLAS" in found(ImportError('Failure finding "libcublasLt.so.13": No such file: libcublasLt.so.13'))
+    assert found(RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")) is None
+    assert found(nvrtc.KernelCompileError("NVRTC could not compile kernels/loss.cu: error: expected a ;")) is None
+
+
+class _RuntimeError(Exception):
+    pass
+
+
+def _cupy_without_driver(message):
+    def count():
+        raise _RuntimeError(message)
+
+    runtime = types.SimpleNamespace(getDeviceCount=count, CUDARuntimeError=_RuntimeError)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+
+@pytest.mark.parametrize("installed,says", [(False, "no NVIDIA driver is installed"),
+                                            (True, "the NVIDIA driver is older than this CuPy build needs")])
+def test_no_driver_is_not_called_an_old_one(monkeypatch, installed, says):
+    monkeypatch.setattr(cupy_backend, "_driver_installed", lambda: installed)
+    cupy = _cupy_without_driver("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+    with pytest.raises(gb.DeviceUnavailableError, match=says):
+        cupy_backend._open_device(cupy, 0)
+
+
+def test_a_kernel_that_cannot_compile_at_open_names_the_fix():
+    class Failing:
+        def __mul__(self, other):
+            raise RuntimeError("Failed to find CUDA headers")
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=_RuntimeError)
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=lambda i: contextlib.nullcontext()),
+                                 arange=lambda *a, **k: Failing(), float32=np.float32)
+    with pytest.raises(gb.DeviceUnavailableError, match=r"CuPy cannot find the CUDA headers.*cupy-cuda13x\[ctk\]"):
+        cupy_backend._open_device(cupy, 0)
+
+
+class _Stream:
+    def __init__(self, log, fail_end=False):
+        self.log, self.fail_end, self.ptr = log, fail_end, 1
+
+    def record(self):
+        return "event"
+
+    def wait_event(self, event):
+        pass
+
+    def __enter__(self):
+        self.log.append("stream on")
+
+    def __exit__(self, *exc):
+        self.log.append("stream off")
+
+    def begin_capture(self):
+        self.log.append("begin")
+
+    def end_capture(self):
+        self.log.append("end")
+        if self.fail_end:
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated")
+        return types.SimpleNamespace(launch=lambda stream: self.log.append("launch"))
+
+
+def _backend_with_stream(log, fail_end=False):
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            log.append("device on")
+
+        def __exit__(self, *exc):
+            log.append("device off")
+
+    be = object.__new__(cupy_backend.CupyBackend)
+    be.index, be._stream = 0, _Stream(log, fail_end)
+    be.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device, Stream=types.SimpleNamespace(
+        null=_Stream(log))))
+    return be
+
+
+def test_capture_makes_the_device_and_its_stream_current():
+    log = []
+    graph = _backend_with_stream(log).capture(lambda: log.append("work"))
+    assert log == ["device on", "stream on", "begin", "work", "end", "stream off", "device off"]
+    graph.launch()
+    assert log[-1] == "launch"
+
+
+def test_a_failing_capture_reports_the_step_s_error_not_the_broken_capture():
+    log = []
+
+    def step():
+        raise ValueError("the step's own error")
+
+    with pytest.raises(ValueError, match="the step's own error"):
+        _backend_with_stream(log, fail_end=True).capture(step)
+    assert log[-2:] == ["stream off", "device off"] and "end" in log
+
+
+def test_without_cublas_tf32_and_mixed_precision_are_refused_by_name():
+    be = object.__new__(cupy_backend.CupyBackend)
+    be.name, be._cublas, be.note = "cuda:0", None, "libcublas not found: GEMMs through cupy.matmul, no CUDA graphs"
+    for mode in ("tf32", "bf16", "fp16"):
+        with pytest.raises(ValueError, match=rf"precision='{mode}' needs cuBLAS, and cuda:0 has none"):
+            precision.check(mode, "float32", be)
+    precision.check("float32", "float32", be)
+
+
+def test_cublas_is_the_library_cupy_loaded(monkeypatch):
+    """Not the first libcublas.so* of the process (torch's, when torch came first)."""
+    loaded = types.SimpleNamespace(abs_path="/site-packages/nvidia/cu13/lib/libcublas.so.13")
+
+    class NotFound(RuntimeError):
+        pass
+
+    pathfinder = types.SimpleNamespace(load_nvidia_dynamic_lib=lambda name: loaded, DynamicLibNotFoundError=NotFound)
+    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(pathfinder=pathfinder))
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", pathfinder)
+    opened = []
+    monkeypatch.setattr(cupy_backend.ctypes, "CDLL", lambda path: opened.append(path) or path)
+    assert cupy_backend._libcublas() == loaded.abs_path and opened == [loaded.abs_path]
+
+    def missing(name):
+        raise NotFound("no cublas")
+
+    pathfinder.load_nvidia_dynamic_lib = missing
+    assert cupy_backend._libcublas() is None
 
 
 @pytest.mark.gpu
