@@ -4,11 +4,11 @@
 #   docker run --rm --gpus all -v "$PWD/runs:/work/runs" gpubackprop      # the demo: digits, device auto
 #   docker run --rm --gpus all gpubackprop gpubackprop train --dataset FILE ...
 #
-# No CUDA base image: the cuda13 extra installs CuPy's pip wheel, and the CTK
-# build argument adds its [ctk] extra, which brings the CUDA libraries CuPy loads
-# (runtime, cuBLAS, NVRTC, and the headers the float16 / bfloat16 kernels compile
-# against) as NVIDIA's own pip wheels. The plain cupy-cuda13x wheel does not carry
-# them; it expects a CUDA Toolkit on the system. So the image needs from the host
+# No CUDA base image: the cuda13 extra installs CuPy's pip wheel with its [ctk]
+# extra, which brings the CUDA libraries CuPy loads (runtime, cuBLAS, NVRTC, and
+# the headers every kernel compiles against) as NVIDIA's own pip wheels. The plain
+# cupy-cuda13x wheel does not carry them; it expects a CUDA Toolkit on the system.
+# So the image needs from the host
 # only the NVIDIA driver (CUDA 13 capable), which `--gpus all` (the NVIDIA
 # Container Toolkit) mounts in. Without a GPU, `--device auto` falls back to the
 # CPU and says why.
@@ -20,11 +20,10 @@
 # The package under test is the installed one (its source is removed after the
 # install), kernels included; the kernel compile tests skip without nvcc and g++.
 #
-# A CPU-only image: --build-arg EXTRAS=cli --build-arg CTK=
+# A CPU-only image: --build-arg EXTRAS=cli
 FROM python:3.12-slim
 
 ARG EXTRAS=cli,cuda13
-ARG CTK=cupy-cuda13x[ctk]>=14.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -38,7 +37,7 @@ COPY pyproject.toml README.md ./
 COPY gpubackprop ./gpubackprop
 COPY kernels ./kernels
 # As the README and the Makefile install it: pip install ".[extras]".
-RUN pip install ".[${EXTRAS}]" ${CTK:+"$CTK"} \
+RUN pip install ".[${EXTRAS}]" \
  && rm -rf gpubackprop kernels build ./*.egg-info
 COPY --chown=gpubackprop:gpubackprop tests ./tests
 COPY --chown=gpubackprop:gpubackprop bench ./bench
