@@ -388,6 +388,36 @@ def check_small_primitives(be, rng, modes):
         yield Check("softmax", mode, error(prob, want / want.sum(axis=1, keepdims=True)), BOUND[mode])
 
 
+def check_subnormals(be, rng, modes):
+    """float32 subnormals (below 1.2e-38) pass through the kernels as NumPy keeps them.
+    A kernel compiled with flush-to-zero (a plain cupy.RawModule's default) returns
+    zeros here, an error of 1."""
+    if "float32" not in modes:
+        return
+    f32 = np.float32
+    tiny = lambda *shape: (rng.integers(1, 1 << 20, shape) * 2.0**-149).astype(f32)  # noqa: E731  (all subnormal)
+    B, n_in, n_out = 33, 7, 45
+    for name in ("identity", "relu"):
+        inputs = dict(a_prev=np.zeros((B, n_in)), W=rng.standard_normal((n_out, n_in)), b=tiny(n_out), grad=tiny(B, n_out))
+        got = dense_layer(be, ACTIVATIONS[name], f32, **inputs)
+        want = dense_layer(REFERENCE, ACTIVATIONS[name], f32, **inputs)
+        yield Check(f"subnormals through dense forward+backward {name} (a = b, delta, db)", "float32",
+                    max(error(got[k], want[k]) for k in ("a", "delta", "db")), BOUND["float32"])  # db: summed in another order
+    p, g = tiny(1001), tiny(1001)
+    out = []
+    for side in (be, REFERENCE):
+        with side.context():
+            params = side.asarray(p.copy())
+            steps = side.zeros((1,), np.uint32)
+            side.sgd_update(params, side.asarray(g), None, side.empty(p.shape, f32) if side.elementwise_scratch else None,
+                            steps, lr=0.5, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+            out.append(side.to_host(params))
+    yield Check("subnormals through sgd_update (p - 0.5 g)", "float32", error(*out), 0.0)
+    z, y = tiny(B, 5), tiny(B, 5)
+    (_, dg, _), (_, dw, _) = (run_loss(side, "mse", z, y, f32) for side in (be, REFERENCE))
+    yield Check("subnormals through the mse loss's delta", "float32", error(dg, dw), 0.0)
+
+
 def _model(be, mode, sizes, seed=0, **kw):
     from .model import MLP
 
@@ -500,7 +530,8 @@ def run(device="cuda", quick=False, modes=None, seed=None, log=print):
     usable = [m for m in modes if not skipped[m]]
     shapes = QUICK_SHAPES if quick else SHAPES
     groups = [(check_dense_layers, shapes), (check_losses, shapes), (check_optimizers,), (check_guard_and_clipping,),
-              (check_mixed_precision,), (check_small_primitives,), (check_model_gradients,), (check_training_steps,)]
+              (check_mixed_precision,), (check_small_primitives,), (check_subnormals,), (check_model_gradients,),
+              (check_training_steps,)]
     if not quick:
         groups.append((check_digits,))
     for group, *extra in groups:

@@ -34,7 +34,19 @@ def test_the_kernels_pass_through_the_host_harness(host_module):
     assert report.passed, report.table()
     names = {c.name for c in report.checks if c.ran}
     assert {"update_loss_scale (clean, clean: grow, overflow: back off, clean)",
-            "count_nonfinite (one bad step, then a clean one)", "fit steps, graphs = eager bit for bit, mse"} <= names
+            "count_nonfinite (one bad step, then a clean one)", "fit steps, graphs = eager bit for bit, mse",
+            "subnormals through sgd_update (p - 0.5 g)"} <= names
+
+
+def test_flushing_subnormals_to_zero_fails():
+    """What a kernel compiled with -ftz=true (a plain cupy.RawModule's default) would do."""
+    class FlushToZero(NumpyBackend):
+        def sgd_update(self, p, g, *args, **kwargs):
+            super().sgd_update(p, g, *args, **kwargs)
+            p[np.abs(p) < np.finfo(np.float32).tiny] = 0
+
+    report = selftest.run(FlushToZero(), quick=True, modes=["float32"], seed=4, log=None)
+    assert [c.name for c in report.failures] == ["subnormals through sgd_update (p - 0.5 g)"]
 
 
 class _WrongBias(NumpyBackend):
