@@ -36,6 +36,7 @@ _IDENTITY = ACTIVATIONS["identity"]
 DTYPES = ("float32", "float64")
 _EVAL_BATCH = 2048
 _WORKSPACES_KEPT = 4  # the training batch, its last partial batch, and evaluation's
+_LOW_ALIGN = 8  # elements: 16 bytes of a 16-bit type
 _GRAPHS_KEPT = 4  # captured steps of one fit: the full batch and the partial last one, and spares
 _ONE_PROCESS = distributed.SingleProcess()
 
@@ -171,26 +172,47 @@ class MLP:
         ``_W``, ``_b``), gradients, and the loss scaler of fp16."""
         b = self.backend
         mixed = self._compute_dtype != np.dtype(self.dtype)
+        starts, shifts, low_size = self._low_layout()
         with b.context():
             self._params = b.asarray(flat_host, dtype=self.dtype)
             self._grads = b.zeros(self._params.shape, self.dtype)
-            self._low = b.empty(self._params.shape, self._compute_dtype) if mixed else None
+            self._low = b.empty((low_size,), self._compute_dtype) if mixed else None
+            self._low_segments = (b.asarray(np.array(starts, np.int64)), b.asarray(np.array(shifts, np.int64))) \
+                if mixed else None
             self._scaler = precision_modes.LossScaler(b) if self.precision == "fp16" else None
-        weights = self._params if self._low is None else self._low
+        weights, shift = (self._params, [0] * len(shifts)) if self._low is None else (self._low, shifts)
         self._W, self._b, self._dW, self._db = [], [], [], []
-        for w, bias, n_out, n_in in self._layout():
-            self._W.append(weights[w].reshape(n_out, n_in))
-            self._b.append(weights[bias])
+        for l, (w, bias, n_out, n_in) in enumerate(self._layout()):
+            sw, sb = shift[2 * l], shift[2 * l + 1]
+            self._W.append(weights[w.start + sw:w.stop + sw].reshape(n_out, n_in))
+            self._b.append(weights[bias.start + sb:bias.stop + sb])
             self._dW.append(self._grads[w].reshape(n_out, n_in))
             self._db.append(self._grads[bias])
         self._workspaces = collections.OrderedDict()
         self._params_changed()
 
+    def _low_layout(self):
+        """Where each tensor (W_1, b_1, W_2, ...) sits in the 16-bit copy of mixed
+        precision: (its start in the flat buffer, the shift to its start in the copy),
+        and the copy's size. Each starts at a multiple of 8 elements (16 bytes), the
+        alignment cuBLAS's tensor-core kernels need; the flat buffer stays packed."""
+        starts, shifts, end = [], [], 0
+        for w, bias, _, _ in self._layout():
+            for part in (w, bias):
+                at = -(-end // _LOW_ALIGN) * _LOW_ALIGN
+                starts.append(part.start)
+                shifts.append(at - part.start)
+                end = at + part.stop - part.start
+        return starts, shifts, end
+
     def _params_changed(self):
         """Refresh the 16-bit copy of the parameters (mixed precision) after they changed."""
         if self._low is not None:
             with self.backend.context():
-                self.backend.cast_parameters(self._params, self._low)
+                self._cast_parameters()
+
+    def _cast_parameters(self):
+        self.backend.cast_parameters(self._params, self._low, *self._low_segments)
 
     def _names(self):
         for i in range(len(self.sizes) - 1):
@@ -394,7 +416,7 @@ class MLP:
         elif self._guard is not None:
             self._guard.after_update(self._params, optimizer._steps_on_device)
         if self._low is not None:
-            self.backend.cast_parameters(self._params, self._low)
+            self._cast_parameters()
         return loss
 
     # ---- training -------------------------------------------------------------------
@@ -660,7 +682,8 @@ class MLP:
         if graphs is None:
             return step()
         buffers, constants = optimizer._captured()
-        buffers += (ws, X, T, running, self._params, self._grads, self._low, self._scaler, self._guard)
+        buffers += (ws, X, T, running, self._params, self._grads, self._low, self._low_segments, self._scaler,
+                     self._guard)
         # The buffers' identity, not a batch size: a new workspace of the same size (the
         # old one evicted by other sizes) or new optimizer state is a new step. Ids
         # cannot be reused while a captured step holds the buffers.

@@ -332,12 +332,17 @@ def check_mixed_precision(be, rng, modes):
             continue
         low = storage(mode)
         p = rng.standard_normal(5003).astype(np.float32)
+        starts = np.array([0, 13, 14, 1000, 4999], np.int64)  # tensors of 13, 1, 986, 3999 and 4 elements
+        shifts = np.array([0, 3, 9, 15, 16], np.int64)  # each moved up to the next multiple of 8
         with be.context():
-            out = poisoned(be, p.shape, low)
-            be.cast_parameters(be.asarray(p), out)
+            out = poisoned(be, (p.size + int(shifts[-1]),), low)
+            be.cast_parameters(be.asarray(p), out, be.asarray(starts), be.asarray(shifts))
             got = be.to_host(out)
         # Round to nearest even, as the kernels' __float2half_rn / __float2bfloat16_rn do.
-        yield Check("cast_parameters (float32 -> 16-bit)", mode, error(got, p.astype(low)), 0.0)
+        ends = list(starts[1:]) + [p.size]
+        placed = np.concatenate([got[a + d:b + d] for a, b, d in zip(starts, ends, shifts)])
+        yield Check("cast_parameters (float32 -> 16-bit, tensors moved to 16-byte starts)", mode,
+                    error(placed, p.astype(low)), 0.0)
     if not any(m in precision_modes.MIXED for m in modes):
         return
     g = rng.standard_normal(5003).astype(np.float32) * 1024

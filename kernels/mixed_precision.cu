@@ -10,11 +10,20 @@
 // Everything stays on the device, so a captured step replays it all.
 #include "common.cuh"
 
-// low = p rounded to the 16-bit type: the GEMMs' copy of the master weights.
+// low = p rounded to the 16-bit type: the GEMMs' copy of the master weights. The
+// copy starts each of its `segments` tensors at a multiple of 16 bytes (cuBLAS's
+// tensor-core kernels need it; p itself is packed): p's tensor s, from
+// starts[s] up to starts[s + 1] (or n), lands shifts[s] elements further on.
+// A thread's i only grows, so its segment s only moves forward.
 template <typename T>
-__global__ void cast_parameters(const float* __restrict__ p, T* __restrict__ low, long long n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x)
-        st(low + i, p[i]);
+__global__ void cast_parameters(const float* __restrict__ p, T* __restrict__ low, long long n,
+                                const long long* __restrict__ starts, const long long* __restrict__ shifts,
+                                int segments) {
+    int s = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
+        while (s + 1 < segments && (long long)i >= starts[s + 1]) ++s;
+        st(low + i + shifts[s], p[i]);
+    }
 }
 
 // g *= 1 / S, and *found_inf = 1 if any element is Inf or NaN (a flag: every

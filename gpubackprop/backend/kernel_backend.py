@@ -289,9 +289,12 @@ class KernelBackend(NumpyBackend):
         self._launch("count_nonfinite", None, (), (1,), (32,), (flag, count, first_bad, steps))
 
     # ---- mixed precision (kernels/mixed_precision.cu) ---------------------------------------
-    def cast_parameters(self, p, low):
-        """low = p (float32) rounded to low's 16-bit type."""
-        self._launch("cast_parameters", low.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (p, low, np.int64(p.size)))
+    def cast_parameters(self, p, low, starts, shifts):
+        """low = p (float32) rounded to low's 16-bit type, tensor by tensor: the one
+        starting at p[starts[s]] lands shifts[s] further on in low (int64 device
+        vectors, starts ascending from 0)."""
+        self._launch("cast_parameters", low.dtype, (), self._grid_1d(p.size), (self.BLOCK,),
+                     (p, low, np.int64(p.size), starts, shifts, np.int32(starts.size)))
 
     def unscale_and_check(self, g, loss_scale, found_inf):
         """g /= S; found_inf[0] = 1 if any of g is Inf or NaN."""

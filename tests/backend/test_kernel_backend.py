@@ -409,6 +409,27 @@ def test_fp16_rejects_data_beyond_its_range(kernel_backend):
         model.fit(np.array([[1e5, 0.0], [0.0, 1.0]]), [0, 1], progress=False)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_weights_start_16_byte_aligned(kernel_backend, precision):
+    """cuBLAS takes its tensor-core GEMM kernels only for 16-byte aligned operands:
+    with odd widths, every 16-bit weight and bias view must still start at a
+    multiple of 8 elements of the 16-bit copy, and hold the master weights rounded."""
+    if precision == "bf16":
+        low_precision_dtype(kernel_backend, "bfloat16")
+    model = gb.MLP([13, 7, 5, 3], seed=0, device=kernel_backend, precision=precision)
+    base = model._low.__array_interface__["data"][0] if isinstance(model._low, np.ndarray) \
+        else model._low.data.ptr
+    for view in model._W + model._b:
+        start = view.__array_interface__["data"][0] if isinstance(view, np.ndarray) else view.data.ptr
+        assert (start - base) % 16 == 0, f"a view starts {(start - base) // 2} elements in"
+    master = model.state_dict()
+    for (l, wn, bn), W, b in zip(model._names(), model._W, model._b):
+        np.testing.assert_array_equal(kernel_backend.to_host(W).astype(np.float32),
+                                      master[wn].astype(model._compute_dtype).astype(np.float32))
+        np.testing.assert_array_equal(kernel_backend.to_host(b).astype(np.float32),
+                                      master[bn].astype(model._compute_dtype).astype(np.float32))
+
+
 def test_mixed_precision_graph_steps_equal_eager_steps(kernel_backend, rng):
     X, y = random_batch(rng, [9, 33, 3], "cross_entropy", 203)
     runs = []
