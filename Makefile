@@ -31,8 +31,10 @@ bench: $(STAMP)
 # On a machine with an NVIDIA GPU: selftest, the GPU tests and the step benchmark,
 # every log and JSON into OUT (bench/gpu_check.sh), with the interpreter PYTHON
 # that has gpubackprop and CuPy (pip install -e '.[cuda13,test,compare]').
+# DEVICE=cpu runs the same stages on the CPU.
+DEVICE ?= cuda
 gpu-check:
-	PYTHON=$(PYTHON) bash bench/gpu_check.sh $(OUT)
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh $(OUT) --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

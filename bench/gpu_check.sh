@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
 # One run of everything a GPU machine should check, every log and JSON into OUT:
 #
-#   bash bench/gpu_check.sh OUT [--quick]      (make gpu-check OUT=dir)
+#   bash bench/gpu_check.sh OUT [--quick] [--device cuda|cpu]     (make gpu-check OUT=dir)
 #
 #   env.log            nvidia-smi, `gpubackprop info`, the Python packages
-#   selftest.log/.json `gpubackprop selftest --device cuda`: every primitive and mode
-#   pytest-gpu.log     `pytest -m gpu` (the benchmark-only tests left to step_bench)
+#   selftest.log/.json `gpubackprop selftest`: every primitive and mode against float64
+#   pytest-gpu.log     `pytest -m gpu` (the benchmark-only tests left to step_bench; cuda only)
 #   profile.log        bench/profile_step.py: the host's time in a small step
 #   step_bench.log, gpu-<date>.json   bench/step_bench.py against PyTorch and JAX
-#                      (STEP_BENCH_ARGS adds arguments: --target-s 0.1, say)
-#   explain.log        `gpubackprop explain --device cuda`
+#                      (STEP_BENCH_ARGS adds arguments: --target-s 0.05, say)
+#   explain.log        `gpubackprop explain`
 #
 # Each stage has its own time limit and the next runs whatever the last returned;
 # the exit status is the number of stages that failed. PYTHON picks the
 # interpreter (default python3); the package must import from this checkout
 # (`pip install --no-deps -e .` where nothing can be downloaded).
 # --quick: the selftest's quick form and the small case of the benchmark only.
+# --device cpu: the same stages on the CPU (CI runs it so, to keep the script right).
 set -u
-OUT=${1:?usage: bash bench/gpu_check.sh OUT [--quick]}
-QUICK=${2:-}
+OUT=${1:?usage: bash bench/gpu_check.sh OUT [--quick] [--device cuda|cpu]}
+shift
+QUICK=
+DEVICE=cuda
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --device) DEVICE=${2:?--device needs cuda or cpu}; shift ;;
+        *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+case $DEVICE in cuda|cpu) ;; *) echo "gpu_check.sh: --device must be cuda or cpu, not $DEVICE" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -40,25 +52,30 @@ stage() {  # stage NAME LIMIT_S LOG COMMAND...
 {
     date -u
     git rev-parse HEAD 2>/dev/null && git status --short --untracked-files=no
-    nvidia-smi
+    command -v nvidia-smi >/dev/null && nvidia-smi
     "$PY" -m gpubackprop.cli info
     "$PY" -m pip list 2>/dev/null | grep -i -E '^(cupy|numpy|torch|jax|jaxlib|ml.dtypes|scikit-learn|nvidia-)'
 } >"$OUT/env.log" 2>&1
 
-selftest_args=(--device cuda --json "$OUT/selftest.json")
-# shellcheck disable=SC2206  # word splitting of the extra arguments is meant
-bench_args=(--device cuda --out "$OUT" ${STEP_BENCH_ARGS:-})
-if [ "$QUICK" = "--quick" ]; then
+selftest_args=(--device "$DEVICE" --json "$OUT/selftest.json")
+bench_args=(--device "$DEVICE" --out "$OUT")
+profile_args=(--device "$DEVICE")
+if [ -n "$QUICK" ]; then
     selftest_args+=(--quick)
-    bench_args+=(--cases small --precisions float32,bf16 --repeats 3)
+    bench_args+=(--cases small --precisions "$([ "$DEVICE" = cuda ] && echo float32,bf16 || echo float32)" --repeats 3)
+    profile_args+=(--steps 200)
 fi
+# shellcheck disable=SC2206  # word splitting of the extra arguments is meant
+bench_args+=(${STEP_BENCH_ARGS:-})
 stage selftest 150 selftest.log "$PY" -m gpubackprop.cli selftest "${selftest_args[@]}"
-pytest_args=(-m gpu -q -p no:cacheprovider --continue-on-collection-errors -k "not test_bench_gpu_train_step")
-"$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)  # one hung test fails alone
-stage "pytest -m gpu" 240 pytest-gpu.log "$PY" -m pytest "${pytest_args[@]}" tests bench
-stage profile 60 profile.log "$PY" bench/profile_step.py --device cuda
+if [ "$DEVICE" = cuda ]; then
+    pytest_args=(-m gpu -q -p no:cacheprovider --continue-on-collection-errors -k "not test_bench_gpu_train_step")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)  # one hung test fails alone
+    stage "pytest -m gpu" 240 pytest-gpu.log "$PY" -m pytest "${pytest_args[@]}" tests bench
+fi
+stage profile 60 profile.log "$PY" bench/profile_step.py "${profile_args[@]}"
 stage step_bench 330 step_bench.log "$PY" bench/step_bench.py "${bench_args[@]}"
-stage explain 60 explain.log "$PY" -m gpubackprop.cli explain --device cuda
+stage explain 60 explain.log "$PY" -m gpubackprop.cli explain --device "$DEVICE"
 
 printf '%s\n' "${summary[@]}" | tee -a "$OUT/env.log"
 exit "$failed"
