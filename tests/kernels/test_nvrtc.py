@@ -4,7 +4,7 @@ our options), for A100, H100 and B200, with no GPU here. And float32 arithmetic
 is compiled without flush-to-zero, unlike a plain cupy.RawModule.
 
 Needs CuPy and NVRTC (the ``nvrtc`` extra: CuPy, the NVRTC wheel and the CUDA
-headers, about 65 MB to download); skipped without them, except in CI.
+headers: 131 MB to download); skipped without them, except in CI.
 """
 
 import re
