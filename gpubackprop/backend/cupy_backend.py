@@ -77,9 +77,9 @@ def _open_device(cupy, index):
 
 def _unavailable(index, error):
     """The DeviceUnavailableError for a failure to run or compile on cuda:index."""
-    missing = toolkit_problem(error)
-    if missing:
-        return DeviceUnavailableError(f"cuda:{index} cannot run kernels: {missing}", fix=FIX)
+    problem = toolkit_problem(error)
+    if problem:
+        return DeviceUnavailableError(f"cuda:{index} cannot run kernels: {problem}", fix=FIX)
     return DeviceUnavailableError(f"cuda:{index} was found but could not run a kernel ({type(error).__name__}: {error})")
 
 
@@ -110,15 +110,24 @@ class RawModules:
         key = (filename, low)
         if key not in self._modules:
             try:
-                binary, lowered = self.cache.get(filename, low, self.arch)
-            except Exception as e:  # a missing NVRTC or header: say which, and the fix
-                if toolkit_problem(e) is None:
+                try:
+                    module, lowered = self._load(filename, low)
+                except self._cupy.cuda.driver.CUDADriverError:  # a cached binary the driver refuses
+                    self.cache.forget(filename, low, self.arch)
+                    module, lowered = self._load(filename, low)
+            except Exception as e:  # a missing NVRTC, header or library: say which, and the fix
+                problem = toolkit_problem(e)
+                if problem is None:
                     raise
-                raise _unavailable(self.index, e) from None
-            module = self._cupy.cuda.function.Module()
-            module.load(bytes(binary))
+                raise DeviceUnavailableError(f"cuda:{self.index} cannot run kernels: {problem}", fix=FIX) from None
             self._modules[key] = module, lowered
         return self._modules[key]
+
+    def _load(self, filename, low):
+        binary, lowered = self.cache.get(filename, low, self.arch)
+        module = self._cupy.cuda.function.Module()
+        module.load(bytes(binary))
+        return module, lowered
 
 
 # cudaDataType and cublasComputeType values (cuda_runtime / cublas_api.h).
@@ -136,18 +145,20 @@ def gemm_compute(a, out, precision):
 
 
 def _libcublas():
-    """The cuBLAS library CuPy loaded: cuda.pathfinder (CuPy 14's loader) returns the
-    one it loaded for CuPy, not the first libcublas.so in the process (PyTorch's, say,
-    when torch was imported first); None where it finds none."""
+    """The cuBLAS library CuPy loaded, or None. CuPy 14 loads its libraries through
+    cuda.pathfinder, which keeps what it loaded and hands it back: so this is CuPy's
+    cuBLAS, not the first libcublas.so mapped in the process (PyTorch's, when torch
+    was imported first). None where pathfinder gives no path for it."""
     try:
         from cuda import pathfinder
-    except ImportError:  # a CuPy that loads cuBLAS without it
+    except ImportError:  # an older CuPy, which loads cuBLAS by its soname
         found = ctypes.util.find_library("cublas")
         return ctypes.CDLL(found) if found else None
     try:
-        return ctypes.CDLL(pathfinder.load_nvidia_dynamic_lib("cublas").abs_path)
-    except (pathfinder.DynamicLibNotFoundError, OSError):
+        path = pathfinder.load_nvidia_dynamic_lib("cublas").abs_path
+    except RuntimeError:  # DynamicLibNotFoundError and pathfinder's other failures
         return None
+    return ctypes.CDLL(path) if path else None
 
 
 class Cublas:
@@ -221,7 +232,8 @@ class CupyBackend(KernelBackend):
             self._cublas = Cublas(cupy, lib, self._stream) if lib is not None else None
         if self._cublas is None:
             self.supports_graphs = False
-            self.note = "libcublas not found: GEMMs through cupy.matmul, no CUDA graphs"
+            self.note = ("cuda.pathfinder gave no path for the libcublas CuPy loaded: GEMMs through cupy.matmul, "
+                         "no CUDA graphs, float32 only")
 
     def _matmul(self, a, b, out):
         if self._cublas is None:

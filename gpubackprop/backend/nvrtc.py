@@ -12,6 +12,7 @@ A module is kernels/<file>'s float (float32, float64) or 16-bit (float16, bfloat
 instantiations, the name expressions of ``kernel_backend.SOURCES``.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -27,21 +28,52 @@ FIX = ("install CuPy with the CUDA toolkit's libraries: pip install 'gpubackprop
        "CUDA headers")
 
 
+HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "crt/host_defines.h")  # the 16-bit types, and what NVRTC includes itself
+
+
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message holds NVRTC's log."""
 
 
+def missing_parts():
+    """What CuPy cannot find of the toolkit the CUDA backend needs, looked up directly
+    (not guessed from an error's text): NVRTC and its builtins, cuBLAS (through
+    cuda.pathfinder, CuPy 14's loader), and the headers (in the include paths CuPy
+    assembles). A list of descriptions; empty when everything is there."""
+    missing = []
+    try:
+        from cuda import pathfinder
+    except ImportError:  # a CuPy that finds its libraries without it: nothing to ask
+        pathfinder = None
+    if pathfinder is not None:
+        for lib, what in (("nvrtc", "NVRTC (libnvrtc)"), ("cublas", "cuBLAS (libcublas)")):
+            try:
+                found = pathfinder.load_nvidia_dynamic_lib(lib)
+            except Exception as e:
+                missing.append(f"{what}: {str(e).splitlines()[0]}")
+                continue
+            if lib == "nvrtc" and found.abs_path and not glob.glob(
+                    os.path.join(os.path.dirname(found.abs_path), "libnvrtc-builtins*")):
+                missing.append(f"NVRTC's builtins (no libnvrtc-builtins beside {found.abs_path})")
+    try:
+        folders = [o[2:] for o in options(False) if o.startswith("-I")]
+    except Exception as e:
+        missing.append(f"the CUDA headers ({type(e).__name__}: {e})")
+    else:
+        absent = [h for h in HEADERS if not any(os.path.isfile(os.path.join(d, h)) for d in folders)]
+        if absent:
+            missing.append(f"the CUDA headers ({', '.join(absent)} in none of {folders})")
+    return missing
+
+
 def toolkit_problem(error):
-    """What ``error`` says is missing from the CUDA toolkit CuPy needs (NVRTC, its
-    headers, cuBLAS), or None when it is some other failure."""
-    text = f"{type(error).__name__}: {error}"
-    for what, marks in (("the CUDA headers", ("Failed to find CUDA headers", "cuda_fp16.h", "cuda_bf16.h")),
-                        ("NVRTC (libnvrtc)", ("libnvrtc", "nvrtc")),
-                        ("cuBLAS (libcublas)", ("libcublas", "cublas"))):
-        if any(mark in text for mark in marks) and ("NotFound" in text or "Failed to find" in text
-                                                   or "No such file" in text or "cannot open" in text):
-            return f"CuPy cannot find {what} ({text.splitlines()[0]})"
-    return None
+    """'CuPy cannot find ...' when a part of the toolkit is missing (see
+    ``missing_parts``), which is then the likely cause of ``error``; else None."""
+    missing = missing_parts()
+    if not missing:
+        return None
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"CuPy cannot find {'; '.join(missing)} (the failure: {type(error).__name__}: {first})"
 
 
 def module_names(filename, low):
@@ -50,8 +82,11 @@ def module_names(filename, low):
 
 def options(low):
     """NVRTC's options for a module, the architecture aside."""
-    from cupy._core.core import assemble_cupy_compiler_options
-
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options  # the include paths CuPy's own kernels get
+    except ImportError as e:
+        raise KernelCompileError(f"this CuPy ({e}) does not assemble compiler options as CuPy 14 does; "
+                                 "gpubackprop needs cupy-cuda13x or cupy-cuda12x 14.x") from None
     ours = OPTIONS + (("-DGPUBACKPROP_LOW_PRECISION",) if low else ())
     return tuple(assemble_cupy_compiler_options(ours)) + ("--device-as-default-execution-space",)
 
@@ -68,13 +103,14 @@ def target(arch, supported):
     return f"-arch=compute_{max(older)}"
 
 
-def compile_module(filename, low, arch):
+def compile_module(filename, low, arch, ptx=False):
     """(binary, {name expression: lowered name}) of one module for compute capability
-    ``arch``: a cubin, or PTX (see ``target``)."""
+    ``arch``: a cubin, or PTX (see ``target``; ``ptx=True``: PTX for compute_<arch>,
+    to read what the compiler made of the source)."""
     from cupy_backends.cuda.libs import nvrtc
 
     names = module_names(filename, low)
-    arch_option = target(arch, nvrtc.getSupportedArchs())
+    arch_option = f"-arch=compute_{arch}" if ptx else target(arch, nvrtc.getSupportedArchs())
     program = nvrtc.createProgram(source(filename), filename, (), ())
     try:
         for name in names:
@@ -86,22 +122,6 @@ def compile_module(filename, low, arch):
                                      f"{nvrtc.getProgramLog(program)}") from None
         binary = nvrtc.getCUBIN(program) if arch_option.startswith("-arch=sm_") else nvrtc.getPTX(program)
         return binary, {name: nvrtc.getLoweredName(program, name) for name in names}
-    finally:
-        nvrtc.destroyProgram(program)
-
-
-def ptx(filename, low, arch):
-    """The module's PTX for compute_<arch>, with the options of ``compile_module``
-    (to read what the compiler made of it: CI looks for .ftz in it)."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    program = nvrtc.createProgram(source(filename), filename, (), ())
-    try:
-        for name in module_names(filename, low):
-            nvrtc.addNameExpression(program, name)
-        nvrtc.compileProgram(program, options(low) + (f"-arch=compute_{arch}",))
-        text = nvrtc.getPTX(program)
-        return text.decode() if isinstance(text, bytes) else text
     finally:
         nvrtc.destroyProgram(program)
 
@@ -124,20 +144,32 @@ class KernelCache:
     def key(filename, low, arch):
         from cupy_backends.cuda.libs import nvrtc
 
-        parts = [source(filename), "\0".join(options(low)), str(arch), repr(nvrtc.getVersion()), str(low)]
+        parts = [source(filename), "\0".join(module_names(filename, low)), "\0".join(options(low)), str(arch),
+                 repr(nvrtc.getVersion())]
         return hashlib.sha256("\x01".join(parts).encode()).hexdigest()
 
     def _path(self, key):
         return os.path.join(self.directory, key + ".module")
 
-    def load(self, key):
-        """(binary, mapping), or None if absent or unreadable."""
+    def load(self, key, names):
+        """(binary, mapping), or None if absent, unreadable, or not naming every one
+        of ``names``."""
         try:
             with open(self._path(key), "rb") as f:
                 header, binary = f.read().split(b"\n", 1)
-            return binary, json.loads(header)
+            mapping = json.loads(header)
         except (OSError, ValueError):
             return None
+        if not isinstance(mapping, dict) or set(mapping) != set(names) or not binary:
+            return None
+        return binary, mapping
+
+    def forget(self, filename, low, arch):
+        """Drop a cached module (one the driver would not load)."""
+        try:
+            os.unlink(self._path(self.key(filename, low, arch)))
+        except OSError:
+            pass
 
     def store(self, key, binary, mapping):
         try:
@@ -149,7 +181,7 @@ class KernelCache:
     def get(self, filename, low, arch):
         """The module's (binary, mapping), compiled only when not cached."""
         key = self.key(filename, low, arch)
-        found = self.load(key)
+        found = self.load(key, module_names(filename, low))
         if found is None:
             found = compile_module(filename, low, arch)
             self.store(key, *found)

@@ -1,6 +1,7 @@
-"""The CUDA backend's own parts: loading kernels/*.cu through cupy.RawModule (with a
-stand-in CuPy, so it runs everywhere), and the digits demo trained through the
-kernels on a real GPU (``-m gpu``).
+"""The CUDA backend's own parts, with stand-ins for CuPy, NVRTC and the toolkit so
+they run everywhere: loading the compiled kernels, naming what is missing,
+capture, cuBLAS; and the digits demo trained through the kernels on a real GPU
+(``-m gpu``).
 
 Its primitives are KernelBackend's, checked against NumPy in test_kernel_backend.
 """
@@ -51,10 +52,15 @@ class _FakeCache:
         return f"{filename}:{low}:{arch}".encode(), {n: f"_Z{i}" for i, n in enumerate(names)}
 
 
+class _DriverError(Exception):
+    pass
+
+
 @pytest.fixture
 def fake_cupy():
     _FakeModule.loaded, _FakeModule.launches = [], []
-    return types.SimpleNamespace(cuda=types.SimpleNamespace(function=types.SimpleNamespace(Module=_FakeModule)))
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(function=types.SimpleNamespace(Module=_FakeModule),
+                                                            driver=types.SimpleNamespace(CUDADriverError=_DriverError)))
 
 
 def test_raw_modules_compile_each_file_once_per_precision(fake_cupy):
@@ -67,31 +73,84 @@ def test_raw_modules_compile_each_file_once_per_precision(fake_cupy):
     assert len(_FakeModule.launches) == 5 and all(name.startswith("_Z") for name, *_ in _FakeModule.launches)
 
 
-@pytest.mark.parametrize("error", [
-    RuntimeError("Failed to find CUDA headers"),
-    RuntimeError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12": No such file: libnvrtc.so.13 or libnvrtc.so.12'),
-    nvrtc.KernelCompileError('catastrophic error: cannot open source file "cuda_fp16.h"'),
-])
-def test_a_missing_toolkit_part_names_the_ctk_extra(fake_cupy, error):
+def test_a_cached_module_the_driver_refuses_is_compiled_again(fake_cupy, monkeypatch):
+    cache = _FakeCache()
+    cache.forgotten = []
+    cache.forget = lambda *key: cache.forgotten.append(key)
+    real_load = _FakeModule.load
+    refusals = [_DriverError("CUDA_ERROR_INVALID_IMAGE")]
+
+    def load(self, binary):
+        if refusals:
+            raise refusals.pop()
+        real_load(self, binary)
+
+    monkeypatch.setattr(_FakeModule, "load", load)
+    cupy_backend.RawModules(fake_cupy, 0, 90, cache).launch(kernel_backend.instance("sgd_update", "float32"),
+                                                          (1, 1, 1), (256, 1, 1), ())
+    assert cache.forgotten == [("optimizers.cu", False, 90)] and len(cache.asked) == 2
+    assert len(_FakeModule.launches) == 1
+
+
+def test_a_missing_toolkit_part_names_it_and_the_ctk_extra(fake_cupy, monkeypatch):
+    monkeypatch.setattr(nvrtc, "missing_parts", lambda: ["the CUDA headers (cuda_fp16.h in none of ['/x'])"])
+    error = nvrtc.KernelCompileError('NVRTC could not compile kernels/bias_activation.cu\ncannot open "cuda_fp16.h"')
     modules = cupy_backend.RawModules(fake_cupy, 0, 90, _FakeCache(error))
-    with pytest.raises(gb.DeviceUnavailableError, match=r"cuda:0 cannot run kernels: CuPy cannot find .*\[ctk\]"):
+    with pytest.raises(gb.DeviceUnavailableError,
+                       match=r"cuda:0 cannot run kernels: CuPy cannot find the CUDA headers \(cuda_fp16.h.*\[ctk\]"):
         modules.launch(kernel_backend.instance("bias_act_forward", "float16", 1), (1, 1, 1), (32, 8, 1), ())
 
 
-def test_other_compile_failures_are_not_disguised(fake_cupy):
+def test_other_compile_failures_are_not_disguised(fake_cupy, monkeypatch):
+    monkeypatch.setattr(nvrtc, "missing_parts", lambda: [])
     error = nvrtc.KernelCompileError("kernels/loss.cu(12): error: identifier x is undefined")
     with pytest.raises(nvrtc.KernelCompileError, match="identifier x is undefined"):
         cupy_backend.RawModules(fake_cupy, 0, 90, _FakeCache(error)).launch(
             kernel_backend.instance("softmax_cross_entropy", "float32"), (1, 1, 1), (256, 1, 1), ())
 
 
-def test_toolkit_problems_are_told_apart_from_other_errors():
-    found = nvrtc.toolkit_problem
-    assert "the CUDA headers" in found(RuntimeError("Failed to find CUDA headers"))
-    assert "NVRTC" in found(RuntimeError('Failure finding "libnvrtc.so.13": No such file: libnvrtc.so.13'))
-    assert "cuBLAS" in found(ImportError('Failure finding "libcublasLt.so.13": No such file: libcublasLt.so.13'))
-    assert found(RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")) is None
-    assert found(nvrtc.KernelCompileError("NVRTC could not compile kernels/loss.cu: error: expected a ;")) is None
+def _toolkit(tmp_path, monkeypatch, libs=("nvrtc", "cublas"), builtins=True, headers=nvrtc.HEADERS):
+    """A stand-in toolkit in tmp_path: pathfinder finds ``libs``, the include folder holds ``headers``."""
+    lib_dir, include = tmp_path / "lib", tmp_path / "include"
+    lib_dir.mkdir()
+    for h in headers:
+        (include / h).parent.mkdir(parents=True, exist_ok=True)
+        (include / h).write_text("")
+    if builtins:
+        (lib_dir / "libnvrtc-builtins.so.13.5").write_text("")
+
+    class NotFound(RuntimeError):
+        pass
+
+    def load(name):
+        if name not in libs:
+            raise NotFound(f'Failure finding "lib{name}.so.13": No such file: lib{name}.so.13')
+        return types.SimpleNamespace(abs_path=str(lib_dir / f"lib{name}.so.13"))
+
+    pathfinder = types.SimpleNamespace(load_nvidia_dynamic_lib=load)
+    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(pathfinder=pathfinder))
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", pathfinder)
+    monkeypatch.setattr(nvrtc, "options", lambda low: ("-I" + str(include), "--std=c++17"))
+
+
+def test_missing_parts_are_looked_up_not_guessed(tmp_path, monkeypatch):
+    _toolkit(tmp_path, monkeypatch)
+    assert nvrtc.missing_parts() == []
+    assert nvrtc.toolkit_problem(RuntimeError("cudaErrorIllegalAddress")) is None
+
+
+@pytest.mark.parametrize("toolkit,says", [
+    (dict(libs=("cublas",)), "NVRTC (libnvrtc): Failure finding"),
+    (dict(builtins=False), "NVRTC's builtins (no libnvrtc-builtins beside"),
+    (dict(libs=("nvrtc",)), "cuBLAS (libcublas): Failure finding"),
+    (dict(headers=("cuda_fp16.h", "cuda_bf16.h")), "the CUDA headers (crt/host_defines.h in none of"),
+])
+def test_each_missing_part_is_named(tmp_path, monkeypatch, toolkit, says):
+    _toolkit(tmp_path, monkeypatch, **toolkit)
+    [missing] = nvrtc.missing_parts()
+    assert missing.startswith(says)
+    problem = nvrtc.toolkit_problem(RuntimeError("the failure itself\nsecond line"))
+    assert problem.startswith("CuPy cannot find " + says) and "RuntimeError: the failure itself)" in problem
 
 
 class _RuntimeError(Exception):
@@ -115,11 +174,12 @@ def test_no_driver_is_not_called_an_old_one(monkeypatch, installed, says):
         cupy_backend._open_device(cupy, 0)
 
 
-def test_a_kernel_that_cannot_compile_at_open_names_the_fix():
+def test_a_kernel_that_cannot_compile_at_open_names_the_fix(monkeypatch):
     class Failing:
         def __mul__(self, other):
-            raise RuntimeError("Failed to find CUDA headers")
+            raise RuntimeError("CUDA headers not found")
 
+    monkeypatch.setattr(nvrtc, "missing_parts", lambda: ["the CUDA headers (cuda_fp16.h in none of [])"])
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=_RuntimeError)
     cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=lambda i: contextlib.nullcontext()),
                                  arange=lambda *a, **k: Failing(), float32=np.float32)
@@ -192,7 +252,7 @@ def test_a_failing_capture_reports_the_step_s_error_not_the_broken_capture():
 
 def test_without_cublas_tf32_and_mixed_precision_are_refused_by_name():
     be = object.__new__(cupy_backend.CupyBackend)
-    be.name, be._cublas, be.note = "cuda:0", None, "libcublas not found: GEMMs through cupy.matmul, no CUDA graphs"
+    be.name, be._cublas, be.note = "cuda:0", None, "cuda.pathfinder gave no path for the libcublas CuPy loaded"
     for mode in ("tf32", "bf16", "fp16"):
         with pytest.raises(ValueError, match=rf"precision='{mode}' needs cuBLAS, and cuda:0 has none"):
             precision.check(mode, "float32", be)
@@ -218,6 +278,8 @@ def test_cublas_is_the_library_cupy_loaded(monkeypatch):
 
     pathfinder.load_nvidia_dynamic_lib = missing
     assert cupy_backend._libcublas() is None
+    pathfinder.load_nvidia_dynamic_lib = lambda name: types.SimpleNamespace(abs_path=None)
+    assert cupy_backend._libcublas() is None  # loaded, but where is not known: not guessed either
 
 
 @pytest.mark.gpu

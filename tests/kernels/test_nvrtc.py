@@ -49,17 +49,18 @@ def test_every_instantiation_compiles_for_each_architecture(nvrtc_binding, filen
 
 @pytest.mark.parametrize("filename,low", MODULES)
 def test_float32_arithmetic_keeps_subnormals(nvrtc_binding, filename, low):
-    text = nvrtc.ptx(filename, low, 90)
+    text, _ = nvrtc.compile_module(filename, low, 90, ptx=True)
+    text = text.decode()
     assert ".f32" in text and not FTZ.search(text), f"{filename}: flush-to-zero in {FTZ.findall(text)[:3]}"
 
 
 def test_the_ftz_check_sees_cupys_default(nvrtc_binding, monkeypatch):
     """CuPy's RawModule adds -ftz=true after our options: compiled so, the check fails."""
     monkeypatch.setattr(nvrtc, "OPTIONS", nvrtc.OPTIONS + ("-ftz=true",))
-    assert FTZ.search(nvrtc.ptx("optimizers.cu", False, 90))
+    assert FTZ.search(nvrtc.compile_module("optimizers.cu", False, 90, ptx=True)[0].decode())
 
 
-def test_the_cache_compiles_once_and_keys_on_the_source(nvrtc_binding, tmp_path, monkeypatch):
+def test_the_cache_compiles_once_and_keys_on_what_goes_in(nvrtc_binding, tmp_path, monkeypatch):
     cache = nvrtc.KernelCache(str(tmp_path))
     binary, lowered = cache.get("clipping.cu", False, 90)
     assert len(list(tmp_path.iterdir())) == 1
@@ -69,8 +70,31 @@ def test_the_cache_compiles_once_and_keys_on_the_source(nvrtc_binding, tmp_path,
 
     monkeypatch.setattr(nvrtc, "compile_module", no_compile)
     assert cache.get("clipping.cu", False, 90) == (binary, lowered)
-    assert nvrtc.KernelCache.key("clipping.cu", False, 90) != nvrtc.KernelCache.key("clipping.cu", False, 80)
+    key = nvrtc.KernelCache.key("clipping.cu", False, 90)
+    assert key != nvrtc.KernelCache.key("clipping.cu", False, 80)
+    names = dict(nvrtc.SOURCES)
+    names["clipping.cu"] = names["clipping.cu"][:-1]  # an instantiation fewer: another module
+    monkeypatch.setattr(nvrtc, "SOURCES", names)
+    assert nvrtc.KernelCache.key("clipping.cu", False, 90) != key
+    monkeypatch.setattr(nvrtc, "SOURCES", kernel_backend.SOURCES)
     real_source = nvrtc.source
     monkeypatch.setattr(nvrtc, "source", lambda f: real_source(f) + "\n// edited\n")
     with pytest.raises(AssertionError, match="compiled again"):  # an edited source is a new key
         cache.get("clipping.cu", False, 90)
+
+
+def test_a_damaged_cache_file_is_compiled_again(nvrtc_binding, tmp_path):
+    cache = nvrtc.KernelCache(str(tmp_path))
+    binary, lowered = cache.get("nonfinite.cu", False, 90)
+    [path] = tmp_path.iterdir()
+    for damaged in (b"", b"not json\n" + bytes(binary), b'["a list"]\n' + bytes(binary),
+                    b'{"another": "name"}\n' + bytes(binary)):
+        path.write_bytes(damaged)
+        assert cache.get("nonfinite.cu", False, 90) == (binary, lowered)
+    cache.forget("nonfinite.cu", False, 90)
+    assert not path.exists()
+
+
+def test_this_machine_s_toolkit_has_what_the_kernels_need(nvrtc_binding):
+    """NVRTC, its builtins and the headers; cuBLAS (for the GEMMs) only comes with [ctk]."""
+    assert [m for m in nvrtc.missing_parts() if not m.startswith("cuBLAS")] == []
