@@ -136,6 +136,7 @@ class MLP:
         self.optimizer = None  # the last fit's
         self._clip_norm = self._guard = None  # during fit only
         self._comm = _ONE_PROCESS  # the fit's communicator while it runs
+        self._graphs = None  # the fit's captured steps while it runs (see _fit_step)
         self._set_params(self._initial_params(np.random.default_rng(init_seq)))
 
     # ---- parameters -------------------------------------------------------------
@@ -285,7 +286,10 @@ class MLP:
             except MemoryError:
                 raise self._out_of_memory(f"the buffers of a batch of {batch} rows", need, "use a smaller batch_size") from None
             while len(self._workspaces) >= _WORKSPACES_KEPT:
-                self._workspaces.popitem(last=False)
+                _, evicted = self._workspaces.popitem(last=False)
+                if self._graphs:  # a captured step on it would keep its memory alive, unaccounted
+                    for key in [k for k, entry in self._graphs.items() if _holds(entry, evicted)]:
+                        del self._graphs[key]
         self._workspaces[batch] = ws
         return ws
 
@@ -444,10 +448,12 @@ class MLP:
         "skip" (warn and go on) or "restore" (the newest checkpoint, half the
         learning rate): see gpubackprop.guard. The model never holds NaN.
 
-        Where the backend captures graphs (CUDA), the second step of each batch
-        size is captured whole (gathering the batch, forward, loss, backward,
-        update) and every later step is one graph launch; ``graphs=False`` runs
-        every step op by op instead (for debugging: the numbers are the same).
+        Where the backend captures graphs (CUDA), the second step on the same
+        buffers (a batch size's workspace, the optimizer's state, the data) is
+        captured whole (gathering the batch, forward, loss, backward, update) and
+        every later one is a graph launch; new buffers (a workspace made again
+        after others pushed it out) are captured anew. ``graphs=False`` runs every
+        step op by op instead (for debugging: the numbers are the same).
 
         ``comm`` (from ``gpubackprop.distributed.init()``) trains data parallel: each
         of its ranks passes the whole data set, trains on its shard of every global
@@ -489,7 +495,7 @@ class MLP:
                 comm.abort(e)
             raise
         finally:
-            self._comm = _ONE_PROCESS
+            self._comm, self._graphs = _ONE_PROCESS, None
 
     def _train(self, X, X_disk, T, val, epochs, batch_size, optimizer, shuffle, progress, callbacks, graphs,
                clip_norm, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, on_nonfinite):
@@ -524,7 +530,7 @@ class MLP:
         running = b.zeros((2,), np.float64)
         first_epoch, done_steps = (start["epoch"], start["step"]) if start else (0, 0)
         # A step is captured whole; one with a collective in its middle is not (yet).
-        graphs = {} if graphs and b.supports_graphs and not parallel else None
+        graphs = self._graphs = {} if graphs and b.supports_graphs and not parallel else None
         self.stop_training = False
         self.optimizer, self._clip_norm = optimizer, clip_norm
         self._guard = Guard(b) if self._scaler is None else None
@@ -688,11 +694,11 @@ class MLP:
         # old one evicted by other sizes) or new optimizer state is a new step. Ids
         # cannot be reused while a captured step holds the buffers.
         key = tuple(map(id, buffers)) + (constants, self._clip_norm, self.precision)
-        captured = graphs.pop(key, False)
-        if captured is False:  # the first step of its kind runs eagerly: kernels load, scratch is sized
-            graphs[key] = None
+        captured = graphs.pop(key, None)
+        if captured is None:  # the first step of its kind runs eagerly: kernels load, scratch is sized
+            graphs[key] = buffers  # held, so that no other buffer takes one of their ids meanwhile
             step()
-        elif captured is None:
+        elif isinstance(captured, tuple):
             graphs[key] = _CapturedStep(b, step, buffers)  # counts this step on the host, as step() would
             graphs[key].launch()
         else:
@@ -798,9 +804,11 @@ class MLP:
 class _CapturedStep:
     """A train step recorded once (``backend.capture``) and replayed by ``launch``.
 
-    A recording holds addresses, not arrays: it owns every buffer it reads or writes
-    (``buffers``), so none of them can be freed, and its memory handed to another
-    array, while the step may still be replayed.
+    A recording holds addresses, not arrays: it holds the model's, the optimizer's
+    and the workspace's buffers it reads or writes (``buffers``; the backend's own
+    reduction scratch and cuBLAS workspace live as long as the backend), so none of
+    them can be freed, and its memory handed to another array, while the step may
+    still be replayed.
     """
 
     def __init__(self, backend, step, buffers):
@@ -809,6 +817,13 @@ class _CapturedStep:
 
     def launch(self):
         self._graph.launch()
+
+
+def _holds(entry, buffer):
+    """Whether a fit's graph entry (a _CapturedStep, or the buffers of a step about to
+    be captured) holds ``buffer``."""
+    buffers = entry.buffers if isinstance(entry, _CapturedStep) else entry
+    return any(b is buffer for b in buffers)
 
 
 def parameter_count(sizes):

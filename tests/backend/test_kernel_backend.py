@@ -289,6 +289,12 @@ def test_graph_steps_survive_a_callback_that_evicts_the_workspace(kernel_backend
         def on_epoch_end(self, model, epoch, logs):
             for rows in (3, 5, 7, 11):
                 model.predict(X[:rows])
+            if model._graphs is not None:  # the evicted workspaces took their captured steps with them
+                live = list(model._workspaces.values())
+                for entry in model._graphs.values():
+                    buffers = entry if isinstance(entry, tuple) else entry.buffers
+                    [ws] = [b for b in buffers if type(b).__name__ == "_Workspace"]
+                    assert any(ws is w for w in live)
 
     runs = []
     for graphs in (True, False):
@@ -299,6 +305,24 @@ def test_graph_steps_survive_a_callback_that_evicts_the_workspace(kernel_backend
     assert runs[0][0] == runs[1][0]
     for k in runs[1][1]:
         np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k], err_msg=k)
+
+
+def test_a_step_awaiting_capture_holds_its_buffers(kernel_backend, rng):
+    """Between the eager first step and the capture, the entry keyed by the buffers'
+    ids holds them: a buffer freed meanwhile could hand its id to another."""
+    X, y = random_batch(rng, [5, 7, 2], "cross_entropy", 40)
+    seen = []
+
+    class Look:
+        def on_batch_end(self, model, batch, logs):
+            if not seen:
+                [entry] = model._graphs.values()
+                seen.append(entry)
+
+    gb.MLP([5, 7, 2], seed=0, device=kernel_backend).fit(X, y, epochs=1, batch_size=40, progress=False,
+                                                         callbacks=[Look()])
+    [entry] = seen
+    assert isinstance(entry, tuple) and any(type(b).__name__ == "_Workspace" for b in entry)
 
 
 def test_nothing_but_recorded_work_runs_inside_a_capture():
