@@ -94,7 +94,8 @@ def build_parser():
     s = commands.add_parser("selftest", help="check every primitive, in every dtype and precision mode, and whole "
                                              "training steps on a device against float64 NumPy (exit status 1 on "
                                              "any failure)")
-    s.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default auto)")
+    s.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda: a GPU that cannot be used "
+                                                    "is an error, not a silent run on the CPU)")
     s.add_argument("--quick", action="store_true", help="fewer shapes, and no training on digits")
     s.add_argument("--modes", nargs="+", choices=list(selftest.MODES), metavar="MODE",
                    help=f"a subset of {' '.join(selftest.MODES)} (default all)")

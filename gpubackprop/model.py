@@ -194,17 +194,11 @@ class MLP:
 
     def _low_layout(self):
         """Where each tensor (W_1, b_1, W_2, ...) sits in the 16-bit copy of mixed
-        precision: (its start in the flat buffer, the shift to its start in the copy),
-        and the copy's size. Each starts at a multiple of 8 elements (16 bytes), the
-        alignment cuBLAS's tensor-core kernels need; the flat buffer stays packed."""
-        starts, shifts, end = [], [], 0
-        for w, bias, _, _ in self._layout():
-            for part in (w, bias):
-                at = -(-end // _LOW_ALIGN) * _LOW_ALIGN
-                starts.append(part.start)
-                shifts.append(at - part.start)
-                end = at + part.stop - part.start
-        return starts, shifts, end
+        precision (see ``aligned_layout``): each starts at a multiple of 8 elements
+        (16 bytes), as cuBLAS's tensor-core kernels need of a matrix's start; the
+        flat buffer stays packed. (Its rows are n_{l-1} apart: aligned too when that
+        width is a multiple of 8.)"""
+        return aligned_layout([n for w, b, _, _ in self._layout() for n in (w.stop - w.start, b.stop - b.start)])
 
     def _params_changed(self):
         """Refresh the 16-bit copy of the parameters (mixed precision) after they changed."""
@@ -817,6 +811,19 @@ class _CapturedStep:
 
     def launch(self):
         self._graph.launch()
+
+
+def aligned_layout(lengths, align=_LOW_ALIGN):
+    """For tensors of ``lengths`` packed one after another in a flat buffer: (their
+    starts there, the shift that moves each to the next start at a multiple of
+    ``align`` in a copy, the copy's size)."""
+    starts, shifts, packed, end = [], [], 0, 0
+    for n in lengths:
+        at = -(-end // align) * align
+        starts.append(packed)
+        shifts.append(at - packed)
+        packed, end = packed + n, at + n
+    return starts, shifts, end
 
 
 def _holds(entry, buffer):

@@ -93,3 +93,31 @@ def test_the_command_line_writes_json_and_sets_the_exit_status(tmp_path, capsys)
 def test_unknown_modes_are_refused():
     with pytest.raises(ValueError, match="unknown modes"):
         selftest.run("cpu", modes=["float8"])
+
+
+def test_a_report_where_nothing_ran_does_not_pass():
+    report = selftest.Report("cuda:0", {}, [selftest.Check("every check", m, note="no cuBLAS") for m in selftest.MODES])
+    assert not report.passed and report.failures == []
+
+
+def test_modes_the_backend_refuses_are_skipped_with_its_reason():
+    class NoTensorCores(NumpyBackend):
+        def precision_unavailable(self, mode):
+            return "precision='tf32' needs cuBLAS" if mode == "tf32" else super().precision_unavailable(mode)
+
+    report = selftest.run(NoTensorCores(), quick=True, modes=["float32", "tf32"], seed=5, log=None)
+    assert report.passed
+    [skip] = [c for c in report.checks if c.mode == "tf32"]
+    assert not skip.ran and skip.note == "precision='tf32' needs cuBLAS"
+
+
+def test_the_command_line_checks_the_gpu_unless_told_otherwise(capsys, monkeypatch):
+    """No silent fallback: without a usable GPU `gpubackprop selftest` is an error."""
+    from gpubackprop.backend import DeviceUnavailableError
+
+    def no_gpu(name):
+        raise DeviceUnavailableError("cannot use CUDA: no NVIDIA GPU found")
+
+    monkeypatch.setattr("gpubackprop.cli.gb.get_backend", lambda device: no_gpu(device) if device == "cuda" else None)
+    assert main(["selftest"]) == 2
+    assert "gpubackprop: error: cannot use CUDA: no NVIDIA GPU found" in capsys.readouterr().err
