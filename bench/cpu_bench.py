@@ -21,6 +21,7 @@ The sgemm ceiling is the best GFLOP/s of np.matmul on 4096x4096 float32 matrices
 the most BLAS gives this process, against which a step's useful FLOPs are set.
 """
 
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -149,7 +150,7 @@ def time_call(fn, target_s=TARGET_S, repeats=REPEATS):
     return time_interleaved({"fn": fn}, target_s, repeats)["fn"]
 
 
-def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS, sync=_no_sync, settle_s=SETTLE_S):
+def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS, sync=_no_sync, settle_s=SETTLE_S, around=None):
     """Timings of several callables ({name: fn} -> {name: Timing}), repeats interleaved.
 
     Each is warmed up and its loop sized first; then every repeat runs one loop of
@@ -157,20 +158,26 @@ def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS, sync=_no_sync, set
     of only the one being timed at the moment. Each loop starts after ``settle()``
     and one untimed call. ``sync`` (a device's synchronize) closes every loop, so a
     loop's time is its device work's; GPUs have no spinning CPU pools: settle_s=0.
+    ``around`` ({name: a context manager factory}) is entered around each of that
+    callable's loops: what a training loop sets up once, not per step.
     """
     several = len(fns) > 1
+    around = around or {}
     loops = {}
     for name, fn in fns.items():
         if several:
             settle(settle_s)
-        loops[name] = calibrate(fn, target_s, sync=sync)
+        with around.get(name, contextlib.nullcontext)():
+            loops[name] = calibrate(fn, target_s, sync=sync)
     means = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
         for name, fn in fns.items():
             if several:
                 settle(settle_s)
-                fn()  # its own threads and caches warm again after the pause
-            means[name].append(loop_mean(fn, loops[name], sync))
+            with around.get(name, contextlib.nullcontext)():
+                if several:
+                    fn()  # its own threads and caches warm again after the pause
+                means[name].append(loop_mean(fn, loops[name], sync))
     return {name: Timing(best=min(m), loop=loops[name], means=m) for name, m in means.items()}
 
 

@@ -7,12 +7,14 @@ peak memory measured in the same run.
 
 A step is what ``fit`` does per batch: gather the batch from a data set already on
 the device, forward, cross-entropy loss, backward, SGD update (lr 0.01), ReLU
-hidden layers. For gpubackprop on CUDA that is one graph launch (``fit``'s path).
-The peers run their idiomatic step in the same precision, indexing the same
-fixed permutation of the data set:
+hidden layers. For gpubackprop on CUDA that is one graph launch (``fit``'s path,
+its divergence guard included, the device context entered once per loop as fit
+enters it once). The peers run their idiomatic step in the same precision,
+indexing the same fixed permutation of the data set:
 
-    torch_eager   nn.Sequential + F.cross_entropy + optim.SGD
-    torch_graph   the same step captured whole with torch.cuda.graph (CUDA only)
+    torch_eager   nn.Sequential + F.cross_entropy + optim.SGD, zero_grad() to None
+    torch_graph   the same step captured whole with torch.cuda.graph (CUDA only),
+                  gradients set to None before the capture, as PyTorch's example
     jax           value_and_grad + an SGD tree_map under jax.jit, parameters donated
 
 tf32 = TF32 matmuls on every side (allow_tf32; jax_default_matmul_precision
@@ -31,10 +33,10 @@ over an n x n x n GEMM's in the same precision, timed in the same run (cuBLAS
 through torch on random data; np.matmul on the CPU).
 
 Peak bytes, each measured alone before the timing, with the data set included:
-ours, the growth of CuPy's pool in use over building the model and three steps (a
-step allocates nothing after the first of its size); torch eager, the growth of
-max_memory_allocated over the same; JAX, the compiled step's memory_analysis
-(arguments + outputs + temporaries - donated aliases).
+ours, the growth of CuPy's pool (its cached blocks freed first, so the growth is
+the high-water mark) over building the model and three steps; torch eager, the
+growth of max_memory_allocated over the same; JAX, the compiled step's
+memory_analysis (arguments + outputs + temporaries - donated aliases).
 
 Writes ``<out>/gpu-<date>.json`` (``cpu-steps-<date>.json`` on the CPU) and prints
 a Markdown table. The CPU half exists so that this script is exercised in CI.
@@ -58,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_bench import SETTLE_S, have, step_flops, time_interleaved  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
+from gpubackprop.guard import Guard  # noqa: E402
 
 LR = 0.01
 SEED = 0
@@ -87,7 +90,8 @@ def order_of(batch):
 # peak_bytes() is read after WARM_STEPS steps, before any other library runs (see
 # the module docstring), or is None where it is not measured.
 
-def _synchronize(device):
+def synchronize(device):
+    """Wait for all work on the GPU (every library's streams); nothing on the CPU."""
     if device == "cuda":
         import cupy
 
@@ -95,15 +99,18 @@ def _synchronize(device):
 
 
 def ours(sizes, batch, precision, device):
-    """fit's per-batch path: indices into a fixed buffer, then gather + step (one
-    graph launch on CUDA, from the third call on)."""
+    """fit's per-batch path: the batch's indices copied into the workspace, then
+    gather + step with fit's divergence guard (one graph launch on CUDA, from the
+    third call on). The device context is entered once around a loop of steps, as
+    fit enters it once (``step.around``)."""
     pool = None
     if device == "cuda":
         import cupy
 
         pool = cupy.get_default_memory_pool()
-        _synchronize(device)
-        before = pool.used_bytes()
+        synchronize(device)
+        pool.free_all_blocks()  # earlier cases' cached blocks: the growth below is this model's peak
+        before = pool.total_bytes()
     model = gb.MLP(list(sizes), seed=SEED, device=device, precision=precision)
     X, y = make_data(sizes, batch, np.random.default_rng(SEED))
     opt = gb.optim.SGD(LR)
@@ -114,17 +121,19 @@ def ours(sizes, batch, precision, device):
         running = b.zeros((2,), np.float64)
         order = b.asarray(order_of(batch))
         ws = model._workspace(batch)
-        graphs = {} if b.supports_graphs else None
+        model._guard = Guard(b) if model._scaler is None else None  # as fit sets it
+        model._graphs = graphs = {} if b.supports_graphs else None
 
     def step():
-        with model._context():
-            b.xp.copyto(ws.index, order)
-            model._fit_step(ws, Xd, T, opt, running, graphs)
+        b.xp.copyto(ws.index, order)
+        model._fit_step(ws, Xd, T, opt, running, graphs)
 
-    for _ in range(WARM_STEPS):
-        step()
-    _synchronize(device)
-    return step, (None if pool is None else pool.used_bytes() - before)
+    step.around = model._context
+    with model._context():
+        for _ in range(WARM_STEPS):
+            step()
+    synchronize(device)
+    return step, (None if pool is None else pool.total_bytes() - before)
 
 
 def torch_step(sizes, batch, precision, device, graph):
@@ -169,7 +178,7 @@ def torch_step(sizes, batch, precision, device, graph):
         return loss
 
     def eager():
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()  # set_to_none, the default: backward writes fresh gradients
         body()
 
     if not graph:
@@ -188,7 +197,7 @@ def torch_step(sizes, batch, precision, device, graph):
             eager()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
+    opt.zero_grad(set_to_none=True)  # as PyTorch's whole-network capture: the graph writes the gradients
     with torch.cuda.graph(g):
         body()
 
@@ -294,7 +303,7 @@ def measure(device, cases, precisions, impls=None, target_s=0.2, repeats=5, log=
     """The rows of the table; ``on_row(rows so far)`` after each (the file is
     rewritten then, so a run cut short keeps what it measured)."""
     impls = [i for i in IMPLS if i in (impls or available(device))]
-    sync = functools.partial(_synchronize, device)
+    sync = functools.partial(synchronize, device)
     rows = []
     for precision in precisions:
         ceiling = ceiling_flops(device, precision)
@@ -316,8 +325,9 @@ def measure(device, cases, precisions, impls=None, target_s=0.2, repeats=5, log=
                     row[f"{impl}_peak_bytes"] = peak
                     if step is not None:
                         steps[impl] = step
+                around = {impl: step.around for impl, step in steps.items() if hasattr(step, "around")}
                 timings = time_interleaved(steps, target_s=target_s, repeats=repeats, sync=sync,
-                                           settle_s=0 if device == "cuda" else SETTLE_S)
+                                           settle_s=0 if device == "cuda" else SETTLE_S, around=around)
                 for impl in IMPLS:
                     t = timings.get(impl)
                     row[f"{impl}_samples_per_s"] = None if t is None else batch / t.best
@@ -403,17 +413,21 @@ def merge(results, names):
     implementations of the same rows (each library in a process of its own, say):
     each implementation's cells come from the first run that measured them, and
     ``{impl}_source`` names that run; the ceiling goes with ours."""
+    devices = {r["device"] for r in results}
+    if len(devices) > 1:
+        raise ValueError(f"these runs measured different devices ({sorted(devices)}): one table cannot hold them")
     merged = {}
     for result, name in zip(results, names):
         for row in result["rows"]:
             key = (tuple(row["net"]), row["batch"], row["precision"])
             into = merged.setdefault(key, {k: row[k] for k in ("case", "net", "batch", "precision")})
             for impl in IMPLS:
+                if row.get(f"{impl}_error") and not into.get(f"{impl}_error"):
+                    into[f"{impl}_error"] = f"{row[f'{impl}_error']} ({name})"
                 if row.get(f"{impl}_samples_per_s") is None or into.get(f"{impl}_samples_per_s") is not None:
                     continue
-                for what in ("samples_per_s", "timing", "peak_bytes", "error"):
-                    if f"{impl}_{what}" in row:
-                        into[f"{impl}_{what}"] = row[f"{impl}_{what}"]
+                for what in ("samples_per_s", "timing", "peak_bytes"):
+                    into[f"{impl}_{what}"] = row.get(f"{impl}_{what}")
                 into[f"{impl}_source"] = name
                 if impl == "ours":
                     into["ceiling_flops"], into["ceiling_fraction"] = row["ceiling_flops"], row["ceiling_fraction"]
@@ -452,6 +466,8 @@ def main(argv=None):
                 results.append(json.load(f))
         result = merge(results, args.merge)
         path = os.path.join(args.out, f"gpu-{result['date']}.json")
+        if any(os.path.abspath(path) == os.path.abspath(name) for name in args.merge):
+            p.error(f"the merged result would overwrite its input {path}: choose another --out")
         os.makedirs(args.out, exist_ok=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
