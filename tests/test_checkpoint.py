@@ -2,10 +2,10 @@
 bit where an uninterrupted run ends; torn or altered files are skipped, never loaded."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -16,67 +16,67 @@ from gpubackprop import callbacks, checkpoint
 from .helpers import assert_same_params, random_batch
 
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import os, signal, sys, threading
     import numpy as np
     import gpubackprop as gb
     from gpubackprop import callbacks
 
-    directory, out, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    directory, out, kill_after, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 
-    class Progress(callbacks.Callback):  # says where it resumed and each step it takes
+    def die():  # SIGKILL: no handler, no cleanup, as a power cut or the OOM killer
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    class KillSoon(callbacks.Callback):
+        \"\"\"kill_after steps past where this run resumed, a timer of ``delay`` seconds
+        starts; it kills the process in that step's checkpoint write, in the gap, or
+        in the next step, and the next step's end kills it at the latest.\"\"\"
+
         def on_train_begin(self, model):
-            print("from", model.optimizer.steps, flush=True)
+            self.start, self.armed = model.optimizer.steps, False
 
         def on_batch_end(self, model, batch, logs):
-            print("step", model.optimizer.steps, flush=True)
-            time.sleep(pause)  # stretches the gap between steps, so kills land there too
+            if self.armed:
+                die()
+            if kill_after >= 0 and model.optimizer.steps == self.start + kill_after:
+                self.armed = True
+                threading.Timer(delay, die).start()
 
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((200, 20)).astype(np.float32), rng.integers(0, 4, 200)
     model = gb.MLP([20, 32, 4], seed=0, dropout=0.1)
     history = model.fit(X, y, epochs=5, batch_size=16, optimizer=gb.optim.Adam(1e-2), progress=False,
                         checkpoint_dir=directory, checkpoint_every=1, keep_checkpoints=2, resume=True,
-                        callbacks=[Progress()], validation_data=(X[:50], y[:50]))
+                        callbacks=[KillSoon()], validation_data=(X[:50], y[:50]))
     np.savez(out, **model.state_dict(), **{f"history.{k}": v for k, v in history.items()})
 """)
 STEPS = 5 * 13  # epochs x batches
 
 
-def run_script(tmp_path, directory, out, pause, kill_delay=None):
-    """Run the training script; with kill_delay (a callable giving seconds), SIGKILL it
-    that long after it reports its second step past where it resumed. The step is
-    reported before its checkpoint is written, so by then the first step's checkpoint
-    is on disk: every killed run leaves the next one at least a step further, and the
-    kill lands in a step, a save or the gap between them. Returns True if it ran to
-    the end."""
+def run_script(tmp_path, directory, out, kill_after=-1, delay=0.0):
+    """Run the training script, killed (kill_after >= 0) between the end of the step
+    kill_after past where it resumed and the end of the next (see KillSoon). The
+    first of those steps has its checkpoint from the step before on disk, so every
+    killed run leaves the next at least a step further, and at most kill_after.
+    Returns True if it ran to the end."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(out), str(pause)],
-                            stdout=subprocess.PIPE, text=True)
-    start = None
-    for line in proc.stdout:
-        word, steps = line.split()
-        if word == "from":
-            start = int(steps)
-        elif kill_delay is not None and int(steps) >= start + 2:
-            time.sleep(kill_delay())
-            proc.kill()  # SIGKILL: no handler, no cleanup, as a power cut or the OOM killer
-            proc.wait()
-            return False
-    assert proc.wait() == 0
+    done = subprocess.run([sys.executable, str(script), str(directory), str(out), str(kill_after), str(delay)],
+                          capture_output=True, text=True)
+    if done.returncode == -signal.SIGKILL:
+        return False
+    assert done.returncode == 0, done.stderr
     return True
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, rng):
     reference = tmp_path / "reference.npz"
-    assert run_script(tmp_path, tmp_path / "ref", reference, pause=0.0)
+    assert run_script(tmp_path, tmp_path / "ref", reference)
     out, kills = tmp_path / "resumed.npz", 0
-    # Each step sleeps 10 ms after it is reported and each kill waits up to 10 ms more,
-    # so a run is killed within a step or two of its second; each advances at least one.
-    while not run_script(tmp_path, tmp_path / "ckpt", out, pause=0.01, kill_delay=lambda: rng.uniform(0, 0.01)):
+    while not run_script(tmp_path, tmp_path / "ckpt", out, kill_after=int(rng.integers(2, 4)),
+                         delay=rng.uniform(0, 0.005)):
         kills += 1
         assert kills < STEPS, "a killed run did not advance"
-    assert kills >= 15
+    assert kills >= (STEPS - 3) // 3  # each run advanced 1 to 3 steps, wherever its kill landed
     want, got = np.load(reference), np.load(out)
     assert sorted(want.files) == sorted(got.files)
     for name in want.files:
