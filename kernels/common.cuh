@@ -1,8 +1,9 @@
 // What every kernel file shares: the compute type of each storage type, loads and
 // stores through it, the activations g and g', and fixed-order reductions.
 //
-// The same text is compiled three ways: by NVRTC through cupy.RawModule (the
-// CUDA backend), by nvcc (CI's compile check for sm_80 / sm_90), and by g++ as
+// The same text is compiled three ways: by NVRTC (the CUDA backend, through
+// gpubackprop/backend/nvrtc.py; CI compiles it so too), by nvcc (CI's compile
+// check for sm_80 / sm_90, registers and spills), and by g++ as
 // plain C++ with tests/kernels/cuda_host.h standing in for the CUDA runtime (CI's
 // host harness), where cuda_host.h defines GPUBACKPROP_HOST and stands in for
 // the CUDA headers.

@@ -63,8 +63,8 @@ def _per_activation(template, dtypes):
     return [instance(template, t, code) for t in dtypes for code in ACTIVATION_CODES.values()]
 
 
-# Every instantiation of every source file: CuPy, nvcc (CI) and the host harness
-# all compile exactly these.
+# Every instantiation of every source file: NVRTC (backend/nvrtc.py), nvcc (CI)
+# and the host harness all compile exactly these.
 SOURCES = {
     "bias_activation.cu": _per_activation("bias_act_forward", CTYPES),
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
@@ -85,8 +85,8 @@ def is_low_precision(name):
 def source(filename):
     """The text of ``kernels/filename`` with its local ``#include "..."`` lines inlined.
 
-    CuPy keys its compile cache on the code string alone, so a header's text must
-    be part of that string for an edited header to be recompiled.
+    NVRTC gets one string (and the kernel cache keys on it), so a header's text
+    must be part of it: an edited header then means a new key and a recompile.
     """
     text = (KERNEL_DIR / filename).read_text()
     return re.sub(r'^#include "([^"]+)"$', lambda m: source(m.group(1)), text, flags=re.M)
