@@ -11,7 +11,8 @@
 #                      (STEP_BENCH_ARGS adds arguments: --target-s 0.05, say)
 #   explain.log        `gpubackprop explain`
 #
-# Each stage has its own time limit and the next runs whatever the last returned;
+# Each stage has its own time limit (GPU_CHECK_LIMITS=off: none, for the CPU half
+# in CI, where a busy machine must not fail it) and the next runs whatever the last returned;
 # the exit status is the number of stages that failed. PYTHON picks the
 # interpreter (default python3); the package must import from this checkout
 # (`pip install --no-deps -e .` where nothing can be downloaded).
@@ -42,7 +43,11 @@ stage() {  # stage NAME LIMIT_S LOG COMMAND...
     local name=$1 limit=$2 log=$3
     shift 3
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$log" 2>&1
+    if [ "${GPU_CHECK_LIMITS:-on}" = off ]; then
+        "$@" >"$OUT/$log" 2>&1
+    else
+        timeout --kill-after=10 "$limit" "$@" >"$OUT/$log" 2>&1
+    fi
     local rc=$?
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
     summary+=("$name: exit $rc in $((SECONDS - t0)) s ($log)")

@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_bench import SETTLE_S, have, step_flops, time_interleaved  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
+from gpubackprop import selftest  # noqa: E402
 from gpubackprop.guard import Guard  # noqa: E402
 
 LR = 0.01
@@ -341,20 +342,14 @@ def measure(device, cases, precisions, impls=None, target_s=0.2, repeats=5, log=
     return rows
 
 
-def versions():
-    v = {"python": platform.python_version(), "numpy": np.__version__, "gpubackprop": gb.__version__,
-         "commit": _commit()}
-    for mod in ("cupy", "torch", "jax"):
+def versions(device):
+    """The selftest's versions of this machine and ``device`` (Python, NumPy, CuPy,
+    CUDA, the GPU), the peers' and the engine's commit."""
+    v = selftest.versions(gb.get_backend(device))
+    v["commit"] = _commit()
+    for mod in ("torch", "jax"):
         if have(mod):
             v[mod] = __import__(mod).__version__
-    if have("cupy"):
-        import cupy
-
-        try:
-            v["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
-            v["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
-        except cupy.cuda.runtime.CUDARuntimeError:
-            pass  # no driver: a CPU run
     return v
 
 
@@ -482,7 +477,7 @@ def main(argv=None):
     if impls is not None and not set(impls) <= set(IMPLS):
         p.error(f"--impls must name only {list(IMPLS)}")
     date = datetime.date.today().isoformat()
-    result = {"device": device_name(args.device), "date": date, "versions": versions(),
+    result = {"device": device_name(args.device), "date": date, "versions": versions(args.device),
               "settings": {"target_s": args.target_s, "repeats": args.repeats, "lr": LR, "warm_steps": WARM_STEPS},
               "rows": []}
     os.makedirs(args.out, exist_ok=True)
