@@ -47,7 +47,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import sys
 
 # JAX takes 75% of GPU memory at its first use unless told not to; the other

@@ -19,6 +19,7 @@ from gpubackprop import optim
 from gpubackprop.activations import ACTIVATIONS
 from gpubackprop.backend import kernel_backend as kb
 from gpubackprop.backend.numpy_backend import NumpyBackend
+from gpubackprop.selftest import OPTIMIZERS, dense_layer, layer_inputs, poisoned, run_loss
 
 from ..helpers import random_batch
 
@@ -39,35 +40,6 @@ def close(actual, expected, tol, what=""):
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
-def poisoned(be, shape, dtype):
-    out = be.empty(shape, dtype)
-    out.fill(np.nan)
-    return out
-
-
-def dense_layer(be, act, dtype, a_prev, W, b, grad):
-    """One layer forward and backward on ``be``; every result as a host array."""
-    B, n_out, n_in = a_prev.shape[0], W.shape[0], W.shape[1]
-    put = lambda x: be.asarray(np.array(x, dtype))  # noqa: E731  (a copy: the backward writes grad)
-    with be.context():
-        a_prev, W, b, grad = map(put, (a_prev, W, b, grad))
-        out = poisoned(be, (B, n_out), dtype)
-        z = poisoned(be, (B, n_out), dtype) if act.needs_z else None
-        scratch = tuple(poisoned(be, (B, n_out), dtype) for _ in range(act.n_scratch))
-        be.dense_forward(a_prev, W, b, act, out, z, scratch)
-        a = be.to_host(out).copy()
-        dW, grad_prev = poisoned(be, (n_out, n_in), dtype), poisoned(be, (B, n_in), dtype)
-        db = poisoned(be, (n_out,), np.float64 if dtype == np.float64 else np.float32)  # float32 for 16-bit
-        be.dense_backward(grad, out, z, a_prev, W, act, scratch, dW, db, grad_prev, put(np.ones(B)))
-        return {k: be.to_host(v) for k, v in
-                dict(a=a, delta=grad, dW=dW, db=db, grad_prev=grad_prev).items()}
-
-
-def layer_inputs(rng, B, n_in, n_out):
-    return dict(a_prev=rng.standard_normal((B, n_in)), W=rng.standard_normal((n_out, n_in)) / np.sqrt(n_in),
-                b=rng.standard_normal(n_out), grad=rng.standard_normal((B, n_out)))
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -77,18 +49,6 @@ def test_dense_layer_matches_numpy(kernel_backend, name, shape, dtype, rng):
     want = dense_layer(CPU, ACTIVATIONS[name], dtype, **inputs)
     for k in want:
         close(got[k], want[k], TOL[dtype], k)
-
-
-def run_loss(be, name, z, y, dtype, running=(0.0, 0.0)):
-    """(loss, delta, running + [loss * B, rows predicted right]) on ``be``."""
-    B = z.shape[0]
-    with be.context():
-        z, y = be.asarray(np.array(z, dtype)), be.asarray(np.array(y, dtype))
-        delta, loss = poisoned(be, z.shape, dtype), poisoned(be, (), dtype)
-        totals = be.asarray(np.array(running, np.float64))
-        scratch = (poisoned(be, (B,), dtype), be.empty((B,), np.int64), be.empty((B,), np.int64), be.empty((B,), bool))
-        be.loss(name, z, y, delta, loss, totals, scratch)
-        return float(loss), be.to_host(delta), be.to_host(totals)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -108,17 +68,6 @@ def test_loss_matches_numpy(kernel_backend, loss, scale, B, C, dtype, rng):
     close(dk, dc, TOL[dtype], "delta")
     close(rk[0], rc[0], TOL[dtype], "running loss")
     assert rk[1] == rc[1] and (loss == "mse") == (rk[1] == 7.0)  # hits counted for cross entropy only
-
-
-OPTIMIZERS = [
-    optim.SGD(0.1),
-    optim.SGD(0.1, momentum=0.9),
-    optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
-    optim.SGD(0.1, momentum=0.5, dampening=0.3, weight_decay=1e-3),
-    optim.Adam(1e-2),
-    optim.Adam(1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
-    optim.AdamW(1e-2, weight_decay=0.1),
-]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
