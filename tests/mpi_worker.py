@@ -6,7 +6,9 @@ Every rank builds the model from a different seed (rank 0's must win), trains wi
 gb.distributed.init(transport) on the data of ``data()``, and writes
 OUT_DIR/rank<r>.npz: its final parameters, its history, and the row indices it
 trained on per step. Scenarios: "train" (options below), "raise" and "kill" (rank 1
-fails after a few steps), "bad-data" (rank 1's X has a column too few).
+fails after a few steps), "bad-data" (rank 1's X has a column too few), "cli" (the
+command line with the remaining arguments). Every rank's stderr is also copied to
+OUT_DIR/stderr.<rank>.
 """
 
 import os
@@ -97,5 +99,32 @@ def main(scenario, out, *args):
              steps=np.array([len(step) for step in rows], np.int64))
 
 
+class _Tee:
+    """stderr, and a copy in a file: mpiexec forwards a rank's stderr asynchronously
+    and MPI_Abort can end the job before it has (seen under load), so the tests read
+    what a rank said from the copy."""
+
+    def __init__(self, stream, path):
+        self.stream, self.file = stream, open(path, "w")
+
+    def write(self, text):
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    scenario, out, *rest = sys.argv[1:]
+    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+    sys.stderr = _Tee(sys.stderr, os.path.join(out, f"stderr.{rank}"))
+    if scenario == "cli":  # the command line, as `mpiexec -n N gpubackprop ...` runs it
+        from gpubackprop.cli import main as cli
+
+        sys.exit(cli(rest))
+    main(scenario, out, *rest)
