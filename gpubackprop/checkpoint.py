@@ -37,10 +37,16 @@ def checkpoints(directory):
 
 
 def write(directory, model, optimizer, progress, keep):
-    """Save a checkpoint, then delete all but the newest ``keep`` (and any temporary
-    file a killed write left behind)."""
+    """Save a checkpoint, then ``prune``."""
     os.makedirs(directory, exist_ok=True)
     io.save(model, path_for(directory, optimizer.steps), optimizer=optimizer, metadata={"checkpoint": progress})
+    prune(directory, keep)
+
+
+def prune(directory, keep):
+    """Delete all checkpoints but the newest ``keep``, and any temporary file a
+    killed write left behind. (Also on resuming: a run killed between its save and
+    this leaves one too many, and a resumed run with no step left writes none.)"""
     for old in checkpoints(directory)[:-keep]:
         os.unlink(old)
     for stale in glob.glob(os.path.join(glob.escape(directory), f".{PREFIX}*.tmp")):

@@ -17,6 +17,7 @@ batch size; a step allocates nothing after the first of its size.
 import collections
 import contextlib
 import functools
+import os
 import warnings
 
 import numpy as np
@@ -510,6 +511,8 @@ class MLP:
                                       "use SGD without momentum, or a smaller model") from None
         if resume:
             start = self._resume(checkpoint_dir, optimizer)
+            if root and os.path.isdir(checkpoint_dir):
+                checkpoint.prune(checkpoint_dir, keep_checkpoints)
         else:
             start = None
             if parallel:

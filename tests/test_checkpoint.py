@@ -145,3 +145,22 @@ def test_resume_without_checkpoints_starts_fresh_and_options_are_checked(tmp_pat
                                                           checkpoint_dir=str(tmp_path / "none"), resume=True)
     with pytest.raises(ValueError, match="need checkpoint_dir"):
         a.fit(X, y, checkpoint_every=2, progress=False)
+
+
+def test_resuming_prunes_what_a_killed_save_left(tmp_path, rng):
+    """A run killed after its last save but before pruning leaves one checkpoint too
+    many (and maybe a temporary file); resuming with no step left writes nothing, so
+    the resume itself prunes."""
+    X, y = random_batch(rng, [6, 12, 3], "cross_entropy", 40)
+    model = gb.MLP([6, 12, 3], seed=1)
+    model.fit(X, y, epochs=1, batch_size=10, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=1,
+              keep_checkpoints=3)
+    (tmp_path / ".ckpt-0000000005.safetensors.x.tmp").write_bytes(b"torn")
+    assert len(checkpoint.checkpoints(str(tmp_path))) == 3
+    resumed = gb.MLP([6, 12, 3], seed=1)
+    resumed.fit(X, y, epochs=1, batch_size=10, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                keep_checkpoints=2, resume=True)
+    assert [os.path.basename(p) for p in checkpoint.checkpoints(str(tmp_path))] == [
+        "ckpt-0000000003.safetensors", "ckpt-0000000004.safetensors"]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert_same_params(resumed.state_dict(), model.state_dict())
