@@ -268,9 +268,21 @@ def check_losses(be, rng, modes, shapes):
                         "" if not wrong_hits else f"{wrong_hits} batches counted other hits than NumPy")
 
 
-def check_optimizers(be, rng, modes):
+def optimizer_steps(side, opt, p0, grads, dtype):
+    """A fresh copy of ``opt`` stepped once per gradient of ``grads`` from parameters
+    ``p0``, all in ``dtype`` on backend ``side``: [parameters, *state] on the host."""
     import types
 
+    fresh = optim.from_state_dict(opt.state_dict())
+    with side.context():
+        model = types.SimpleNamespace(backend=side, _params=side.asarray(p0.astype(dtype)), _grads=None)
+        for g in grads:
+            model._grads = side.asarray(g.astype(dtype))
+            fresh.step(model)
+        return [side.to_host(model._params)] + [side.to_host(v) for v in fresh.state.values()]
+
+
+def check_optimizers(be, rng, modes):
     for mode in modes:
         if mode not in ("float32", "float64"):
             continue  # master weights and optimizer state are float32 in every other mode
@@ -280,16 +292,8 @@ def check_optimizers(be, rng, modes):
             for n in (1, 1001, 5003):
                 p0 = rounded(rng.standard_normal(n), dtype)
                 grads = [rounded(rng.standard_normal(n), dtype) for _ in range(3)]
-                results = []
-                for side, t in ((be, dtype), (REFERENCE, np.float64)):
-                    fresh = optim.from_state_dict(opt.state_dict())
-                    with side.context():
-                        model = types.SimpleNamespace(backend=side, _params=side.asarray(p0.astype(t)), _grads=None)
-                        for g in grads:
-                            model._grads = side.asarray(g.astype(t))
-                            fresh.step(model)
-                        results.append([side.to_host(model._params)] + [side.to_host(v) for v in fresh.state.values()])
-                errs += [error(g, w) for g, w in zip(*results)]
+                got, want = (optimizer_steps(side, opt, p0, grads, t) for side, t in ((be, dtype), (REFERENCE, np.float64)))
+                errs += [error(g, w) for g, w in zip(got, want)]
             yield Check(f"optimizer {opt!r} (3 steps, state)", mode, max(errs), BOUND[mode])
 
 
@@ -416,15 +420,8 @@ def check_subnormals(be, rng, modes):
         yield Check(f"subnormals through dense forward+backward {name} (a = b, delta, db)", "float32",
                     max(error(got[k], want[k]) for k in ("a", "delta", "db")), BOUND["float32"])  # db: summed in another order
     p, g = tiny(1001), tiny(1001)
-    out = []
-    for side in (be, REFERENCE):
-        with side.context():
-            params = side.asarray(p.copy())
-            steps = side.zeros((1,), np.uint32)
-            side.sgd_update(params, side.asarray(g), None, side.empty(p.shape, f32) if side.elementwise_scratch else None,
-                            steps, lr=0.5, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
-            out.append(side.to_host(params))
-    yield Check("subnormals through sgd_update (p - 0.5 g)", "float32", error(*out), 0.0)
+    got, want = (optimizer_steps(side, optim.SGD(0.5), p, [g], f32)[0] for side in (be, REFERENCE))
+    yield Check("subnormals through sgd_update (p - 0.5 g)", "float32", error(got, want), 0.0)
     z, y = tiny(B, 5), tiny(B, 5)
     (_, dg, _), (_, dw, _) = (run_loss(side, "mse", z, y, f32) for side in (be, REFERENCE))
     yield Check("subnormals through the mse loss's delta", "float32", error(dg, dw), 0.0)

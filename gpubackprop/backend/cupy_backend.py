@@ -75,12 +75,17 @@ def _open_device(cupy, index):
         raise _unavailable(index, e) from None
 
 
+def _missing_toolkit(index, error):
+    """The DeviceUnavailableError naming the part of the toolkit whose absence caused
+    ``error`` on cuda:index, or None when nothing is missing."""
+    problem = toolkit_problem(error)
+    return DeviceUnavailableError(f"cuda:{index} cannot run kernels: {problem}", fix=FIX) if problem else None
+
+
 def _unavailable(index, error):
     """The DeviceUnavailableError for a failure to run or compile on cuda:index."""
-    problem = toolkit_problem(error)
-    if problem:
-        return DeviceUnavailableError(f"cuda:{index} cannot run kernels: {problem}", fix=FIX)
-    return DeviceUnavailableError(f"cuda:{index} was found but could not run a kernel ({type(error).__name__}: {error})")
+    return _missing_toolkit(index, error) or DeviceUnavailableError(
+        f"cuda:{index} was found but could not run a kernel ({type(error).__name__}: {error})")
 
 
 class RawModules:
@@ -116,10 +121,10 @@ class RawModules:
                     self.cache.forget(filename, low, self.arch)
                     module, lowered = self._load(filename, low)
             except Exception as e:  # a missing NVRTC, header or library: say which, and the fix
-                problem = toolkit_problem(e)
-                if problem is None:
+                missing = _missing_toolkit(self.index, e)
+                if missing is None:
                     raise
-                raise DeviceUnavailableError(f"cuda:{self.index} cannot run kernels: {problem}", fix=FIX) from None
+                raise missing from None
             self._modules[key] = module, lowered
         return self._modules[key]
 
