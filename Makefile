@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/cpu_table.py
+	$(BIN)/python -m bench.cpu_table
 
 # On a machine with an NVIDIA GPU: selftest, the GPU tests and the step benchmark,
 # every log and JSON into OUT (bench/gpu_check.sh), with the interpreter PYTHON

@@ -1,8 +1,8 @@
 """Data-parallel cost: the gradient allreduce against the train step, measured on 1
 and 2 ranks here, and a ring-allreduce model of N GPUs.
 
-    python bench/allreduce_bench.py [--ranks 1 2] [--cases medium,large] [--repeats 7] [--out bench/results]
-    python bench/allreduce_bench.py --model-only --gpu-results bench/results/gpu-2026-11-29.json
+    python -m bench.allreduce_bench [--ranks 1 2] [--cases medium,large] [--repeats 7] [--out bench/results]
+    python -m bench.allreduce_bench --model-only --gpu-results bench/results/gpu-2026-11-29.json
 
 Measured (each rank runs what ``fit`` runs per step for its shard of one global
 batch, float32, SGD; medians of ``--repeats``, each timed between barriers):
@@ -47,10 +47,11 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_bench import n_cores, step_flops  # noqa: E402
+from bench.common import cpu_model, n_cores, versions
+from bench.cpu_bench import step_flops
+from gpubackprop.nn.parameters import parameter_count
 
-from gpubackprop.model import parameter_count  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: where -m bench.… resolves
 
 CASES = {  # name -> (sizes, global batch): measured here; the networks of step_bench.py
     "medium": ((784, 1024, 1024, 10), 4096),
@@ -72,6 +73,7 @@ H100_FLOAT32_FLOPS = 0.5 * 67e12
 def measure(cases, repeats):
     """This rank's timings (seconds) per case; run under mpiexec (or alone)."""
     import gpubackprop as gb
+    from gpubackprop.train.trainer import Trainer
 
     comm = gb.distributed.init()
     rows = {}
@@ -83,17 +85,16 @@ def measure(cases, repeats):
         opt = gb.optim.SGD(0.01)
         X = rng.random((hi - lo, sizes[0]), dtype=np.float32)
         y = rng.integers(0, sizes[-1], hi - lo)
-        ws = model._load_batch(*model._prepare(X, y))
-        opt._bind(model)
-        model._comm = comm
+        ws = model.load_batch(X, y)
+        trainer = Trainer(model, opt, parallel=comm.parallel)
         reduce = None if comm.size == 1 else functools.partial(comm.allreduce_mean, weight=(hi - lo) / batch)
         runs = {
-            "compute_s": lambda: model._step(ws, opt),
-            "allreduce_s": lambda: reduce and reduce(model._grads),
-            "step_s": lambda: model._step(ws, opt, reduce=reduce),
+            "compute_s": lambda: trainer.step(ws),
+            "allreduce_s": lambda: reduce and reduce(model.grads),
+            "step_s": lambda: trainer.step(ws, reduce=reduce),
         }
         row = {"case": name, "net": list(sizes), "batch": batch, "params": model.n_params,
-               "allreduce_bytes": 0 if reduce is None else model._grads.nbytes}
+               "allreduce_bytes": 0 if reduce is None else model.grads.nbytes}
         for key, run in runs.items():
             run()  # warm-up: workspaces, staging buffers, BLAS threads
             times = []
@@ -174,9 +175,9 @@ def launch(n, cases, repeats):
         raise SystemExit("mpiexec not found: pip install 'gpubackprop[mpi]'")
     threads = str(max(1, n_cores() // n))
     env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    cmd = [launcher, "-n", str(n), sys.executable, os.path.abspath(__file__), "--rank-run",
-           "--cases", ",".join(cases), "--repeats", str(repeats)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    cmd = [launcher, "-n", str(n), sys.executable, "-m", "bench.allreduce_bench",
+           "--rank-run", "--cases", ",".join(cases), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
     rows = json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,13 +209,10 @@ def main(argv=None):
         print(f"T_c: {compute_what}\n\n{markdown([], model)}")
         return model
     measured = [row for n in args.ranks for row in launch(n, cases, args.repeats)]
-    import gpubackprop as gb
-
     date = datetime.date.today().isoformat()
     result = {
-        "date": date, "machine": f"{platform.node()}: {n_cores()} cores, {platform.processor() or platform.machine()}",
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "gpubackprop": gb.__version__,
-                     "mpi": _mpi_version()},
+        "date": date, "machine": f"{platform.node()}: {n_cores()} cores, {cpu_model()}",
+        "versions": dict(versions(), mpi=_mpi_version()),
         "measured": measured, "model": model,
         "model_assumptions": {"links": {k: {"bytes_per_s": b, "what": w} for k, (b, w) in LINKS.items()},
                               "compute": compute_what,

@@ -6,31 +6,29 @@ fixed random batch. Each ``*_step`` factory below builds a model and its batch a
 returns a zero-argument callable that runs exactly one step, so the same bodies are
 timed by ``measure_case`` (the table) and by pytest-benchmark (the tests).
 
-    ours              model._step(ws, opt) on a workspace loaded once: what
+    ours              Trainer(model, opt).step(ws) on a workspace loaded once: what
                       MLP.fit runs per batch, minus the batch gather
     ours_train_step   model.train_step(X, y, opt): the public call, with input
                       validation, one-hot encoding and copy-in every step
     torch             nn.Sequential(Linear, ReLU, ...), F.cross_entropy, optim.SGD
     sklearn           MLPClassifier(solver="sgd", ...).partial_fit on the batch
 
-Implementations of one case are timed interleaved: after warm-up, each repeat runs
-one ~0.5 s loop of every implementation in turn (after a short pause that lets the
-previous library's threads stop spinning), and the best repeat is kept.
+Implementations of one case are timed interleaved (bench.common.time_interleaved):
+after warm-up, each repeat runs one ~0.5 s loop of every implementation in turn
+(after a short pause that lets the previous library's threads stop spinning), and
+the best repeat is kept.
 
 The sgemm ceiling is the best GFLOP/s of np.matmul on 4096x4096 float32 matrices:
 the most BLAS gives this process, against which a step's useful FLOPs are set.
 """
 
-import contextlib
-import importlib.util
-import os
 import statistics
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 import gpubackprop as gb
+from gpubackprop.train.trainer import Trainer
+from bench.common import REPEATS, TARGET_S, have, n_cores, settle, time_call, time_interleaved
 
 LR = 0.01
 N_CLASSES = 10
@@ -43,31 +41,11 @@ CASES = (
     ((784, 128, 10), 64),
 )
 IMPLS = ("ours", "ours_train_step", "torch", "sklearn")
-TARGET_S = 0.5  # length of one timed repeat
-# Pause before timing one library after another. Thread pools spin for a while
-# after their last call (OpenBLAS ~0.1 s) and on 2 cores a spinning pool takes a
-# core from the next library's: without the pause torch ran up to 2x slower when
-# timed right after ours.
-SETTLE_S = 0.3
-REPEATS = 5
 CEILING_N = 4096
 
 
 def case_id(sizes, batch):
     return f"{'-'.join(map(str, sizes))}_b{batch}"
-
-
-def n_cores():
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def have(module):
-    """Whether ``module`` (torch, sklearn) can be imported."""
-    return importlib.util.find_spec(module) is not None
 
 
 def make_batch(n_in, batch, seed=SEED):
@@ -89,98 +67,6 @@ def step_flops(sizes, batch):
     return 2 * batch * (3 * p_w - sizes[0] * sizes[1])
 
 
-# ---- timing ------------------------------------------------------------------------
-
-@dataclass
-class Timing:
-    """Seconds per call: ``best`` of the per-repeat means, each over ``loop`` calls."""
-
-    best: float
-    loop: int
-    means: list = field(default_factory=list)
-
-    @property
-    def median(self):
-        return statistics.median(self.means)
-
-    def as_dict(self):
-        return {"best_s": self.best, "median_s": self.median, "loop": self.loop, "repeat_means_s": self.means}
-
-
-def _no_sync():
-    pass
-
-
-def calibrate(fn, target_s=TARGET_S, warmup_s=None, sync=_no_sync):
-    """Warm ``fn`` up (at least twice, at least ``warmup_s``, default target_s / 2) and
-    return how many calls make a loop of ~``target_s``. ``sync`` waits for work
-    ``fn`` queued on a device (GPU calls return before their work is done)."""
-    warmup_s = target_s / 2 if warmup_s is None else warmup_s
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        sync()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if calls >= 2 and elapsed >= warmup_s:
-            break
-    # A steady-state loop: the warm-up average still holds the first, cold calls.
-    per_call = min(elapsed / calls, loop_mean(fn, 3, sync))
-    return max(1, round(target_s / per_call))
-
-
-def loop_mean(fn, loop, sync=_no_sync):
-    """Mean seconds per call over ``loop`` back-to-back calls, from a synced device
-    to a synced device."""
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(loop):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / loop
-
-
-def settle(seconds=SETTLE_S):
-    """Let the thread pools of whatever ran last go idle (see SETTLE_S)."""
-    time.sleep(seconds)
-
-
-def time_call(fn, target_s=TARGET_S, repeats=REPEATS):
-    """Best-of-``repeats`` mean time of ``fn()``, each repeat a loop of ~``target_s``."""
-    return time_interleaved({"fn": fn}, target_s, repeats)["fn"]
-
-
-def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS, sync=_no_sync, settle_s=SETTLE_S, around=None):
-    """Timings of several callables ({name: fn} -> {name: Timing}), repeats interleaved.
-
-    Each is warmed up and its loop sized first; then every repeat runs one loop of
-    each in turn, so a burst of load from elsewhere hits all of them alike instead
-    of only the one being timed at the moment. Each loop starts after ``settle()``
-    and one untimed call. ``sync`` (a device's synchronize) closes every loop, so a
-    loop's time is its device work's; GPUs have no spinning CPU pools: settle_s=0.
-    ``around`` ({name: a context manager factory}) is entered around each of that
-    callable's loops: what a training loop sets up once, not per step.
-    """
-    several = len(fns) > 1
-    around = around or {}
-    loops = {}
-    for name, fn in fns.items():
-        if several:
-            settle(settle_s)
-        with around.get(name, contextlib.nullcontext)():
-            loops[name] = calibrate(fn, target_s, sync=sync)
-    means = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
-            if several:
-                settle(settle_s)
-            with around.get(name, contextlib.nullcontext)():
-                if several:
-                    fn()  # its own threads and caches warm again after the pause
-                means[name].append(loop_mean(fn, loops[name], sync))
-    return {name: Timing(best=min(m), loop=loops[name], means=m) for name, m in means.items()}
-
-
 # ---- the steps -------------------------------------------------------------------------
 
 def ours_model(sizes):
@@ -188,15 +74,14 @@ def ours_model(sizes):
 
 
 def ours_step(sizes, batch):
-    """model._step on a workspace loaded once (fit's per-batch work minus the gather)."""
+    """A Trainer's step on a workspace loaded once (fit's per-batch work minus the gather)."""
     X, y = make_batch(sizes[0], batch)
     model = ours_model(sizes)
-    opt = gb.optim.SGD(lr=LR)
-    ws = model._load_batch(*model._prepare(X, y))
-    opt._bind(model)
+    trainer = Trainer(model, gb.optim.SGD(lr=LR))
+    ws = model.load_batch(X, y)
 
     def step():
-        return model._step(ws, opt)
+        return trainer.step(ws)
 
     return step
 
@@ -329,7 +214,7 @@ def measure_case(sizes, batch, ceiling_gflops=None, impls=None, target_s=TARGET_
             "ceiling_fraction": None,
             "noisy": timing.median / timing.best > NOISY,
             "timing": timing.as_dict(),
-            "last_loss": _loss_value(steps[name]()),
+            "last_loss": loss_value(steps[name]()),
         }
     ours, torch_ = row.get("ours"), row.get("torch")
     row["ours_over_torch"] = ours["samples_per_s"] / torch_["samples_per_s"] if ours and torch_ else None
@@ -364,7 +249,7 @@ def set_ceiling(row, ceiling_gflops):
             row[name]["ceiling_fraction"] = row[name]["gflops"] / ceiling_gflops
 
 
-def _loss_value(result):
+def loss_value(result):
     """The step's loss as a float (a sanity check that training did not blow up)."""
     if hasattr(result, "loss_curve_"):  # sklearn returns the estimator
         return float(result.loss_)

@@ -1,6 +1,6 @@
 """CPU train-step throughput: gpubackprop against PyTorch and scikit-learn.
 
-    python bench/cpu_table.py [--out bench/results] [--repeats 5] [--passes 1] [--target-s 0.5]
+    python -m bench.cpu_table [--out bench/results] [--repeats 5] [--passes 1] [--target-s 0.5]
 
 Runs every case of ``cpu_bench.CASES`` in this one process (``--passes`` times,
 each cell keeping its best), with the sgemm ceiling measured before and after
@@ -14,68 +14,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cpu_bench as cb  # noqa: E402
-
-import gpubackprop  # noqa: E402
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def numpy_blas():
-    """numpy's BLAS as built (show_config) and, when threadpoolctl is there, as loaded."""
-    info = {}
-    try:
-        deps = np.show_config(mode="dicts").get("Build Dependencies", {})
-        blas = deps.get("blas", {})
-        info = {k: blas.get(k) for k in ("name", "version", "openblas configuration") if blas.get(k) is not None}
-    except Exception as e:  # show_config's layout is not a stable API
-        info = {"error": repr(e)}
-    try:
-        from threadpoolctl import threadpool_info
-
-        for lib in threadpool_info():
-            if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
-                info["runtime"] = {k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
-                break
-    except ImportError:
-        pass
-    return info
-
-
-def versions():
-    v = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numpy_blas": numpy_blas(),
-        "gpubackprop": gpubackprop.__version__,
-        "torch": None,
-        "sklearn": None,
-    }
-    if cb.have("torch"):
-        import torch
-
-        v["torch"] = torch.__version__
-        v["torch_threads"] = torch.get_num_threads()
-    if cb.have("sklearn"):
-        import sklearn
-
-        v["sklearn"] = sklearn.__version__
-    return v
+from bench import cpu_bench as cb
+from bench.common import machine, versions
 
 
 def _fmt_rate(cell):
@@ -138,8 +80,8 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
-    cores = cb.n_cores()
-    print(f"# CPU train step: {cpu_model()}, {cores} cores; float32, SGD lr {cb.LR}, "
+    facts = machine()
+    print(f"# CPU train step: {facts['cpu']}, {facts['cores']} cores; float32, SGD lr {cb.LR}, "
           f"best of {args.passes} x {args.repeats} x ~{args.target_s} s", file=sys.stderr)
     # The ceiling is measured before and after the cases and the better kept, so
     # that load from elsewhere at one moment does not inflate every fraction.
@@ -171,7 +113,7 @@ def main(argv=None):
 
     today = datetime.date.today().isoformat()
     result = {
-        "machine": {"cpu": cpu_model(), "cores": cores, "platform": platform.platform()},
+        "machine": facts,
         "date": today,
         "versions": versions(),
         "settings": {"dtype": "float32", "lr": cb.LR, "classes": cb.N_CLASSES, "repeats": args.repeats,

@@ -6,8 +6,8 @@
 #   env.log            nvidia-smi, `gpubackprop info`, the Python packages
 #   selftest.log/.json `gpubackprop selftest`: every primitive and mode against float64
 #   pytest-gpu.log     `pytest -m gpu` (the benchmark-only tests left to step_bench; cuda only)
-#   profile.log        bench/profile_step.py: the host's time in a small step
-#   step_bench.log, gpu-<date>.json   bench/step_bench.py against PyTorch and JAX
+#   profile.log        python -m bench.profile_step: the host's time in a small step
+#   step_bench.log, gpu-<date>.json   python -m bench.step_bench against PyTorch and JAX
 #                      (STEP_BENCH_ARGS adds arguments: --target-s 0.05, say)
 #   explain.log        `gpubackprop explain`
 #
@@ -78,8 +78,8 @@ if [ "$DEVICE" = cuda ]; then
     "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)  # one hung test fails alone
     stage "pytest -m gpu" 240 pytest-gpu.log "$PY" -m pytest "${pytest_args[@]}" tests bench
 fi
-stage profile 60 profile.log "$PY" bench/profile_step.py "${profile_args[@]}"
-stage step_bench 330 step_bench.log "$PY" bench/step_bench.py "${bench_args[@]}"
+stage profile 60 profile.log "$PY" -m bench.profile_step "${profile_args[@]}"
+stage step_bench 330 step_bench.log "$PY" -m bench.step_bench "${bench_args[@]}"
 stage explain 60 explain.log "$PY" -m gpubackprop.cli explain --device "$DEVICE"
 
 printf '%s\n' "${summary[@]}" | tee -a "$OUT/env.log"

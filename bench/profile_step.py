@@ -1,7 +1,7 @@
 """Where the host's time goes in our train step: cProfile over many steps of
 step_bench's ``ours`` (fit's per-batch path), the top functions by own time.
 
-    python bench/profile_step.py [--device cuda|cpu] [--net 784,128,10] [--batch 64]
+    python -m bench.profile_step [--device cuda|cpu] [--net 784,128,10] [--batch 64]
                                  [--precision float32] [--steps 2000]
 
 On a GPU a small net's step is bound by the host (Python, launches), not the
@@ -11,13 +11,10 @@ host time per step, and the device time per step from a synchronized loop.
 
 import argparse
 import cProfile
-import os
 import pstats
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step_bench as sb  # noqa: E402
+from bench import step_bench as sb
 
 
 def main(argv=None):

@@ -2,7 +2,7 @@
 CUDA-graphed) and JAX ``jit``, per precision mode, with the matmul ceiling and
 peak memory measured in the same run.
 
-    python bench/step_bench.py [--device cuda|cpu] [--cases small,medium,...]
+    python -m bench.step_bench [--device cuda|cpu] [--cases small,medium,...]
                                [--precisions float32,tf32,bf16,fp16] [--out bench/results]
 
 A step is what ``fit`` does per batch: gather the batch from a data set already on
@@ -24,7 +24,7 @@ which cannot be captured: torch_graph's fp16 cell stays empty), casts inside the
 JAX step (fp16 with no loss scaling: JAX itself has none), our mixed precision
 (fp16 with dynamic loss scaling).
 
-Timing (cpu_bench.time_interleaved): every implementation warmed up and its loop
+Timing (bench.common.time_interleaved): every implementation warmed up and its loop
 sized to ~``--target-s``; then ``--repeats`` passes, each timing one loop of every
 implementation in turn, each loop from a synchronized device to a synchronized
 device (cudaDeviceSynchronize waits for all three libraries' streams); the best
@@ -47,7 +47,6 @@ import datetime
 import functools
 import json
 import os
-import sys
 
 # JAX takes 75% of GPU memory at its first use unless told not to; the other
 # libraries in this process need theirs.
@@ -55,12 +54,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_bench import SETTLE_S, have, step_flops, time_interleaved  # noqa: E402
-
 import gpubackprop as gb  # noqa: E402
-from gpubackprop import selftest  # noqa: E402
-from gpubackprop.guard import Guard  # noqa: E402
+from bench.common import SETTLE_S, cpu_model, have, time_call, time_interleaved, versions  # noqa: E402
+from bench.cpu_bench import step_flops  # noqa: E402
+from gpubackprop.train.trainer import Trainer  # noqa: E402
 
 LR = 0.01
 SEED = 0
@@ -115,21 +112,19 @@ def ours(sizes, batch, precision, device):
     X, y = make_data(sizes, batch, np.random.default_rng(SEED))
     opt = gb.optim.SGD(LR)
     b = model.backend
-    with model._context():
-        Xd, T = model._prepare(X, y)
-        opt._bind(model)
+    with model.context():
+        Xd, T = model.prepare(X, y)
+        trainer = Trainer(model, opt)  # the step fit runs: guard, graphs where the backend has them
         running = b.zeros((2,), np.float64)
         order = b.asarray(order_of(batch))
-        ws = model._workspace(batch)
-        model._guard = Guard(b) if model._scaler is None else None  # as fit sets it
-        model._graphs = graphs = {} if b.supports_graphs else None
+        ws = model.workspace(batch)
 
     def step():
         b.xp.copyto(ws.index, order)
-        model._fit_step(ws, Xd, T, opt, running, graphs)
+        trainer.step(ws, running, X=Xd, T=T)
 
-    step.around = model._context
-    with model._context():
+    step.around = model.context
+    with model.context():
         for _ in range(WARM_STEPS):
             step()
     synchronize(device)
@@ -285,7 +280,7 @@ def ceiling_flops(device, precision):
     rng = np.random.default_rng(SEED)
     if device == "cpu":
         a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
-        timing = time_interleaved({"gemm": lambda: np.matmul(a, b)}, target_s=0.2, repeats=5)["gemm"]
+        timing = time_call(lambda: np.matmul(a, b), target_s=0.2, repeats=5)
         return 2 * n**3 / timing.best
     import torch
 
@@ -293,8 +288,8 @@ def ceiling_flops(device, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    timing = time_interleaved({"gemm": lambda: a @ b}, target_s=0.2, repeats=5, sync=torch.cuda.synchronize, settle_s=0)
-    return 2 * n**3 / timing["gemm"].best
+    timing = time_call(lambda: a @ b, target_s=0.2, repeats=5, sync=torch.cuda.synchronize)
+    return 2 * n**3 / timing.best
 
 
 # ---- the run -------------------------------------------------------------------------
@@ -341,42 +336,11 @@ def measure(device, cases, precisions, impls=None, target_s=0.2, repeats=5, log=
     return rows
 
 
-def versions(device):
-    """The selftest's versions of this machine and ``device`` (Python, NumPy, CuPy,
-    CUDA, the GPU), the peers' and the engine's commit."""
-    v = selftest.versions(gb.get_backend(device))
-    v["commit"] = _commit()
-    for mod in ("torch", "jax"):
-        if have(mod):
-            v[mod] = __import__(mod).__version__
-    return v
-
-
-def _commit():
-    """The engine's git commit (with '+changes' when the tree differs), or None.
-    BENCH_COMMIT overrides it where the checkout was copied without its history."""
-    import subprocess
-
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return sha.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
 def device_name(device):
     if device == "cuda":
         import cupy
 
         return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    from cpu_table import cpu_model
-
     return cpu_model()
 
 

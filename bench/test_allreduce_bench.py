@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import allreduce_bench as ab
+from bench import allreduce_bench as ab
 
 
 def test_ring_model_moves_2_n_minus_1_over_n_of_the_parameters():

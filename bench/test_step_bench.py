@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import step_bench as sb
+from bench import step_bench as sb
 
 ROW_KEYS = {"case", "net", "batch", "precision", "ceiling_flops", "ceiling_fraction"} | {
     f"{impl}_{what}" for impl in sb.IMPLS for what in ("samples_per_s", "timing", "peak_bytes")}

@@ -8,10 +8,13 @@
 
 from . import distributed, optim
 from .backend import DeviceUnavailableError, OutOfMemoryError, get_backend
-from .gradcheck import gradcheck
-from .io import load, load_metadata, load_optimizer
-from .model import MLP
-from .trace import trace
+from .modelfile import load_metadata, load_optimizer
+from .nn.mlp import MLP, load
+from .nn.network import Network
+from .tools.gradcheck import gradcheck
+from .tools.trace import trace
+from .train import callbacks
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "optim", "distributed", "gradcheck", "trace", "load", "load_optimizer", "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]
+__all__ = ["MLP", "Network", "optim", "callbacks", "distributed", "gradcheck", "trace", "load", "load_optimizer", "load_metadata",
+           "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]

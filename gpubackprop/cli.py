@@ -24,11 +24,12 @@ import numpy as np
 
 import gpubackprop as gb
 
-from . import data, plots, selftest, validation
-from .io import atomic_write
-from .activations import ACTIVATIONS
-from .model import parameter_count
-from .precision import PRECISIONS
+from . import data, validation
+from .nn.activations import ACTIVATIONS
+from .nn.parameters import parameter_count
+from .optim.precision import PRECISIONS
+from .state import atomic_write
+from .tools import plots, selftest
 
 OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
 SCALINGS = ("standard", "minmax", "none")
@@ -218,7 +219,7 @@ def bench(args):
 
 # ---- explain ---------------------------------------------------------------------------
 def explain(args):
-    """One SGD step on a small network, printed with every intermediate (gpubackprop.trace).
+    """One SGD step on a small network, printed with every intermediate (gpubackprop.tools.trace).
 
     The seed draws the network's initial weights, rounded to 2 decimals, and the
     inputs and targets, also rounded to 2 decimals, so that the step can be checked
@@ -255,7 +256,7 @@ def explain(args):
 
 # ---- selftest --------------------------------------------------------------------------
 def run_selftest(args):
-    """The device's primitives and steps against float64 NumPy (gpubackprop.selftest)."""
+    """The device's primitives and steps against float64 NumPy (gpubackprop.tools.selftest)."""
     backend = gb.get_backend(args.device)
     if backend.note:
         print(backend.note, file=sys.stderr)

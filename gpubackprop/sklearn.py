@@ -35,10 +35,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from . import optim
-from .model import MLP
+from .nn.activations import ACTIVATIONS as OURS
+from .nn.mlp import MLP
 
-ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
-               "leaky_relu": "leaky_relu", "gelu": "gelu"}  # scikit-learn's names, then ours
+ACTIVATIONS = {"logistic": "sigmoid", **{name: name for name in OURS}}  # scikit-learn's names, and ours
 
 
 class _BaseMLP(BaseEstimator):

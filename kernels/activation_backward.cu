@@ -34,7 +34,7 @@ __global__ void act_backward_bias_grad(T* g, const T* __restrict__ a, const T* _
             C delta = ld(g + i);
             if (steps) delta = dropout_keep(seed, *steps, layer, offset + i, threshold) ? delta * keep_scale : C(0);
             if (ACT != ACT_IDENTITY || steps) {
-                delta *= act_grad<ACT>(ld(a + i), ACT == ACT_GELU ? ld(z + i) : C(0));
+                delta *= act_grad<ACT>(ld(a + i), act_needs_z<ACT>() ? ld(z + i) : C(0));
                 st(g + i, delta);
             }
             acc += delta;

@@ -1,7 +1,7 @@
 // Dense forward epilogue: a = g(z + b) on the GEMM output z = a_prev W^T.
 //
 // One pass over the (rows, cols) output: z is read once, a written once (and z + b
-// written back only for GELU, whose g' needs z). a may be z itself.
+// written back only where g' needs z). a may be z itself.
 // Block (bx, by): threadIdx.x walks columns, so a warp reads consecutive
 // addresses and each thread loads its bias once per column it owns.
 //
@@ -20,7 +20,7 @@ __global__ void bias_act_forward(T* z, const T* __restrict__ b, T* a, int rows, 
         for (int r = blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += gridDim.y * blockDim.y) {
             const size_t i = (size_t)r * cols + c;
             const C zi = ld(z + i) + bias;
-            if (ACT == ACT_GELU) st(z + i, zi);
+            if (act_needs_z<ACT>()) st(z + i, zi);
             const C ai = act_forward<ACT>(zi);
             st(a + i, ai);
             if (steps) st(dropped + i, dropout_keep(seed, *steps, layer, offset + i, threshold) ? ai * keep_scale : C(0));

@@ -43,8 +43,8 @@ __device__ __forceinline__ double c_log(double x) { return log(x); }
 __device__ __forceinline__ float c_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double c_sqrt(double x) { return sqrt(x); }
 
-// ---- activations (the maths is in gpubackprop/activations.py) -------------------
-// The codes are ACTIVATION_CODES in gpubackprop/backend/kernel_backend.py.
+// ---- activations (the table, maths and codes are in gpubackprop/nn/activations.py;
+// tests/nn/test_activations.py holds this enum and these constants to it) ------------
 enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_GELU = 5 };
 #define LEAKY_SLOPE 0.01
 #define GELU_C 0.7978845608028654  // sqrt(2 / pi)
@@ -54,6 +54,9 @@ enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIG
 template <typename C> __device__ __forceinline__ C gelu_t(C z) {
     return c_tanh((((z * z) * C(GELU_K) + C(1)) * z) * C(GELU_C));
 }
+
+// Whether g' needs z as well as a (g is not invertible): then the forward pass keeps z.
+template <int ACT> __device__ __forceinline__ constexpr bool act_needs_z() { return ACT == ACT_GELU; }
 
 // a = g(z). NaN stays NaN (as NumPy's maximum), so a diverging run is not masked.
 template <int ACT, typename C> __device__ __forceinline__ C act_forward(C z) {
@@ -65,7 +68,7 @@ template <int ACT, typename C> __device__ __forceinline__ C act_forward(C z) {
     return z;
 }
 
-// g'(.) from the activation a (and z, for GELU alone).
+// g'(.) from the activation a (and z, where act_needs_z).
 template <int ACT, typename C> __device__ __forceinline__ C act_grad(C a, C z) {
     if (ACT == ACT_RELU) return a > C(0) ? C(1) : C(0);
     if (ACT == ACT_LEAKY_RELU) return a > C(0) ? C(1) : C(LEAKY_SLOPE);

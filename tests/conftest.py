@@ -66,7 +66,7 @@ def kernel_backend(request):
     for the host makes modest test sizes reach the kernels' grid-stride loops and
     multi-block reductions."""
     from gpubackprop.backend import DeviceUnavailableError, get_backend
-    from gpubackprop.backend.kernel_backend import KernelBackend
+    from gpubackprop.backend.kernels import KernelBackend
 
     if request.param == "host":
         return KernelBackend(np, request.getfixturevalue("host_module"), n_sm=2)

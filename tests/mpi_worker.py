@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 import gpubackprop as gb
-from gpubackprop import callbacks
-from gpubackprop.model import MLP
+from gpubackprop.train import callbacks
+from gpubackprop.train.trainer import Trainer
 
 SIZES = [7, 13, 5]
 
@@ -75,13 +75,13 @@ def main(scenario, out, *args):
         np.save(path, X)
         X = np.load(path, mmap_mode="r")
     rows = []  # the rows this rank trained on, step by step
-    fit_step = MLP._fit_step
+    step = Trainer.step
 
     def spy(self, ws, *a, **kw):
-        rows.append([] if ws is None else self.backend.to_host(ws.index).tolist())
-        return fit_step(self, ws, *a, **kw)
+        rows.append([] if ws is None else self.network.backend.to_host(ws.index).tolist())
+        return step(self, ws, *a, **kw)
 
-    MLP._fit_step = spy
+    Trainer.step = spy
     model = gb.MLP(SIZES, seed=comm.rank, dtype=opts["dtype"], dropout=opts["dropout"], device=opts["device"])
     initial = model.state_dict()
     fail = [Fail(scenario, comm.rank)] if scenario in ("raise", "kill") else []

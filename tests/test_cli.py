@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
-from gpubackprop import data, io
+from gpubackprop import data, modelfile
 from gpubackprop.cli import main
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
@@ -47,9 +47,9 @@ def test_train_digits_writes_a_reloadable_run(tmp_path, capsys):
     _, X_te, _, y_te = data.train_test_split(X, y, 0.2, seed=0)
     assert f"{np.mean(model.predict(X_te) == y_te):.4f}" == f"{accuracy:.4f}"
 
-    meta = io.load_metadata(out / "model.safetensors")
+    meta = modelfile.load_metadata(out / "model.safetensors")
     assert meta["standardize"] is None and meta["held_out_accuracy"] == pytest.approx(accuracy, abs=5e-5)
-    opt = io.load_optimizer(out / "model.safetensors")
+    opt = modelfile.load_optimizer(out / "model.safetensors")
     assert type(opt) is gb.optim.Adam and opt.steps == 3 * 45  # 1437 rows in batches of 32
 
     history = json.loads((out / "history.json").read_text())
@@ -79,10 +79,10 @@ def test_train_csv_is_standardized(tmp_path, capsys):
     assert rc == 0
     accuracy, n_test = reported(capsys.readouterr().out)
     assert n_test == 45 and accuracy > 0.8
-    meta = io.load_metadata(out / "model.safetensors")
+    meta = modelfile.load_metadata(out / "model.safetensors")
     assert len(meta["standardize"]["mean"]) == 4
     assert meta["standardize"]["std"][3] == 1.0  # the constant feature
-    opt = io.load_optimizer(out / "model.safetensors")
+    opt = modelfile.load_optimizer(out / "model.safetensors")
     assert type(opt) is gb.optim.SGD and opt.hyperparams["momentum"] == 0.9
 
 
@@ -100,7 +100,7 @@ def test_train_idx_with_labels(tmp_path, capsys):
     assert rc == 0
     accuracy, n_test = reported(capsys.readouterr().out)
     assert n_test == 16 and accuracy > 0.9
-    assert io.load_metadata(out / "model.safetensors")["standardize"] is None  # pixels already in [0, 1]
+    assert modelfile.load_metadata(out / "model.safetensors")["standardize"] is None  # pixels already in [0, 1]
     assert gb.load(out / "model.safetensors").dtype == "float64"
 
 
@@ -113,7 +113,7 @@ def test_mnist5k_reaches_93_percent_on_the_cpu(tmp_path, capsys):
     assert "mnist5k: 5000 samples, 784 features, 10 classes; 4000 for training, 1000 held out; scaling: none" in stdout
     accuracy, n_test = reported(stdout)
     assert accuracy >= 0.93 and n_test == 1000  # measured 0.945
-    meta = io.load_metadata(out / "model.safetensors")
+    meta = modelfile.load_metadata(out / "model.safetensors")
     assert meta["scale"] == "none" and meta["standardize"] is None and meta["min_max"] is None
     assert gb.load(out / "model.safetensors").sizes == [784, 128, 10]
 
@@ -149,7 +149,7 @@ def test_train_csv_label_column_and_min_max(tmp_path, capsys, label_column):
     assert "120 samples, 3 features, 3 classes" in stdout and "scaling: minmax" in stdout
     accuracy, n_test = reported(stdout)
     assert n_test == 30 and accuracy > 0.8
-    meta = io.load_metadata(out / "model.safetensors")
+    meta = modelfile.load_metadata(out / "model.safetensors")
     assert meta["scale"] == "minmax" and meta["standardize"] is None and meta["label_column"] == label_column
     assert len(meta["min_max"]["low"]) == 3 and meta["min_max"]["span"][2] == 1.0  # the constant feature
 
@@ -159,7 +159,7 @@ def test_train_scale_none_leaves_features_alone(tmp_path, capsys):
     rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--scale", "none",
                     "--hidden", "4", "--epochs", "1", "--device", "cpu")
     assert rc == 0 and "scaling: none" in capsys.readouterr().out
-    meta = io.load_metadata(out / "model.safetensors")
+    meta = modelfile.load_metadata(out / "model.safetensors")
     assert meta["scale"] == "none" and meta["standardize"] is None and meta["min_max"] is None
 
 
@@ -175,7 +175,7 @@ def test_train_npy_memmap_with_labels(tmp_path, capsys):
     assert rc == 0 and "scaling: standard" in stdout  # the default for files
     accuracy, n_test = reported(stdout)
     assert n_test == 16 and accuracy > 0.9
-    assert len(io.load_metadata(out / "model.safetensors")["standardize"]["mean"]) == 6
+    assert len(modelfile.load_metadata(out / "model.safetensors")["standardize"]["mean"]) == 6
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpubackprop as gb
-from gpubackprop import data, io
+from gpubackprop import data, modelfile
 
 CLEAN = (ValueError, TypeError, KeyError, OSError, FloatingPointError)
 SCALE = int(os.environ.get("FUZZ_EXAMPLES", "1"))
@@ -135,7 +135,7 @@ def test_mutated_files_load_or_fail_cleanly(kind, tmp_path, rng):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if kwargs is None:
-                    gb.load(path), gb.load_optimizer(path), io.load_metadata(path)
+                    gb.load(path), gb.load_optimizer(path), modelfile.load_metadata(path)
                 else:
                     data.load_dataset(str(path), **kwargs)
         except CLEAN as e:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
-from gpubackprop import checkpoint, data, io
+from gpubackprop import data, modelfile
+from gpubackprop.train import checkpoint
 
 from .test_fuzz import valid_files
 
@@ -25,8 +26,8 @@ def test_every_load_path_works_with_pickle_forbidden(tmp_path, rng, monkeypatch)
         monkeypatch.setattr(pickle, name, forbidden, raising=False)
     model_file = files["model"][0]
     assert gb.load(model_file).sizes == [5, 4, 3]
-    assert gb.load_optimizer(model_file).steps > 0 and io.load_metadata(model_file) == {"k": 1}
-    assert checkpoint.latest(str(tmp_path / "ck"))[3]["step"] >= 1
+    assert gb.load_optimizer(model_file).steps > 0 and modelfile.load_metadata(model_file) == {"k": 1}
+    assert checkpoint.latest(str(tmp_path / "ck"))[1].user["checkpoint"]["step"] >= 1
     for kind in ("npz", "csv", "idx", "idx.gz", "npy"):
         path, kwargs = files[kind]
         Xl, yl = data.load_dataset(str(path), **kwargs)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
-from gpubackprop.activations import ACTIVATIONS
+from gpubackprop.nn.activations import ACTIVATIONS
 
 from .helpers import random_batch
 

@@ -1,6 +1,6 @@
 """The cost of a gradient: backprop against per-parameter differentiation (issue 8).
 
-    python bench/complexity/complexity.py [--sizes 2 4 8 ...] [--max-seconds 20]
+    python -m bench.complexity.complexity [--sizes 2 4 8 ...] [--max-seconds 20]
                                           [--sample-seconds 2] [--threads 1] [--out bench/results]
 
 The claim under test: reverse-mode differentiation (backprop) costs a small
@@ -17,7 +17,7 @@ The network of size n (n = l = d)
     the loss is still a scalar, so reverse mode needs one backward sweep.
 
 The five methods, each giving the full gradient dL/dtheta (P numbers)
-    forward       (a) the engine's forward pass and loss: model._forward + _loss
+    forward       (a) the engine's forward pass and loss: model.forward_pass + compute_loss
     backprop      (b) the engine's forward, loss and backward (_forward, _loss,
                   _backward) on a workspace loaded once. The public
                   model.loss_and_grad adds input validation and a host copy of
@@ -35,7 +35,7 @@ The five methods, each giving the full gradient dL/dtheta (P numbers)
                   g'(z), computed once per gradient (NumPy, written here).
     finite_diff   (e) central differences (L(p + h) - L(p - h)) / 2h per parameter,
                   h = 1e-5, each L one pass of the engine's forward with the
-                  parameter perturbed in place in model._params: 2P forward passes.
+                  parameter perturbed in place in model.params: 2P forward passes.
 Footnote: paths, the chain rule with every path from a parameter to the output
 summed separately (n^(L - l) paths for a weight of layer l), for tiny n only.
 
@@ -56,7 +56,7 @@ normal approximation if scipy is missing, said in the output); the same against 
 
 Gradients: at every size measured in full, each method's gradient is compared
 with backprop's, per tensor (each W_l and b_l): max |g - g_bp| / max |g_bp|, as
-gpubackprop.gradcheck does. Sampled entries are checked the same way. The run fails
+gpubackprop.tools.gradcheck does. Sampled entries are checked the same way. The run fails
 (exit 1) if any exceeds its tolerance (1e-6 for finite differences, 1e-10 else).
 
 On CUDA (when gpubackprop can use a GPU) forward, backprop and finite_diff run
@@ -71,17 +71,17 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
+import numpy as np
+
+import gpubackprop as gb
+from bench.common import machine, versions
+from gpubackprop.nn.parameters import layout
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # bench/, for cpu_table's machine description
-
-import numpy as np  # noqa: E402
-
-import gpubackprop as gb  # noqa: E402
 
 SEED = 0
 ACTIVATION = "tanh"
@@ -131,17 +131,17 @@ class Problem:
         self.x = rng.standard_normal(n)
         self.y = rng.standard_normal(n)
         m = self.model
-        with m._context():
-            self.ws = m._load_batch(*m._prepare(self.x[None, :], self.y[None, :]))
+        with m.context():
+            self.ws = m.load_batch(self.x[None, :], self.y[None, :])
         self.device = m.device
         self.P = m.n_params
         # Host weights (views of the model's buffer on the CPU; a copy from a GPU).
-        host = m.backend.to_host(m._params)
+        host = m.backend.to_host(m.params)
         self.W, self.b = [], []
-        for w, bias, n_out, n_in in m._layout():
+        for w, bias, n_out, n_in in layout(m.sizes):
             self.W.append(host[w].reshape(n_out, n_in))
             self.b.append(host[bias])
-        self.starts = [w.start for w, _, _, _ in m._layout()]
+        self.starts = [w.start for w, _, _, _ in layout(m.sizes)]
 
     def sync(self):
         if self.device != "cpu":
@@ -150,7 +150,7 @@ class Problem:
     def targets(self, indices=None):
         """(flat index, layer, j, k) of each parameter: W_l[j, k], or b_l[j] with k = -1."""
         out = []
-        for l, (w, bias, n_out, n_in) in enumerate(self.model._layout()):
+        for l, (w, bias, n_out, n_in) in enumerate(layout(self.model.sizes)):
             if indices is None:
                 out.extend((w.start + j * n_in + k, l, j, k) for j in range(n_out) for k in range(n_in))
                 out.extend((bias.start + j, l, j, -1) for j in range(n_out))
@@ -166,11 +166,11 @@ class Problem:
     def backprop_grad(self):
         """The engine's gradient (flat, on the host): the reference every method is held to."""
         m = self.model
-        with m._context():
-            m._forward(self.ws)
-            m._loss(self.ws)
-            m._backward(self.ws)
-            return m.backend.to_host(m._grads).copy()
+        with m.context():
+            m.forward_pass(self.ws)
+            m.compute_loss(self.ws)
+            m.backward_pass(self.ws)
+            return m.backend.to_host(m.grads).copy()
 
 
 # ---- the methods ----------------------------------------------------------------------
@@ -182,9 +182,9 @@ def engine_forward(prob):
     m, ws = prob.model, prob.ws
 
     def call():
-        with m._context():
-            m._forward(ws)
-            return float(m._loss(ws))  # a host read: synchronises on a GPU
+        with m.context():
+            m.forward_pass(ws)
+            return float(m.compute_loss(ws))  # a host read: synchronises on a GPU
 
     return call
 
@@ -193,10 +193,10 @@ def engine_backprop(prob):
     m, ws = prob.model, prob.ws
 
     def call():
-        with m._context():
-            m._forward(ws)
-            m._loss(ws)
-            m._backward(ws)
+        with m.context():
+            m.forward_pass(ws)
+            m.compute_loss(ws)
+            m.backward_pass(ws)
         prob.sync()
 
     return call
@@ -271,11 +271,11 @@ def per_weight_method(prob):
 
 def finite_diff_method(prob, h=FD_STEP):
     m, ws = prob.model, prob.ws
-    p = m._params
+    p = m.params
 
     def loss():
-        m._forward(ws)
-        return float(m._loss(ws))
+        m.forward_pass(ws)
+        return float(m.compute_loss(ws))
 
     def prepare():
         return m.backend.to_host(p).copy()
@@ -284,7 +284,7 @@ def finite_diff_method(prob, h=FD_STEP):
         i = target[0]
         saved = host[i]
         up, down = saved + h, saved - h
-        with m._context():
+        with m.context():
             p[i] = up
             l_up = loss()
             p[i] = down
@@ -361,7 +361,7 @@ def agreement(prob, grad, reference, indices=None):
     if sel is not None:
         full = np.full(prob.P, np.nan)
         full[sel] = grad
-    for w, bias, _, _ in prob.model._layout():
+    for w, bias, _, _ in layout(prob.model.sizes):
         for sl in (w, bias):
             ref, got = reference[sl], full[sl]
             keep = ~np.isnan(got)
@@ -379,8 +379,12 @@ def tolerance(method):
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def time_call(fn, loop_s=None, long_s=LONG_S, repeats=None, budget_s=REPEAT_BUDGET_S, warmup=0):
+def median_time(fn, loop_s=None, long_s=LONG_S, repeats=None, budget_s=REPEAT_BUDGET_S, warmup=0):
     """(median seconds per call, details, the first timed call's result).
+
+    Not bench.common.time_call (the best of interleaved loops, for comparing
+    libraries): here one method is timed across sizes whose calls range from
+    microseconds to minutes, so a long call is timed once and a budget caps repeats.
 
     ``warmup`` untimed calls come first (the engine's: its first call pages in
     freshly allocated buffers, a second at n = 512). The first timed call counts;
@@ -428,8 +432,8 @@ def estimate(prob, method, sample_s):
     indices = sample_indices(prob.P, k)
     prepare, loop, order = sampled_gradient(prob, method, indices)
     repeats = min(3, TIMING["repeats"])
-    setup_s, _, state = time_call(prepare, repeats=repeats, budget_s=sample_s / 4)
-    loop_s, details, values = time_call(lambda: loop(state), repeats=repeats, budget_s=sample_s)
+    setup_s, _, state = median_time(prepare, repeats=repeats, budget_s=sample_s / 4)
+    loop_s, details, values = median_time(lambda: loop(state), repeats=repeats, budget_s=sample_s)
     k = len(order)
     return {
         "seconds": setup_s + prob.P * loop_s / k,
@@ -580,7 +584,7 @@ def measure_full(prob, method, reference, device, log):
         fn = full_gradient(prob, method)
     # The engine's calls are warmed up; a per-parameter gradient is P calls of the same
     # small work, so its own first parameters are its warm-up.
-    seconds, details, result = time_call(fn, warmup=1 if method in ENGINE and method not in PER_PARAMETER else 0)
+    seconds, details, result = median_time(fn, warmup=1 if method in ENGINE and method not in PER_PARAMETER else 0)
     row = {"n": n, "P": P, "seconds": seconds, "timing": details, "max_rel_err": None}
     if method in PER_PARAMETER:
         row["max_rel_err"] = agreement(prob, result, reference)
@@ -592,7 +596,7 @@ def measure_full(prob, method, reference, device, log):
             row["vs_cpu_rel_err"] = agreement(prob, Problem(n, "cpu").backprop_grad(), reference)
             row["max_rel_err"] = max(row["max_rel_err"], row["vs_cpu_rel_err"])
         if n <= PUBLIC_MAX_N:
-            public_s, _, _ = time_call(public_backprop(prob), budget_s=1.0, warmup=1)
+            public_s, _, _ = median_time(public_backprop(prob), budget_s=1.0, warmup=1)
             row["public_s"] = public_s
     return row
 
@@ -770,60 +774,6 @@ def plot(path, results, title):
     os.replace(tmp, path)
 
 
-def versions(blas_threads):
-    from cpu_table import numpy_blas
-
-    v = {"python": platform.python_version(), "numpy": np.__version__, "numpy_blas": numpy_blas(),
-         "gpubackprop": gb.__version__, "blas_threads": blas_threads}
-    try:
-        import scipy
-
-        v["scipy"] = scipy.__version__
-    except ImportError:
-        v["scipy"] = None
-    v["git"] = git_state()
-    try:
-        import cupy
-
-        v["cupy"] = cupy.__version__
-    except ImportError:
-        v["cupy"] = None
-    return v
-
-
-def git_state():
-    """Which engine was measured: the imported gpubackprop's folder, the commit it is
-    checked out at, and whether its sources differ from that commit. Outside a git
-    checkout (a ``git archive`` snapshot), the commit the environment variable
-    GPUBACKPROP_SOURCE_COMMIT names, if any."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(gb.__file__)))
-    state = {"gpubackprop": os.path.dirname(os.path.abspath(gb.__file__)), "head": None, "gpubackprop_changes": None}
-    try:
-        head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10)
-        lines = head.stdout.split()
-        if head.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[0], root):
-            dirty = subprocess.run(["git", "status", "--porcelain", "--", "gpubackprop"], cwd=root,
-                                   capture_output=True, text=True, timeout=10).stdout.split("\n")
-            state.update(head=lines[1], gpubackprop_changes=[line.strip() for line in dirty if line.strip()])
-            return state
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if os.environ.get("GPUBACKPROP_SOURCE_COMMIT"):
-        state.update(head=os.environ["GPUBACKPROP_SOURCE_COMMIT"], source="a snapshot of that commit")
-    return state
-
-
-def machine():
-    from cpu_table import cpu_model
-
-    from cpu_bench import n_cores
-
-    return {"cpu": cpu_model(), "cores": n_cores(), "platform": platform.platform()}
-
-
 class OtherLoad:
     """The share of the machine's CPU time that other processes used since the last
     ``read()``: all busy time in /proc/stat minus this process's own (Linux; None
@@ -990,7 +940,7 @@ def main(argv=None):
     started = time.perf_counter()
     with blas_threads(args.threads) as threads:
         result = {
-            "machine": machine(), "date": date, "versions": versions(threads),
+            "machine": machine(), "date": date, "versions": versions(blas_threads=threads),
             "settings": {"network": "sizes [n] * (n + 1): n inputs, n - 1 tanh hidden layers of n, a linear output "
                                     "layer of n; MSE; batch 1; float64; P = n^3 + n^2",
                          "seed": SEED, "fd_step": FD_STEP, "sizes": sizes, "max_seconds": args.max_seconds,

@@ -12,7 +12,8 @@ import types
 import numpy as np
 import pytest
 
-import complexity as cx
+from bench.complexity import complexity as cx
+from gpubackprop.nn.parameters import layout, names
 
 BENCH_N = 8
 
@@ -48,7 +49,7 @@ def test_the_methods_agree_with_each_other(problem):
 
 def test_the_backprop_reference_is_the_public_gradient(problem):
     _, named = problem.model.loss_and_grad(problem.x[None, :], problem.y[None, :])
-    flat = np.concatenate([np.concatenate([named[w].ravel(), named[b]]) for _, w, b in problem.model._names()])
+    flat = np.concatenate([np.concatenate([named[w].ravel(), named[b]]) for w, b in names(problem.model.sizes)])
     np.testing.assert_array_equal(flat, problem.backprop_grad())
 
 
@@ -64,7 +65,7 @@ def test_agreement_is_per_tensor_and_sees_a_wrong_entry():
     prob = cx.Problem(3)
     ref = prob.backprop_grad()
     bad = ref.copy()
-    w0 = next(prob.model._layout())[0]
+    w0 = next(layout(prob.model.sizes))[0]
     bad[w0.start] += 1e-3 * np.abs(ref[w0]).max()
     assert cx.agreement(prob, bad, ref) == pytest.approx(1e-3)
     # a sample is held to the scale of its whole tensor
@@ -171,8 +172,8 @@ def test_the_per_parameter_methods_do_p_passes(monkeypatch):
     per parameter after one preparation, where backprop does one pass each way."""
     prob = cx.Problem(4)
     forwards = []
-    real_forward = prob.model._forward
-    monkeypatch.setattr(prob.model, "_forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    real_forward = prob.model.forward_pass
+    monkeypatch.setattr(prob.model, "forward_pass", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
     cx.full_gradient(prob, "finite_diff")()
     assert len(forwards) == 2 * prob.P
     forwards.clear()
@@ -192,7 +193,7 @@ def test_the_per_parameter_methods_do_p_passes(monkeypatch):
 
 
 def test_a_cold_first_call_counts_only_when_it_is_the_only_loop(monkeypatch):
-    """time_call's median: the first (cold) call joins the runs only when calls are
+    """median_time: the first (cold) call joins the runs only when calls are
     timed one at a time and there are fewer than three of them. (A clock of our own:
     each call advances it by its duration, so nothing here depends on the machine.)"""
     clock = {"t": 0.0}
@@ -201,11 +202,11 @@ def test_a_cold_first_call_counts_only_when_it_is_the_only_loop(monkeypatch):
     def taking(seconds):
         return lambda: clock.__setitem__("t", clock["t"] + seconds)
 
-    _, details, _ = cx.time_call(taking(2.0**-20), loop_s=2.0**-10, long_s=10, repeats=2, budget_s=1e9)
+    _, details, _ = cx.median_time(taking(2.0**-20), loop_s=2.0**-10, long_s=10, repeats=2, budget_s=1e9)
     assert details["loop"] == 1024 and len(details["runs_s"]) == 2  # loops of many calls: the cold one left out
-    _, details, _ = cx.time_call(taking(0.5), loop_s=0.1, long_s=10, repeats=2, budget_s=1e9)
+    _, details, _ = cx.median_time(taking(0.5), loop_s=0.1, long_s=10, repeats=2, budget_s=1e9)
     assert details["loop"] == 1 and details["runs_s"] == [0.5, 0.5, 0.5]  # two repeats and the first call
-    _, details, _ = cx.time_call(taking(0.5), loop_s=0.1, long_s=10, repeats=3, budget_s=1e9)
+    _, details, _ = cx.median_time(taking(0.5), loop_s=0.1, long_s=10, repeats=3, budget_s=1e9)
     assert details["runs_s"] == [0.5, 0.5, 0.5]  # three repeats: the first call is not needed
 
 
@@ -256,5 +257,5 @@ def test_bench_method(benchmark, bench_problem, method):
             a = a if l == len(bench_problem.W) - 1 else np.tanh(a)
         assert result == pytest.approx(np.mean((a - bench_problem.y) ** 2), rel=1e-12)
     else:  # backprop leaves the engine's gradient in the model's buffer
-        np.testing.assert_array_equal(bench_problem.model.backend.to_host(bench_problem.model._grads),
+        np.testing.assert_array_equal(bench_problem.model.backend.to_host(bench_problem.model.grads),
                                       bench_problem.backprop_grad())

@@ -9,7 +9,7 @@ assembles for its own kernels, CuPy's execution-space default, and our options,
 way for several architectures.
 
 A module is kernels/<file>'s float (float32, float64) or 16-bit (float16, bfloat16)
-instantiations, the name expressions of ``kernel_backend.SOURCES``.
+instantiations, the name expressions of ``kernels.SOURCES``.
 """
 
 import glob
@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 
-from ..io import atomic_write
-from .kernel_backend import SOURCES, is_low_precision, source
+from ..state import atomic_write
+from .kernels import SOURCES, is_low_precision, source
 
 # --fmad=false: no contraction of a*b+c into one rounding, so the kernels round as
 # the NumPy backend does (they are bound by memory, so it costs no time).

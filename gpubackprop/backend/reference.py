@@ -5,48 +5,19 @@ computed from z, so it checks the backends' tricks (g' from the activation,
 buffers reused in place) rather than repeating them.
 """
 
-import math
-
 import numpy as np
 
-from ..activations import LEAKY_SLOPE
-
-_C, _K = math.sqrt(2.0 / math.pi), 0.044715
+from ..nn.activations import get_activation
 
 
 def activation(name, z):
-    if name == "relu":
-        return np.maximum(z, 0.0)
-    if name == "leaky_relu":
-        return np.where(z > 0, z, LEAKY_SLOPE * z)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "sigmoid":
-        return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z) without overflow
-    if name == "gelu":
-        return 0.5 * z * (1.0 + np.tanh(_C * (z + _K * z**3)))
-    if name == "identity":
-        return z
-    raise ValueError(name)
+    """g(z), from the activation table's float64 reference."""
+    return get_activation(name).reference(z)
 
 
 def activation_grad(name, z):
     """g'(z)."""
-    if name == "relu":
-        return (z > 0).astype(float)
-    if name == "leaky_relu":
-        return np.where(z > 0, 1.0, LEAKY_SLOPE)
-    if name == "tanh":
-        return 1.0 - np.tanh(z) ** 2
-    if name == "sigmoid":
-        s = activation("sigmoid", z)
-        return s * (1.0 - s)
-    if name == "gelu":
-        t = np.tanh(_C * (z + _K * z**3))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t**2) * _C * (1.0 + 3.0 * _K * z**2)
-    if name == "identity":
-        return np.ones_like(z)
-    raise ValueError(name)
+    return get_activation(name).reference_grad(z)
 
 
 def loss_and_delta(name, z, y):

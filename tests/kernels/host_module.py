@@ -15,7 +15,7 @@ import subprocess
 
 import numpy as np
 
-from gpubackprop.backend import kernel_backend
+from gpubackprop.backend import kernels as kernel_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_DIR = str(kernel_backend.KERNEL_DIR)

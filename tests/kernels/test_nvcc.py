@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from gpubackprop.backend import kernel_backend
+from gpubackprop.backend import kernels as kernel_backend
 
 from ..conftest import require_tool
 from .host_module import KERNEL_DIR

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from gpubackprop.backend import kernel_backend, nvrtc
+from gpubackprop.backend import kernels as kernel_backend, nvrtc
 
 from ..conftest import require_tool
 

@@ -1,0 +1,1 @@
+"""The cost-of-a-gradient study of issue 8: ``python -m bench.complexity.complexity``."""

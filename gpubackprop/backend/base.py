@@ -1,0 +1,185 @@
+"""The Backend interface, the structs its primitives take, and the device errors.
+
+Every primitive writes into buffers it is given and allocates nothing, so a train
+step after the first of its batch size allocates nothing either.
+"""
+
+import contextlib
+from typing import NamedTuple
+
+from ..nn import losses
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device cannot be used; the message says why and what to do.
+
+    ``cause`` holds the why alone (used by device="auto" to explain its choice).
+    """
+
+    def __init__(self, cause, fix="use device='cpu', or device='auto' to fall back to the CPU"):
+        super().__init__(f"{cause}; {fix}.")
+        self.cause = cause
+
+
+class OutOfMemoryError(MemoryError):
+    """A device ran out of memory; the message names what was being allocated, the
+    bytes it needed and what to change. Raised before the model is changed."""
+
+
+class Dense(NamedTuple):
+    """One layer's parameters and their gradients: views into the flat buffers."""
+
+    W: object  # (n_l, n_{l-1})
+    b: object  # (n_l,)
+    dW: object
+    db: object  # in the compute type of the layer's dtype (float32 for 16-bit layers)
+    act: object  # a gpubackprop.nn.activations.Activation
+
+
+class DenseBuffers(NamedTuple):
+    """One layer's buffers in one step's workspace (B rows)."""
+
+    input: object  # a_{l-1}, or its dropped copy in training
+    out: object  # a_l
+    z: object  # z_l where g' needs it (act.needs_z), else None: out doubles as z
+    grad: object  # dL/da_l on entry to the backward pass, delta_l after it
+    grad_prev: object  # receives dL/da_{l-1}; None for the first layer
+    scratch: tuple  # the activation's temporaries (where elementwise_scratch)
+    ones: object  # (B,) ones: db = delta^T ones
+
+
+class LossBuffers(NamedTuple):
+    """The output layer's buffers for the loss."""
+
+    z: object  # (B, C) logits
+    target: object  # (B, C) targets
+    delta: object  # receives dL/dz
+    out: object  # 0-d: the batch's mean loss
+    row: object  # (B,) scratch in z's dtype
+    pred: object  # (B,) int64 scratch
+    label: object  # (B,) int64 scratch
+    hit: object  # (B,) bool scratch
+
+
+class Update(NamedTuple):
+    """The buffers of one optimizer update over the flat parameter buffer."""
+
+    p: object
+    g: object
+    state: tuple  # the optimizer's state buffers, in its state_names order
+    scratch: tuple  # parameter-sized temporaries (where elementwise_scratch), else ()
+    steps: object  # (1,) uint32 on the device: steps done; the update reads and advances it
+    found_inf: object = None  # (1,) flag: skip the update (and its count) when set
+
+
+class Backend:
+    """One device's array module and primitives. Subclasses fill in the primitives."""
+
+    name = "?"
+    xp = None
+    note = ""
+    supports_graphs = False
+    supports_mixed_precision = False  # float16 / bfloat16 compute: cast_parameters, unscale_and_check, ...
+    # Whether the primitives use the temporaries the model passes them (``scratch``
+    # of the activations and the optimizers, each as large as its operand): NumPy
+    # needs them for its out= chains; fused kernels need none, so none is allocated.
+    elementwise_scratch = True
+
+    # ---- arrays -------------------------------------------------------------
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def asarray(self, x, dtype=None):
+        """x (host or device array, or nested lists) as a C-contiguous array here."""
+        raise NotImplementedError
+
+    def to_host(self, x):
+        """A NumPy array with x's values (x itself when already on the host)."""
+        raise NotImplementedError
+
+    def is_native(self, x):
+        """Whether x is already an array of this backend's module."""
+        return isinstance(x, self.xp.ndarray)
+
+    def gather_rows(self, src, index, out):
+        """out[i] = src[index[i]]: a batch cut from a data set kept on this device."""
+        raise NotImplementedError
+
+    def context(self):
+        """A context manager that makes this device current while it is open."""
+        raise NotImplementedError
+
+    def precision(self, mode):
+        """A context manager setting the float32 GEMM precision: "float32", or "tf32"
+        where the device has it (elsewhere float32 is computed exactly)."""
+        return contextlib.nullcontext()
+
+    def precision_unavailable(self, mode):
+        """Why precision ``mode`` (gpubackprop.optim.precision) cannot run here, with the fix,
+        or None when it can."""
+        if mode in ("bf16", "fp16") and not self.supports_mixed_precision:
+            return (f"precision={mode!r} needs the CUDA backend's 16-bit kernels; {self.name} computes in "
+                    "float32: use precision='float32' there")
+        return None
+
+    def free_bytes(self):
+        """Bytes this device can still allocate, or None where that is not known."""
+        return None
+
+    # ---- the fused primitives ----------------------------------------------
+    def dense_forward(self, layer, buf, dropout=None):
+        """buf.out = g(buf.input W^T + b) for ``layer`` (a Dense); buf.z receives the
+        pre-activation where the activation needs it. With ``dropout`` (a
+        gpubackprop.nn.dropout.Dropout), dropout.dropped = out * mask / (1 - p) as well."""
+        raise NotImplementedError
+
+    def dense_backward(self, layer, buf, dropout=None):
+        """Turn buf.grad = dL/da into delta = grad * g'(a) in place (with ``dropout``, grad
+        is dL/d dropped and passes mask / (1 - p) first), then db = delta^T 1,
+        dW = delta^T a_prev and, unless buf.grad_prev is None (first layer),
+        grad_prev = delta W."""
+        raise NotImplementedError
+
+    def loss(self, name, buf, running=None, loss_scale=None):
+        """The loss called ``name`` of logits buf.z against buf.target, a batch mean,
+        into the 0-d buf.out; buf.delta = dL/dz. Unless None, the float64 ``running``
+        pair gains [loss * batch, rows whose argmax z is argmax y (cross entropy)].
+        ``loss_scale`` (mixed precision only): delta is multiplied by loss_scale[0]."""
+        raise NotImplementedError
+
+    def softmax(self, z, out, row):
+        """out = softmax(z) row-wise (``row``: a (B,) scratch); for predict_proba."""
+        losses.softmax(self.xp, z, out, row)
+
+    # The optimizers (maths in gpubackprop.optim) read the step count t from
+    # ``update.steps`` (steps done so far) and store t there, so that a replayed
+    # graph counts too. With ``update.found_inf`` set (fp16 overflow, or the
+    # divergence guard), they skip the step. ``h`` holds the hyperparameters.
+    def sgd_update(self, update, h):
+        raise NotImplementedError
+
+    def adam_update(self, update, h):
+        raise NotImplementedError
+
+    def clip_by_global_norm(self, g, max_norm):
+        """g *= min(1, max_norm / (||g||_2 + 1e-6)) over the whole flat gradient buffer
+        (torch.nn.utils.clip_grad_norm_)."""
+        raise NotImplementedError
+
+    def flag_nonfinite(self, g, flag):
+        """flag[0] = 1 if any of g is Inf or NaN (the divergence guard)."""
+        raise NotImplementedError
+
+    def count_nonfinite(self, flag, count, first_bad, steps):
+        """After the update: if flag[0], count[0] += 1 (first_bad[0] = steps[0] on the first); clear flag."""
+        raise NotImplementedError
+
+    def capture(self, fn):
+        """fn's work recorded once; the result's ``launch()`` replays it."""
+        raise NotImplementedError(f"{self.name} does not capture graphs")
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"

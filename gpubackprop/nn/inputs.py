@@ -1,0 +1,43 @@
+"""A network's inputs: X and y checked and copied to its device, in its compute dtype.
+
+Checked once per call (shape, dtype, finiteness, label range: gpubackprop.validation);
+in mixed precision the copy is 16-bit, and fp16 refuses values beyond its range
+rather than turning them into Inf.
+"""
+
+import numpy as np
+
+from .. import validation
+from ..optim import precision as precision_modes
+from .workspace import out_of_memory
+
+
+def prepare(net, X, y):
+    """(X, T): the rows and the dense target rows, on net's device."""
+    try:
+        X = validation.check_X(X, net.sizes[0], net.dtype, net.backend)
+        T = validation.check_targets(y, X.shape[0], net.loss, net.sizes[-1], net.dtype, net.backend)
+        X, T = to_compute(net, X, "X"), to_compute(net, T, "the targets")
+    except MemoryError:
+        rows = len(X)
+        need = rows * (net.sizes[0] + net.sizes[-1]) * np.dtype(net.dtype).itemsize
+        raise out_of_memory(net.backend, f"a copy of {rows} rows of data", need,
+                            "pass fewer rows at a time (fit on a subset, or call train_step per batch)") from None
+    return X, T
+
+
+def prepare_streamed(net, X, y):
+    """A memory-mapped X checked without being read whole, and the targets on the device."""
+    X = validation.check_X_on_disk(X, net.sizes[0])
+    T = validation.check_targets(y, X.shape[0], net.loss, net.sizes[-1], net.dtype, net.backend)
+    return X, to_compute(net, T, "the targets")
+
+
+def to_compute(net, A, name):
+    """A in net's compute dtype (16-bit in mixed precision)."""
+    if A.dtype == net.compute_dtype:
+        return A
+    if net.precision == "fp16" and float(abs(A).max()) > precision_modes.FLOAT16_MAX:
+        raise ValueError(f"{name} holds values beyond float16's range (65504); scale the data, "
+                         "or use precision='bf16'")
+    return A.astype(net.compute_dtype)

@@ -1,0 +1,151 @@
+"""MLP: a Network (gpubackprop.nn.network) that trains, evaluates and saves itself.
+
+The training itself is gpubackprop.train's: ``train_step`` and ``fit`` both run a
+Trainer's step (forward, loss, backward, guard, clip, update); ``fit`` adds the
+loop of gpubackprop.train.loop. Files are gpubackprop.modelfile's.
+"""
+
+from .. import distributed, modelfile
+from ..train import recovery
+from ..train.loop import FitSettings, fit
+from ..train.trainer import Trainer
+from .network import Network
+
+
+class MLP(Network):
+    """A multilayer perceptron trained by backpropagation.
+
+    sizes       layer widths, input first: [784, 256, 256, 10]
+    activation  hidden activation: one of gpubackprop.nn.activations.ACTIVATIONS
+                (relu, leaky_relu, tanh, sigmoid, gelu, identity); the output layer is linear
+    loss        "cross_entropy" (softmax + mean negative log-likelihood) or
+                "mse" (mean over all elements of (y_hat - y)^2)
+    device      "cpu", "cuda", "cuda:N" or "auto"
+    dtype       "float32" or "float64"
+    precision   "float32" (exact), "tf32" (float32 GEMMs on tensor cores), or mixed
+                precision "bf16" / "fp16" (16-bit activations and GEMMs, float32
+                master weights; fp16 with dynamic loss scaling): see gpubackprop.optim.precision
+    seed        makes initialisation, shuffling and dropout reproducible
+    dropout     the rate p at which hidden activations are dropped in training
+                (inverted dropout; see gpubackprop.nn.dropout)
+
+    Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
+    Glorot-uniform (limit sqrt(6 / (n_in + n_out))) otherwise; biases at zero.
+    """
+
+    def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None,
+                 precision="float32", dropout=0.0):
+        super().__init__(sizes, activation, loss, device, dtype, seed, precision, dropout)
+        self.stop_training = False  # a callback sets it to end fit after the epoch
+        self.optimizer = None  # the last fit's
+        self.comm = distributed.SingleProcess()  # the running fit's communicator (callbacks read its rank)
+        self._step_trainer = None  # train_step's, kept so that its captured steps are too
+
+    def loss_and_grad(self, X, y):
+        """(loss, gradients under state_dict's names): one forward and backward pass, no update."""
+        with self.context():
+            ws = self.load_batch(X, y)
+            self.forward_pass(ws)
+            loss = float(self.compute_loss(ws))
+            self.backward_pass(ws)
+            if self.scaler is not None:  # fp16: the gradients of the loss, not of S times it
+                self.scaler.unscale_and_check(self.grads)
+                self.scaler.found_inf.fill(0)
+            return loss, self.grad_dict()
+
+    def train_step(self, X, y, optimizer, clip_norm=None, on_nonfinite="raise"):
+        """One step of ``fit`` on the batch (X, y): forward, backward, the divergence guard,
+        clipping at ``clip_norm``, the update; returns the loss. A step whose gradients
+        hold Inf or NaN is skipped; then ``on_nonfinite`` "raise" (FloatingPointError
+        naming the tensors) or "skip" (a warning), as in fit."""
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"train_step's on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r} "
+                             "('restore' needs fit's checkpoints)")
+        with self.context():
+            ws = self.load_batch(X, y)
+            trainer = self._trainer(optimizer, clip_norm)
+            loss = float(trainer.step(ws))
+            optimizer.sync_steps()  # fp16 or the guard may have skipped the step
+            recovery.apply_policy(trainer, on_nonfinite)
+            return loss
+
+    def _trainer(self, optimizer, clip_norm):
+        t = self._step_trainer
+        if t is None or t.optimizer is not optimizer or t.clip_norm != clip_norm or t.network is not self:
+            t = self._step_trainer = Trainer(self, optimizer, clip_norm)
+        return t
+
+    def to(self, device):
+        self._step_trainer = None  # its buffers were on the old device
+        return super().to(device)
+
+    def fit(self, X, y, **settings):
+        """Mini-batch training, reshuffled every epoch; returns the history.
+
+        Settings (gpubackprop.train.loop.FitSettings): epochs=10, batch_size=32,
+        optimizer=None, shuffle=True, validation_data=None, progress=True,
+        callbacks=None, graphs=True, clip_norm=None, checkpoint_dir=None,
+        checkpoint_every=None, keep_checkpoints=3, resume=False,
+        on_nonfinite="raise", comm=None.
+
+        The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
+        entropy) or "mse", averaged over the epoch's batches as they were trained,
+        and "val_loss", "val_accuracy" / "val_mse" when ``validation_data=(X, y)``.
+        The optimizer defaults to Adam(lr=1e-3) and stays as ``model.optimizer``.
+        ``callbacks`` are gpubackprop.train.callbacks objects (or any with some of their
+        hooks); ``progress`` adds a ProgressBar. ``clip_norm`` rescales the
+        gradients whenever their global L2 norm exceeds it (torch's clip_grad_norm_).
+
+        ``checkpoint_dir`` with ``checkpoint_every=N`` saves a checkpoint every N
+        steps (keeping the newest ``keep_checkpoints``); ``resume=True`` continues
+        from the newest sound one there, to the same result, bit for bit on the
+        CPU, as a run never interrupted (see gpubackprop.train.checkpoint).
+
+        A step whose gradients hold Inf or NaN is skipped on the device; then
+        ``on_nonfinite`` "raise" (FloatingPointError naming the step and tensors),
+        "skip" (warn and go on) or "restore" (the newest checkpoint, half the
+        learning rate): see gpubackprop.train.guard. The model never holds NaN.
+
+        Where the backend captures graphs (CUDA), the second step on the same
+        buffers (a batch size's workspace, the optimizer's state, the data) is
+        captured whole (gathering the batch, forward, loss, backward, update) and
+        every later one is a graph launch; new buffers (a workspace made again
+        after others pushed it out) are captured anew. ``graphs=False`` runs every
+        step op by op instead (for debugging: the numbers are the same).
+
+        ``comm`` (from ``gpubackprop.distributed.init()``) trains data parallel: each
+        of its ranks passes the whole data set, trains on its shard of every global
+        batch of ``batch_size`` rows, and the model ends equal on all ranks and to
+        one process's (see gpubackprop.distributed). Rank 0 alone shows progress
+        and writes checkpoints; an error on any rank aborts the job.
+        """
+        return fit(self, X, y, FitSettings(**settings))
+
+    def evaluate(self, X, y):
+        """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X."""
+        with self.context():
+            X, T = self.prepare(X, y)
+            return self.metrics(self.backend.to_host(self.totals(X, T)), X.shape[0])
+
+    # ---- files -----------------------------------------------------------------------
+    def save(self, path, optimizer=None, metadata=None):
+        """Write a safetensors file (atomically): parameters, config, optionally the
+        optimizer's state and the caller's JSON ``metadata``; see gpubackprop.modelfile."""
+        modelfile.write(path, self.config(), self.state_dict(), optimizer, metadata)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """The model saved at ``path``, on ``device``."""
+        return cls.from_file(modelfile.read(path), device)
+
+    @classmethod
+    def from_file(cls, saved, device="cpu"):
+        """The model of a read modelfile.ModelFile, on ``device``."""
+        model = cls(**saved.config, device=device)
+        model.load_state_dict(saved.tensors)
+        return model
+
+
+def load(path, device="cpu"):
+    """The MLP saved at ``path`` (by ``model.save``), on ``device``."""
+    return MLP.load(path, device)

@@ -1,0 +1,130 @@
+"""The buffers of one train step at one batch size, and the cache that keeps them.
+
+A step allocates nothing after the first of its batch size: everything it writes
+lives in a Workspace made once for that size. The cache keeps the few sizes a fit
+uses (the batch, its last partial batch, evaluation's chunks) and says plainly
+when a device has no room for one.
+"""
+
+import collections
+
+import numpy as np
+
+from ..backend import DenseBuffers, LossBuffers, OutOfMemoryError
+
+KEPT = 4  # the training batch, its last partial batch, and evaluation's
+
+
+class Workspace:
+    """The buffers of one step at batch size B (index l: layer l, 0 = the input).
+
+    a[l]       activations a_l (a[0] the input rows)
+    z[l]       pre-activations z_l, only where g' needs z
+    delta[l]   dL/da_l, turned into delta_l = dL/dz_l in place by the backward pass
+    dropped[l] the dropped copy of a_l fed to layer l + 1 (hidden layers, with dropout)
+    scratch[l] the activation's temporaries (backends with elementwise_scratch)
+    target     the targets; loss the batch's loss (0-d); index the rows this batch
+               is gathered from; first_row where it starts in the global batch (data
+               parallel: a rank's shard; dropout masks are drawn by that position)
+    """
+
+    def __init__(self, backend, sizes, act, batch, dtype, dropout=False):
+        L = len(sizes) - 1
+        empty = backend.empty
+        self.batch = batch
+        self.first_row = 0
+        self.a = [empty((batch, n), dtype) for n in sizes]
+        self.delta = [None] + [empty((batch, n), dtype) for n in sizes[1:]]
+        self.z = [None] * (L + 1)
+        self.scratch = [()] * (L + 1)
+        self.dropped = [None] * (L + 1)
+        for l in range(1, L):
+            if act.needs_z:
+                self.z[l] = empty((batch, sizes[l]), dtype)
+            if backend.elementwise_scratch:
+                self.scratch[l] = tuple(empty((batch, sizes[l]), dtype) for _ in range(act.n_scratch))
+            if dropout:
+                self.dropped[l] = empty((batch, sizes[l]), dtype)
+        self.target = empty((batch, sizes[-1]), dtype)
+        self.row = empty((batch,), dtype)
+        self.ones = backend.xp.ones((batch,), dtype)
+        self.pred = empty((batch,), np.int64)
+        self.label = empty((batch,), np.int64)
+        self.hit = empty((batch,), np.bool_)
+        self.index = empty((batch,), np.int64)
+        self.loss = empty((), dtype)
+
+    @staticmethod
+    def nbytes(sizes, act, batch, itemsize, dropout=False, scratch=True):
+        """The bytes __init__ allocates (``scratch``: the backend's elementwise_scratch;
+        a test holds the two together)."""
+        hidden = sum(sizes[1:-1])
+        per_hidden = act.needs_z + act.n_scratch * bool(scratch) + bool(dropout)
+        floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * per_hidden + sizes[-1] + 2) + 1
+        return floats * itemsize + batch * (8 + 8 + 1 + 8)
+
+    def layer(self, l, train):
+        """Layer l's DenseBuffers; ``train``: its input is the dropped copy where there is one."""
+        source = self.dropped[l - 1] if train and self.dropped[l - 1] is not None else self.a[l - 1]
+        return DenseBuffers(source, self.a[l], self.z[l], self.delta[l], self.delta[l - 1] if l > 1 else None,
+                            self.scratch[l], self.ones)
+
+    def loss_buffers(self):
+        return LossBuffers(self.a[-1], self.target, self.delta[-1], self.loss, self.row, self.pred, self.label,
+                           self.hit)
+
+
+class Workspaces:
+    """The workspaces of one network, by batch size, least recently used first out.
+
+    ``on_evict(workspace)`` is told of each one dropped (a captured step holding it
+    must go too, or its memory stays alive, unaccounted)."""
+
+    def __init__(self, backend, sizes, act, dtype, dropout, on_evict=None):
+        self.backend, self.sizes, self.act, self.dtype, self.dropout = backend, sizes, act, dtype, dropout
+        self.on_evict = on_evict
+        self._kept = collections.OrderedDict()
+
+    def __len__(self):
+        return len(self._kept)
+
+    def live(self):
+        """The workspaces kept now."""
+        return list(self._kept.values())
+
+    def get(self, batch):
+        ws = self._kept.pop(batch, None)
+        if ws is None:
+            ws = self._make(batch)
+            while len(self._kept) >= KEPT:
+                _, evicted = self._kept.popitem(last=False)
+                if self.on_evict is not None:
+                    self.on_evict(evicted)
+        self._kept[batch] = ws
+        return ws
+
+    def _make(self, batch):
+        backend = self.backend
+        need = Workspace.nbytes(self.sizes, self.act, batch, np.dtype(self.dtype).itemsize, self.dropout,
+                                backend.elementwise_scratch)
+        free = backend.free_bytes()
+        try:
+            if free is not None and need > free:  # say so before trying, not after a failed allocation
+                raise MemoryError
+            with backend.context():
+                return Workspace(backend, self.sizes, self.act, batch, self.dtype, self.dropout)
+        except MemoryError:
+            raise out_of_memory(backend, f"the buffers of a batch of {batch} rows", need,
+                                "use a smaller batch_size") from None
+
+
+def out_of_memory(backend, what, need, fix):
+    """The OutOfMemoryError for ``what`` (``need`` bytes) on ``backend``, naming ``fix``."""
+    free = backend.free_bytes()
+    free = "" if free is None else f", {_megabytes(free)} free"
+    return OutOfMemoryError(f"{backend.name} ran out of memory allocating {what}: "
+                            f"{_megabytes(need)} needed{free}; {fix}. The model is unchanged.")
+
+
+def _megabytes(n):
+    return f"{n / 2**20:,.1f} MiB"

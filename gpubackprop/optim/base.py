@@ -1,0 +1,187 @@
+"""What every optimizer shares: binding to a network's flat buffers, the step count,
+state_dict. The maths of each is in its own module (sgd.py, adam.py).
+
+An optimizer is bound to a network's flat parameter and gradient buffers, at
+construction (``SGD(0.1, params=model)``, as torch.optim takes parameters) or by
+the trainer that first steps it (``model.fit(..., optimizer=SGD(0.1))``): its state
+buffers (momentum, m, v) are then allocated like the flat buffer. ``step()``
+applies one update from the bound gradients. ``state_dict`` holds the state flat,
+in the model's parameter order.
+The step count is kept twice: ``steps`` on the host, and a copy on the model's
+device that the update kernels read and advance themselves, so a train step
+captured once as a CUDA graph counts right on every replay.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ..backend import Update
+
+
+class Flat(NamedTuple):
+    """What an optimizer binds to: a backend and a flat parameter buffer with its
+    gradient twin. A Network is one too (``backend``, ``params``, ``grads``)."""
+
+    backend: object
+    params: object
+    grads: object
+
+
+def check(name, value, low=0.0, high=math.inf, low_open=False, high_open=False):
+    try:
+        value = float(value)  # Python floats: weak scalars that keep float32 work float32
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+    return value
+
+
+class Optimizer:
+    """The base of the optimizers: binding, the step count, state_dict.
+
+    A subclass names its state buffers (``state_names``), how many parameter-sized
+    temporaries its NumPy update needs (``n_scratch``), the backend primitive that
+    updates (``primitive``) and the hyperparameters it takes (``settings()``).
+    """
+
+    state_names = ()
+    n_scratch = 1
+    primitive = None
+
+    def __init__(self, params=None, **hyperparams):
+        self.hyperparams = hyperparams
+        self.steps = 0
+        self.state = {}
+        self.scratch = ()
+        self.device_steps = None  # (1,) uint32: steps done, advanced by the update itself
+        self.model = None  # what it is bound to
+        if params is not None:
+            self.bind(params)
+
+    @property
+    def lr(self):
+        return self.hyperparams["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        self.hyperparams["lr"] = check("lr", value, low_open=True)
+
+    def bind(self, model):
+        """Bind to ``model``'s flat parameters and gradients (a Network, or a Flat): state buffers made or moved to match them in size,
+        dtype and device. Cheap when nothing changed, so a trainer calls it every step
+        (a callback may have loaded other state). Returns the optimizer."""
+        backend, params = model.backend, model.params
+        if self.state:
+            size = next(iter(self.state.values())).shape[0]
+            if size != params.shape[0]:
+                raise ValueError(
+                    f"this optimizer's state is for {size} parameters but the model has "
+                    f"{params.shape[0]}; use a new optimizer for a different model"
+                )
+        for name in self.state_names:
+            buf = self.state.get(name)
+            if buf is None:
+                self.state[name] = backend.zeros(params.shape, params.dtype)
+            elif not (backend.is_native(buf) and buf.dtype == params.dtype):
+                self.state[name] = backend.asarray(backend.tohost(buf), dtype=params.dtype)
+        n = self.scratch_buffers(backend)
+        s = self.scratch
+        if len(s) != n or not all(backend.is_native(x) and x.dtype == params.dtype and x.shape == params.shape
+                                  for x in s):
+            self.scratch = tuple(backend.empty(params.shape, params.dtype) for _ in range(n))
+        if self.device_steps is None or not backend.is_native(self.device_steps):
+            self.device_steps = backend.asarray(np.array([self.steps], np.uint32))
+        self.model = model
+        return self
+
+    def scratch_buffers(self, backend):
+        """How many parameter-sized temporaries the update needs on ``backend``."""
+        return self.n_scratch if backend.elementwise_scratch else 0
+
+    def state_bytes(self, model):
+        """The bytes ``bind(model)`` allocates (for the out-of-memory message)."""
+        return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend))
+
+    def step(self, model=None, *, found_inf=None):
+        """Apply one update from the bound model's gradients (binding ``model`` first,
+        when given), and count it. With
+        ``found_inf`` (a device flag: fp16 overflow, or the divergence guard) the
+        device skips a flagged step; ``sync_steps`` then corrects the host's count.
+        On the device it is one launch, capturable in a graph."""
+        if model is not None:
+            self.bind(model)
+        if self.model is None:
+            raise RuntimeError(f"{self!r} is not bound to a model: pass params=model, or train with "
+                               "model.fit(..., optimizer=...) / model.train_step(X, y, optimizer)")
+        model = self.model
+        self.steps += 1
+        update = Update(model.params, model.grads, tuple(self.state[n] for n in self.state_names), self.scratch,
+                        self.device_steps, found_inf)
+        getattr(model.backend, self.primitive)(update, self.settings())
+
+    def sync_steps(self):
+        """The host's step count from the device's (a host sync: once per epoch)."""
+        if self.device_steps is not None:
+            self.steps = int(host(self.device_steps)[0])
+
+    def buffers(self):
+        """The buffers a captured update reads and writes."""
+        return (self.device_steps, *self.scratch, *self.state.values())
+
+    def constants(self):
+        """What a captured update bakes into its launch: the hyperparameters."""
+        return repr(self.hyperparams)
+
+    def settings(self):
+        """The hyperparameters as the backend primitive takes them."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        return {
+            "type": type(self).__name__,
+            "hyperparams": dict(self.hyperparams),
+            "steps": self.steps,
+            "state": {k: np.array(host(v), copy=True) for k, v in self.state.items()},
+        }
+
+    def load_state_dict(self, d):
+        """Restore from ``state_dict()``'s output; checks everything before changing anything."""
+        if not isinstance(d, dict) or set(d) != {"type", "hyperparams", "steps", "state"}:
+            raise ValueError("not an optimizer state_dict: expected keys type, hyperparams, steps, state")
+        if d["type"] != type(self).__name__:
+            raise ValueError(f"state_dict is for {d['type']}, not {type(self).__name__}")
+        fresh = type(self)(**d["hyperparams"])  # validates the hyperparameters
+        steps = d["steps"]
+        if not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        state = {}
+        for name, value in d["state"].items():
+            if name not in fresh.state_names:
+                raise ValueError(f"unexpected state buffer {name!r} for {type(self).__name__}")
+            arr = np.asarray(value)
+            if arr.ndim != 1 or arr.dtype.kind != "f" or not np.isfinite(arr).all():
+                raise ValueError(f"state buffer {name!r} must be a finite 1-D float array")
+            state[name] = arr.copy()
+        if len({a.shape for a in state.values()}) > 1:
+            raise ValueError("state buffers differ in size")
+        self.hyperparams, self.steps, self.state = fresh.hyperparams, int(steps), state
+        self.state_names = fresh.state_names  # SGD keeps a momentum buffer only with momentum
+        self.scratch, self.device_steps = (), None
+        if self.model is not None:
+            self.bind(self.model)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
+        return f"{type(self).__name__}({args})"
+
+
+def host(x):
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+

@@ -1,0 +1,1 @@
+"""Tools built on the public engine API: gradcheck, trace, plots, selftest."""

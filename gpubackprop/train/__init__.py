@@ -1,0 +1,2 @@
+"""How a network learns: the Trainer's step, captured steps, the fit loop,
+the divergence guard and recovery, callbacks and checkpoints."""

@@ -1,0 +1,228 @@
+"""fit: epochs of shuffled mini-batches, metrics, validation, callbacks, checkpoints,
+data-parallel sharding; each step is the Trainer's.
+
+The history is a dict of per-epoch lists: "loss" and "accuracy" (cross entropy) or
+"mse", averaged over the epoch's batches as they were trained, and "val_loss",
+"val_accuracy" / "val_mse" with validation data. The loss is read from the device
+every ``SYNC_EVERY`` steps and at each epoch's end, never per step.
+"""
+
+import collections
+import dataclasses
+import functools
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import distributed, validation
+from ..nn import inputs
+from ..optim import Adam
+from . import checkpoint, recovery
+from .callbacks import ProgressBar, call
+from .trainer import Trainer, check_clip_norm, check_optimizer
+
+SYNC_EVERY = 16  # steps between reads of the running loss (each a device sync)
+ONE_PROCESS = distributed.SingleProcess()
+
+
+@dataclasses.dataclass
+class FitSettings:
+    """fit's settings (see MLP.fit for what each does)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: Any = None
+    shuffle: bool = True
+    validation_data: Optional[tuple] = None
+    progress: bool = True
+    callbacks: Any = None
+    graphs: bool = True
+    clip_norm: Optional[float] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: Optional[int] = None
+    keep_checkpoints: int = 3
+    resume: bool = False
+    on_nonfinite: str = "raise"
+    comm: Any = None
+
+    def checked(self, backend):
+        """A copy with every setting checked (a ValueError / TypeError naming the fix) and defaults filled in."""
+        s = dataclasses.replace(self)
+        s.comm = ONE_PROCESS if s.comm is None else check_comm(s.comm, backend)
+        s.epochs = validation.check_positive_int("epochs", s.epochs, minimum=0)
+        s.batch_size = validation.check_positive_int("batch_size", s.batch_size)
+        s.optimizer = Adam() if s.optimizer is None else check_optimizer(s.optimizer)
+        check_clip_norm(s.clip_norm)
+        s.callbacks = list(s.callbacks or ())
+        if (s.checkpoint_every is not None or s.resume or s.on_nonfinite == "restore") and s.checkpoint_dir is None:
+            raise ValueError("checkpoint_every, resume and on_nonfinite='restore' need checkpoint_dir")
+        recovery.check_policy(s.on_nonfinite)
+        if s.checkpoint_every is not None:
+            s.checkpoint_every = validation.check_positive_int("checkpoint_every", s.checkpoint_every)
+        s.keep_checkpoints = validation.check_positive_int("keep_checkpoints", s.keep_checkpoints)
+        return s
+
+
+def fit(model, X, y, settings):
+    """Train ``model`` on (X, y) with ``settings`` (a FitSettings); the history."""
+    comm = settings.comm if isinstance(settings.comm, distributed.Communicator) else ONE_PROCESS
+    try:  # on every rank, checks and data included: a failure anywhere aborts the job
+        s = settings.checked(model.backend)
+        with model.context():
+            return Loop(model, s).run(X, y)
+    except BaseException as e:
+        if comm.size > 1:  # the other ranks would wait for this one forever
+            comm.abort(e)
+        raise
+    finally:
+        model.comm = ONE_PROCESS
+
+
+class Loop:
+    """One fit: its data on the device, its trainer, its epochs."""
+
+    def __init__(self, model, settings):
+        self.model, self.s, self.comm = model, settings, settings.comm
+        self.optimizer = settings.optimizer
+        self.history = collections.defaultdict(list)
+        self.running = None  # this rank's [loss sum, hits] of the epoch, on the device
+
+    def run(self, X, y):
+        model, s = self.model, self.s
+        # The data set goes to the device once and batches are gathered there; a
+        # memory-mapped X stays on disk and each batch's rows are read as needed.
+        self.X_disk = X if isinstance(X, np.memmap) else None
+        if self.X_disk is not None:
+            _, self.T = inputs.prepare_streamed(model, X, y)
+            self.X = None
+        else:
+            self.X, self.T = model.prepare(X, y)
+        self.val = model.prepare(*s.validation_data) if s.validation_data is not None else None
+        model.comm = self.comm
+        self.n = self._rows()
+        self.trainer = Trainer(model, self.optimizer, s.clip_norm, graphs=s.graphs, parallel=self.comm.parallel)
+        start = self._start()
+        return self._epochs(start)
+
+    def _rows(self):
+        n = self.T.shape[0]
+        root_n = self.comm.bcast(n)
+        if root_n != n:
+            raise ValueError(f"rank {self.comm.rank} has {n} training rows, rank 0 has {root_n}: "
+                             "every rank must pass the whole data set (fit shards it)")
+        return n
+
+    def _start(self):
+        """Where training starts: a checkpoint's progress when resuming, else None."""
+        s, comm = self.s, self.comm
+        if s.resume:
+            start = recovery.resume(self.model, self.optimizer, s.checkpoint_dir, comm)
+            if comm.rank == 0 and os.path.isdir(s.checkpoint_dir):
+                checkpoint.prune(s.checkpoint_dir, s.keep_checkpoints)
+            if start:
+                self.history.update(start["history"])
+            return start
+        if comm.parallel:
+            recovery.adopt_root(self.model, self.optimizer, comm)
+        return None
+
+    def _epochs(self, start):
+        model, s = self.model, self.s
+        self.batch_size = min(s.batch_size, self.n)
+        self.callbacks = list(s.callbacks)
+        if s.progress and self.comm.rank == 0:
+            self.callbacks.append(ProgressBar(s.epochs, -(-self.n // self.batch_size)))
+        self.running = model.backend.zeros((2,), np.float64)
+        first_epoch, done_steps = (start["epoch"], start["step"]) if start else (0, 0)
+        model.stop_training = False
+        model.optimizer = self.optimizer
+        call(self.callbacks, "on_train_begin", model)
+        for epoch in range(first_epoch, s.epochs):
+            self._epoch(epoch, done_steps if epoch == first_epoch else 0, start if epoch == first_epoch else None)
+            model.stop_training = self.comm.bcast(model.stop_training)  # rank 0's callbacks decide for all
+            if model.stop_training:
+                break
+        call(self.callbacks, "on_train_end", model)
+        return dict(self.history)
+
+    def _epoch(self, epoch, skip, start):
+        """One epoch; ``skip`` steps were done before the checkpoint ``start`` this run resumed from."""
+        model, b, comm = self.model, self.model.backend, self.comm
+        call(self.callbacks, "on_epoch_begin", model, epoch)
+        self.epoch_rng = model.shuffle_rng.bit_generator.state
+        # Drawn on the host from the model's seeded generator, so a seed gives the
+        # same batches on every device (and every rank); one small copy per epoch.
+        order_host = model.shuffle_rng.permutation(self.n) if self.s.shuffle else np.arange(self.n)
+        order = b.asarray(order_host)
+        self.running.fill(0)
+        if start and comm.rank == 0:  # the checkpoint holds all ranks' sums
+            b.xp.copyto(self.running, b.asarray(np.array(start["running"], np.float64)))
+        for s, start_row in enumerate(range(0, self.n, self.batch_size)):
+            if s >= skip:
+                self._batch(epoch, s, start_row, order, order_host)
+        self._check_nonfinite()
+        self.optimizer.sync_steps()
+        logs = model.metrics(self.totals(self.running), self.n)
+        if self.val is not None:
+            logs.update({f"val_{k}": v for k, v in self.evaluate(*self.val).items()})
+        for k, v in logs.items():
+            self.history[k].append(v)
+        call(self.callbacks, "on_epoch_end", model, epoch, logs)
+
+    def _batch(self, epoch, s, start_row, order, order_host):
+        model, b, comm = self.model, self.model.backend, self.comm
+        rows = min(self.batch_size, self.n - start_row)
+        lo, hi = distributed.shard(rows, comm.rank, comm.size)
+        ws = model.workspace(hi - lo) if hi > lo else None  # None: this rank's shard is empty
+        if ws is not None:
+            ws.first_row = lo
+            b.xp.copyto(ws.index, order[start_row + lo:start_row + hi])
+            if self.X_disk is not None:
+                mine = order_host[start_row + lo:start_row + hi]
+                b.xp.copyto(ws.a[0], b.asarray(inputs.to_compute(model, np.asarray(self.X_disk[mine], model.dtype), "X")))
+        reduce = functools.partial(comm.allreduce_mean, weight=(hi - lo) / rows) if comm.parallel else None
+        self.trainer.step(ws, self.running, reduce, X=self.X, T=self.T)
+        logs = {"batch_size": rows}
+        if s % SYNC_EVERY == SYNC_EVERY - 1:
+            logs["loss"] = self.totals(self.running)[0] / min(self.n, start_row + rows)
+            self._check_nonfinite()
+        call(self.callbacks, "on_batch_end", model, s, logs)
+        every = self.s.checkpoint_every
+        if every and self.optimizer.steps % every == 0:
+            self._checkpoint(epoch, s)
+
+    def _checkpoint(self, epoch, s):
+        self.optimizer.sync_steps()
+        totals = self.totals(self.running)
+        if self.comm.rank == 0:
+            checkpoint.write(self.s.checkpoint_dir, self.model, self.optimizer, {
+                "epoch": epoch, "step": s + 1, "rng": self.epoch_rng,
+                "running": totals.tolist(), "history": dict(self.history),
+            }, self.s.keep_checkpoints)
+
+    def _check_nonfinite(self):
+        def restore():
+            return recovery.restore(self.model, self.optimizer, self.s.checkpoint_dir, self.comm) is not None
+
+        recovery.apply_policy(self.trainer, self.s.on_nonfinite, restore, stacklevel=6)
+
+    def totals(self, running):
+        """The running [loss sum, hits] of all ranks, on the host (a device sync)."""
+        totals = self.model.backend.to_host(running).copy()
+        self.comm.allreduce_sum(totals)
+        return totals
+
+    def evaluate(self, X, T):
+        """Loss and metric over (X, T); each rank evaluates its shard of the rows."""
+        lo, hi = distributed.shard(X.shape[0], self.comm.rank, self.comm.size)
+        return self.model.metrics(self.totals(self.model.totals(X[lo:hi], T[lo:hi])), X.shape[0])
+
+
+def check_comm(comm, backend):
+    if not isinstance(comm, distributed.Communicator):
+        raise TypeError(f"comm must be a gpubackprop.distributed communicator (gb.distributed.init()), got {comm!r}")
+    if isinstance(comm, distributed.NCCLCommunicator) and backend.name != comm.device:
+        raise ValueError(f"this rank's NCCL communicator is bound to {comm.device} but the model is on "
+                         f"{backend.name}; make the model with device=comm.device")
+    return comm
