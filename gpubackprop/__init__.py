@@ -14,7 +14,7 @@ from .nn.network import Network
 from .tools.gradcheck import gradcheck
 from .tools.trace import trace
 from .train import callbacks
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["MLP", "Network", "optim", "callbacks", "distributed", "gradcheck", "trace", "load", "load_optimizer", "load_metadata",
            "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]

@@ -41,7 +41,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="gpubackprop", description="Backpropagation for multilayer perceptrons.")
     parser.add_argument("--version", action="version", version=f"gpubackprop {gb.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train(commands)
+    add_tools(commands)
+    return parser
 
+
+def add_train(commands):
     t = commands.add_parser("train", help="train an MLP classifier and evaluate it on held-out data")
     t.add_argument("--dataset", default="digits",
                    help="'digits', 'mnist5k', or a .npz, .csv, .npy or MNIST IDX images file (default digits)")
@@ -75,6 +80,8 @@ def build_parser():
                         "nccl or single; --batch-size is the global batch; rank 0 prints and writes (needs "
                         "gpubackprop[mpi], or gpubackprop[nccl13] for NCCL)")
 
+
+def add_tools(commands):
     b = commands.add_parser("bench", help="draw a benchmark result file (bench/results/*.json) as a bar chart")
     b.add_argument("results", help="a JSON file written by bench/step_bench.py or bench/cpu_table.py")
     b.add_argument("--out", help="the PNG to write (default: the results path with .png)")
@@ -102,7 +109,6 @@ def build_parser():
                    help=f"a subset of {' '.join(selftest.MODES)} (default all)")
     s.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     commands.add_parser("info", help="versions, BLAS, threads and whether a GPU can be used")
-    return parser
 
 
 def main(argv=None):

@@ -38,7 +38,7 @@ import traceback
 
 import numpy as np
 
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 TRANSPORTS = ("auto", "mpi", "nccl", "single")
 
 
@@ -161,13 +161,13 @@ class NCCLCommunicator(MPICommunicator):
     def bcast_params(self, buf):
         if isinstance(buf, np.ndarray):
             return super().bcast_params(buf)
-        self.nccl.bcast(buf.data.ptr, buf.size, self._type(buf), 0, self._stream())
+        self.nccl.bcast(buf.data.ptr, buf.size, self._type(buf), 0, self.stream())
 
     def allreduce_sum(self, buf):
         if isinstance(buf, np.ndarray):
             return super().allreduce_sum(buf)
         self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._type(buf), self._nccl.NCCL_SUM,
-                            self._stream())
+                            self.stream())
 
     def _type(self, buf):
         try:
@@ -199,7 +199,7 @@ def init(transport="auto"):
 
 
 def _launched_by_mpi():
-    return any(int(os.environ.get(v, "1")) > 1 for v in _LAUNCHER_SIZE_VARS)
+    return any(int(os.environ.get(v, "1")) > 1 for v in LAUNCHER_SIZE_VARS)
 
 
 def _import_mpi():

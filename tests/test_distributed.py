@@ -205,7 +205,7 @@ def test_cli_error_on_two_ranks_ends_the_job(tmp_path):
 
 # ---- the communicators in one process ----------------------------------------------------
 def test_one_process_is_the_default_and_its_collectives_change_nothing(monkeypatch):
-    for var in distributed._LAUNCHER_SIZE_VARS:
+    for var in distributed.LAUNCHER_SIZE_VARS:
         monkeypatch.delenv(var, raising=False)
     comm = distributed.init()
     assert isinstance(comm, distributed.SingleProcess) and (comm.rank, comm.size) == (0, 1)

@@ -32,7 +32,9 @@ import functools
 import logging
 import re
 
+from . import cuda
 from .base import Backend, Dense, DenseBuffers, DeviceUnavailableError, LossBuffers, OutOfMemoryError, Update
+from .cpu import NumpyBackend
 
 log = logging.getLogger("gpubackprop")
 
@@ -47,13 +49,12 @@ def get_backend(device="cpu"):
         return device
     if not isinstance(device, str):
         raise TypeError(f"device must be a string such as 'cpu', 'cuda:0' or 'auto', not {type(device).__name__}")
-    return _backend_for(device.strip().lower())
+    return backend_for(device.strip().lower())
 
 
 @functools.lru_cache(maxsize=None)
-def _backend_for(name):
-    from .cpu import NumpyBackend
-
+def backend_for(name):
+    """The backend of a device name, made once per process (CuPy is imported only here)."""
     if name == "cpu":
         return NumpyBackend()
     if name == "auto":
@@ -72,9 +73,8 @@ def _backend_for(name):
 
 
 def _cuda_backend(index):
-    from .cuda import CupyBackend
+    return cuda.CupyBackend(index)
 
-    return CupyBackend(index)
 
 __all__ = ["Backend", "Dense", "DenseBuffers", "DeviceUnavailableError", "LossBuffers", "OutOfMemoryError",
            "Update", "get_backend"]

@@ -43,7 +43,7 @@ def _driver_installed():
     return False
 
 
-def _open_device(cupy, index):
+def open_device(cupy, index):
     runtime = cupy.cuda.runtime
     try:
         count = runtime.getDeviceCount()
@@ -137,7 +137,7 @@ class RawModules:
 
 # cudaDataType and cublasComputeType values (cuda_runtime / cublas_api.h).
 _CUDA_TYPE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}
-_COMPUTE = {"float64": 70, "float32": 68, "tf32": 77}  # CUBLAS_COMPUTE_64F, _32F, _32F_FAST_TF32
+COMPUTE = {"float64": 70, "float32": 68, "tf32": 77}  # CUBLAS_COMPUTE_64F, _32F, _32F_FAST_TF32
 _WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for on Hopper; kept for the process, so graphs may use it
 
 
@@ -149,7 +149,7 @@ def gemm_compute(a, out, precision):
     return "tf32" if precision == "tf32" and a.dtype == np.float32 else "float32"
 
 
-def _libcublas():
+def libcublas():
     """The cuBLAS library CuPy loaded, or None. CuPy 14 loads its libraries through
     cuda.pathfinder, which keeps what it loaded and hands it back: so this is CuPy's
     cuBLAS, not the first libcublas.so mapped in the process (PyTorch's, when torch
@@ -203,22 +203,22 @@ class Cublas:
             ctypes.c_void_p(second.data.ptr), i(_CUDA_TYPE[second.dtype.name]), i(ld2),
             ctypes.c_void_p(self._zero[scalar].ctypes.data),
             ctypes.c_void_p(out.data.ptr), i(_CUDA_TYPE[out.dtype.name]), i(ldc),
-            i(_COMPUTE[compute]), i(-1),  # CUBLAS_GEMM_DEFAULT
+            i(COMPUTE[compute]), i(-1),  # CUBLAS_GEMM_DEFAULT
         ), "cublasGemmEx")
 
 
 class _CudaGraph:
     def __init__(self, graph, stream):
-        self._graph, self._stream = graph, stream
+        self._graph, self.stream = graph, stream
 
     def launch(self):
-        self._graph.launch(self._stream)
+        self._graph.launch(self.stream)
 
 
 class CupyBackend(KernelBackend):
     def __init__(self, index=0):
         cupy = _import_cupy()
-        _open_device(cupy, index)
+        open_device(cupy, index)
         props = cupy.cuda.runtime.getDeviceProperties(index)
         super().__init__(cupy, RawModules(cupy, index, 10 * props["major"] + props["minor"]),
                          props["multiProcessorCount"])
@@ -228,26 +228,26 @@ class CupyBackend(KernelBackend):
             # All of this backend's work runs on one stream of its own: graphs cannot
             # be captured on the legacy default stream, and one stream keeps eager
             # work and graph launches in order.
-            self._stream = cupy.cuda.Stream(non_blocking=True)
+            self.stream = cupy.cuda.Stream(non_blocking=True)
             try:
                 cupy.cuda.device.get_cublas_handle()  # CuPy loads libcublas
             except Exception as e:  # without cuBLAS there is no GEMM at all, not even CuPy's
                 raise _unavailable(index, e) from None
-            lib = _libcublas()
-            self._cublas = Cublas(cupy, lib, self._stream) if lib is not None else None
-        if self._cublas is None:
+            lib = libcublas()
+            self.cublas = Cublas(cupy, lib, self.stream) if lib is not None else None
+        if self.cublas is None:
             self.supports_graphs = False
             self.note = ("cuda.pathfinder gave no path for the libcublas CuPy loaded: GEMMs through cupy.matmul, "
                          "no CUDA graphs, float32 only")
 
     def _matmul(self, a, b, out):
-        if self._cublas is None:
+        if self.cublas is None:
             return super()._matmul(a, b, out)
         compute = gemm_compute(a, out, self.matmul_precision)
-        self._issue(lambda: self._cublas.gemm(a, b, out, compute))
+        self._issue(lambda: self.cublas.gemm(a, b, out, compute))
 
     def capture(self, fn):
-        stream = self._stream
+        stream = self.stream
         with self.context():  # this GPU current and our stream: what fn issues is what is captured
             stream.begin_capture()
             try:
@@ -262,7 +262,7 @@ class CupyBackend(KernelBackend):
         return _CudaGraph(graph, stream)
 
     def precision_unavailable(self, mode):
-        if mode != "float32" and self._cublas is None:
+        if mode != "float32" and self.cublas is None:
             return f"precision={mode!r} needs cuBLAS, and {self.name} has none ({self.note}); {FIX}"
         return super().precision_unavailable(mode)
 
@@ -273,7 +273,7 @@ class CupyBackend(KernelBackend):
     def to_host(self, x):
         if not isinstance(x, self.xp.ndarray):
             return np.asarray(x)
-        self._stream.synchronize()  # our work on x is done before the default stream reads it
+        self.stream.synchronize()  # our work on x is done before the default stream reads it
         return x.get()
 
     def context(self):
@@ -282,9 +282,9 @@ class CupyBackend(KernelBackend):
         stack = contextlib.ExitStack()
         stack.enter_context(self.xp.cuda.Device(self.index))
         null = self.xp.cuda.Stream.null
-        self._stream.wait_event(null.record())
-        stack.enter_context(self._stream)
-        stack.callback(lambda: null.wait_event(self._stream.record()))
+        self.stream.wait_event(null.record())
+        stack.enter_context(self.stream)
+        stack.callback(lambda: null.wait_event(self.stream.record()))
         return stack
 
     def free_bytes(self):

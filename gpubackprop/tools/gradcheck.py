@@ -34,14 +34,33 @@ def gradcheck(model, X, y, eps=_STEP):
     whose perturbation flips the sign of any hidden pre-activation is left out (a
     RuntimeWarning says how many); random inputs make this rare.
     """
-    analytic_model = _copy(model, "float64")
-    ws = analytic_model.load_batch(X, y)
-    analytic_model.forward_pass(ws)
-    analytic_model.compute_loss(ws)
-    analytic_model.backward_pass(ws)
-    analytic = analytic_model.grads.astype(np.longdouble)
+    analytic = _backprop(_copy(model, "float64"), X, y).astype(np.longdouble)
+    numeric, at_kink = _differences(_copy(model, REFERENCE_DTYPE), X, y, eps)
+    if at_kink.any():
+        warnings.warn(f"gradcheck: {at_kink.sum()} parameter(s) sit at a ReLU kink and were not compared",
+                      RuntimeWarning, stacklevel=2)
+    worst = 0.0
+    for w, b, _, _ in layout(model.sizes):
+        for sl in (w, b):
+            keep = ~at_kink[sl]
+            a, n = analytic[sl][keep], numeric[sl][keep]
+            scale = max(np.abs(a).max(initial=0.0), np.abs(n).max(initial=0.0))
+            if scale > 0:
+                worst = max(worst, float(np.abs(a - n).max() / scale))
+    return worst
 
-    m = _copy(model, REFERENCE_DTYPE)
+
+def _backprop(net, X, y):
+    """The flat gradient of the engine's backward pass."""
+    ws = net.load_batch(X, y)
+    net.forward_pass(ws)
+    net.compute_loss(ws)
+    net.backward_pass(ws)
+    return net.grads
+
+
+def _differences(m, X, y, eps):
+    """(the flat fourth-order difference quotients, where a perturbation crossed a kink)."""
     ws = m.load_batch(X, y)
     hidden = ws.a[1:-1]
 
@@ -51,9 +70,9 @@ def gradcheck(model, X, y, eps=_STEP):
 
     loss()
     signs = [h > 0 for h in hidden]
-    numeric = np.empty_like(analytic)
-    at_kink = np.zeros(analytic.shape, bool)
     p = m.params
+    numeric = np.empty_like(p)
+    at_kink = np.zeros(p.shape, bool)
     for i in range(p.size):
         saved = p[i]
         values = []
@@ -65,18 +84,7 @@ def gradcheck(model, X, y, eps=_STEP):
         p[i] = saved
         # Differences first: a parameter with no effect gives exactly 0, not a rounding residue.
         numeric[i] = (8.0 * (values[1] - values[2]) - (values[0] - values[3])) / (12.0 * eps)
-    if at_kink.any():
-        warnings.warn(f"gradcheck: {at_kink.sum()} parameter(s) sit at a ReLU kink and were not compared",
-                      RuntimeWarning, stacklevel=2)
-    worst = 0.0
-    for w, b, _, _ in layout(m.sizes):
-        for sl in (w, b):
-            keep = ~at_kink[sl]
-            a, n = analytic[sl][keep], numeric[sl][keep]
-            scale = max(np.abs(a).max(initial=0.0), np.abs(n).max(initial=0.0))
-            if scale > 0:
-                worst = max(worst, float(np.abs(a - n).max() / scale))
-    return worst
+    return numeric, at_kink
 
 
 def _copy(model, dtype):

@@ -33,6 +33,7 @@ from ..nn.activations import ACTIVATIONS
 from ..nn.mlp import MLP
 from ..nn.parameters import aligned_layout
 from ..optim import precision as precision_modes
+from ..version import __version__
 
 REFERENCE = NumpyBackend()
 # Per mode: the bound on the error (see the module docstring) of one primitive, and
@@ -506,10 +507,7 @@ def check_digits(be, rng, modes):
 # ---- the run ------------------------------------------------------------------------
 
 def versions(be):
-    v = {"python": platform.python_version(), "numpy": np.__version__}
-    from .. import __version__
-
-    v["gpubackprop"] = __version__
+    v = {"python": platform.python_version(), "numpy": np.__version__, "gpubackprop": __version__}
     xp = be.xp
     if xp is not np:
         runtime = xp.cuda.runtime

@@ -171,7 +171,7 @@ def test_no_driver_is_not_called_an_old_one(monkeypatch, installed, says):
     monkeypatch.setattr(cupy_backend, "_driver_installed", lambda: installed)
     cupy = _cupy_without_driver("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
     with pytest.raises(gb.DeviceUnavailableError, match=says):
-        cupy_backend._open_device(cupy, 0)
+        cupy_backend.open_device(cupy, 0)
 
 
 def test_a_kernel_that_cannot_compile_at_open_names_the_fix(monkeypatch):
@@ -184,7 +184,7 @@ def test_a_kernel_that_cannot_compile_at_open_names_the_fix(monkeypatch):
     cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=lambda i: contextlib.nullcontext()),
                                  arange=lambda *a, **k: Failing(), float32=np.float32)
     with pytest.raises(gb.DeviceUnavailableError, match=r"CuPy cannot find the CUDA headers.*cupy-cuda13x\[ctk\]"):
-        cupy_backend._open_device(cupy, 0)
+        cupy_backend.open_device(cupy, 0)
 
 
 class _Stream:
@@ -225,7 +225,7 @@ def _backend_with_stream(log, fail_end=False):
             log.append("device off")
 
     be = object.__new__(cupy_backend.CupyBackend)
-    be.index, be._stream = 0, _Stream(log, fail_end)
+    be.index, be.stream = 0, _Stream(log, fail_end)
     be.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device, Stream=types.SimpleNamespace(
         null=_Stream(log))))
     return be
@@ -252,7 +252,7 @@ def test_a_failing_capture_reports_the_step_s_error_not_the_broken_capture():
 
 def test_without_cublas_tf32_and_mixed_precision_are_refused_by_name():
     be = object.__new__(cupy_backend.CupyBackend)
-    be.name, be._cublas, be.note = "cuda:0", None, "cuda.pathfinder gave no path for the libcublas CuPy loaded"
+    be.name, be.cublas, be.note = "cuda:0", None, "cuda.pathfinder gave no path for the libcublas CuPy loaded"
     for mode in ("tf32", "bf16", "fp16"):
         with pytest.raises(ValueError, match=rf"precision='{mode}' needs cuBLAS, and cuda:0 has none"):
             precision.check(mode, "float32", be)
@@ -271,15 +271,15 @@ def test_cublas_is_the_library_cupy_loaded(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.pathfinder", pathfinder)
     opened = []
     monkeypatch.setattr(cupy_backend.ctypes, "CDLL", lambda path: opened.append(path) or path)
-    assert cupy_backend._libcublas() == loaded.abs_path and opened == [loaded.abs_path]
+    assert cupy_backend.libcublas() == loaded.abs_path and opened == [loaded.abs_path]
 
     def missing(name):
         raise NotFound("no cublas")
 
     pathfinder.load_nvidia_dynamic_lib = missing
-    assert cupy_backend._libcublas() is None
+    assert cupy_backend.libcublas() is None
     pathfinder.load_nvidia_dynamic_lib = lambda name: types.SimpleNamespace(abs_path=None)
-    assert cupy_backend._libcublas() is None  # loaded, but where is not known: not guessed either
+    assert cupy_backend.libcublas() is None  # loaded, but where is not known: not guessed either
 
 
 @pytest.mark.gpu
@@ -310,4 +310,4 @@ def test_digits_on_the_gpu():
 ])
 def test_gemm_compute_type_per_precision(a, out, precision, expected):
     assert cupy_backend.gemm_compute(np.empty(1, a), np.empty(1, out), precision) == expected
-    assert expected in cupy_backend._COMPUTE
+    assert expected in cupy_backend.COMPUTE

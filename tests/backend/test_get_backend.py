@@ -5,14 +5,14 @@ import types
 import pytest
 
 import gpubackprop as gb
-from gpubackprop.backend import DeviceUnavailableError, _backend_for, get_backend
+from gpubackprop.backend import DeviceUnavailableError, backend_for, get_backend
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    _backend_for.cache_clear()
+    backend_for.cache_clear()
     yield
-    _backend_for.cache_clear()
+    backend_for.cache_clear()
 
 
 def test_cpu_is_shared_and_named():
