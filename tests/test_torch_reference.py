@@ -11,14 +11,12 @@ from .helpers import random_batch
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-TORCH_ACT = {
-    "relu": torch.nn.ReLU,
-    "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
-    "tanh": torch.nn.Tanh,
-    "sigmoid": torch.nn.Sigmoid,
-    "gelu": lambda: torch.nn.GELU(approximate="tanh"),
-    "identity": torch.nn.Identity,
-}
+
+
+def torch_activation(name):
+    """PyTorch's module for our activation, as the activation table names it."""
+    module, kwargs = ACTIVATIONS[name].torch
+    return getattr(torch.nn, module)(**kwargs)
 
 
 def torch_twin(model):
@@ -28,7 +26,7 @@ def torch_twin(model):
     for i, (n_in, n_out) in enumerate(zip(model.sizes[:-1], model.sizes[1:])):
         layers.append(torch.nn.Linear(n_in, n_out).double())
         if i < L - 1:
-            layers.append(TORCH_ACT[model.activation]())
+            layers.append(torch_activation(model.activation))
     net = torch.nn.Sequential(*layers)
     net.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in _sequential_names(model).items()})
     return net

@@ -16,8 +16,8 @@ class MLP(Network):
     """A multilayer perceptron trained by backpropagation.
 
     sizes       layer widths, input first: [784, 256, 256, 10]
-    activation  hidden activation: one of gpubackprop.nn.activations.ACTIVATIONS
-                (relu, leaky_relu, tanh, sigmoid, gelu, identity); the output layer is linear
+    activation  hidden activation: a name in gpubackprop.nn.activations.ACTIVATIONS
+                (the table lists them with their g and g'); the output layer is linear
     loss        "cross_entropy" (softmax + mean negative log-likelihood) or
                 "mse" (mean over all elements of (y_hat - y)^2)
     device      "cpu", "cuda", "cuda:N" or "auto"
