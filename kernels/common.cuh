@@ -45,7 +45,7 @@ __device__ __forceinline__ double c_sqrt(double x) { return sqrt(x); }
 
 // ---- activations (the table, maths and codes are in gpubackprop/nn/activations.py;
 // tests/nn/test_activations.py holds this enum and these constants to it) ------------
-enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_GELU = 5 };
+enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_GELU = 5, ACT_SILU = 6 };
 #define LEAKY_SLOPE 0.01
 #define GELU_C 0.7978845608028654  // sqrt(2 / pi)
 #define GELU_K 0.044715
@@ -56,7 +56,7 @@ template <typename C> __device__ __forceinline__ C gelu_t(C z) {
 }
 
 // Whether g' needs z as well as a (g is not invertible): then the forward pass keeps z.
-template <int ACT> __device__ __forceinline__ constexpr bool act_needs_z() { return ACT == ACT_GELU; }
+template <int ACT> __device__ __forceinline__ constexpr bool act_needs_z() { return ACT == ACT_GELU || ACT == ACT_SILU; }
 
 // a = g(z). NaN stays NaN (as NumPy's maximum), so a diverging run is not masked.
 template <int ACT, typename C> __device__ __forceinline__ C act_forward(C z) {
@@ -65,6 +65,7 @@ template <int ACT, typename C> __device__ __forceinline__ C act_forward(C z) {
     if (ACT == ACT_TANH) return c_tanh(z);
     if (ACT == ACT_SIGMOID) return c_tanh(z * C(0.5)) * C(0.5) + C(0.5);  // no exp: no overflow
     if (ACT == ACT_GELU) return (gelu_t(z) + C(1)) * z * C(0.5);
+    if (ACT == ACT_SILU) return (c_tanh(z * C(0.5)) * C(0.5) + C(0.5)) * z;
     return z;
 }
 
@@ -78,6 +79,10 @@ template <int ACT, typename C> __device__ __forceinline__ C act_grad(C a, C z) {
         C s = C(1) - gelu_t(z);
         C r = ((z * z) * C(3 * GELU_K) + C(1)) * z * C(0.5 * GELU_C);
         return (r * s + C(0.5)) * (C(2) - s);
+    }
+    if (ACT == ACT_SILU) {
+        C s = c_tanh(z * C(0.5)) * C(0.5) + C(0.5);
+        return ((C(1) - s) * z + C(1)) * s;
     }
     return C(1);
 }

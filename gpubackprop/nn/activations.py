@@ -10,10 +10,11 @@ the forward pass keeps only activations (for ReLU the mask is a > 0):
     sigmoid     a = 1 / (1 + e^-z)                 g' = a (1 - a)
     gelu        a = z/2 (1 + t), t = tanh u,       g' = (1 + t) (1/2 + (1 - t) r),
                 u = c (z + k z^3)                  r = c/2 z (1 + 3 k z^2)
+    silu        a = z s, s = 1 / (1 + e^-z)        g' = s (1 + z (1 - s))     (swish)
     identity    a = z                              g' = 1
 
-(c = sqrt(2/pi), k = 0.044715.) GELU is not invertible, so its layers also keep z.
-It is the tanh form, PyTorch's ``gelu(approximate="tanh")``.
+(c = sqrt(2/pi), k = 0.044715.) GELU and SiLU are not invertible, so their layers
+also keep z. GELU is the tanh form, PyTorch's ``gelu(approximate="tanh")``.
 
 This module is the one table of activations: each row holds the name, the kernels'
 code (the ``ACT_*`` enum of kernels/common.cuh, which a test holds to this table
@@ -146,6 +147,21 @@ def _gelu_bwd(xp, grad, a, z, scratch):
     xp.multiply(grad, r, out=grad)
 
 
+def _silu_fwd(xp, z, out, scratch):
+    _sigmoid_fwd(xp, z, out, scratch)
+    xp.multiply(out, z, out=out)
+
+
+def _silu_bwd(xp, grad, a, z, scratch):
+    s, r = scratch
+    _sigmoid_fwd(xp, z, s, None)
+    xp.subtract(1.0, s, out=r)  # r = s (1 + z (1 - s))
+    xp.multiply(r, z, out=r)
+    xp.add(r, 1.0, out=r)
+    xp.multiply(r, s, out=r)
+    xp.multiply(grad, r, out=grad)
+
+
 def _identity_fwd(xp, z, out, scratch):
     if out is not z:
         xp.copyto(out, z)
@@ -180,6 +196,9 @@ ACTIVATIONS = {
                    "(1 + t) (1/2 + (1 - t) r)  (t, r: see gpubackprop.nn.activations)",
                    ("GELU", {"approximate": "tanh"}), (("GELU_C", _GELU_C), ("GELU_K", _GELU_K)),
                    needs_z=True, n_scratch=2),
+        Activation("silu", 6, _silu_fwd, _silu_bwd, lambda z: z * _ref_sigmoid(z),
+                   lambda z: _ref_sigmoid(z) * (1.0 + z * (1.0 - _ref_sigmoid(z))), "s (1 + z (1 - s)),  s = sigmoid(z)",
+                   ("SiLU", {}), needs_z=True, n_scratch=2, he_init=True),
     )
 }
 IDENTITY = ACTIVATIONS["identity"]
