@@ -123,3 +123,12 @@ def private_reads(path):
 def test_no_module_reads_another_modules_private_names():
     found = [f for path in sources("gpubackprop", "tests", "bench") for f in private_reads(path)]
     assert not found, "\n".join(found)
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists the packages setuptools ships: a folder missing there is
+    missing from an installed (not editable) gpubackprop."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert folders <= listed, f"not in pyproject's packages: {sorted(folders - listed)}"

@@ -83,7 +83,7 @@ class Trainer:
         if net.scaler is not None:  # fp16: unscale, and skip the update if the gradients overflowed
             net.scaler.unscale_and_check(net.grads)
             found_inf = net.scaler.found_inf
-        elif self.guard is not None:  # skip a step with Inf / NaN gradients (see guard.py)
+        elif self.guard is not None:  # skip a step with Inf / NaN gradients (see train/guard.py)
             self.guard.check(net.grads)
             found_inf = self.guard.flag
         if self.clip_norm is not None:
