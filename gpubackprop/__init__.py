@@ -16,5 +16,5 @@ from .tools.trace import trace
 from .train import callbacks
 from .version import __version__
 
-__all__ = ["MLP", "Network", "optim", "callbacks", "distributed", "gradcheck", "trace", "load", "load_optimizer", "load_metadata",
-           "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]
+__all__ = ["MLP", "Network", "optim", "callbacks", "distributed", "gradcheck", "trace", "load", "load_optimizer",
+           "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]

@@ -197,7 +197,8 @@ ACTIVATIONS = {
                    ("GELU", {"approximate": "tanh"}), (("GELU_C", _GELU_C), ("GELU_K", _GELU_K)),
                    needs_z=True, n_scratch=2),
         Activation("silu", 6, _silu_fwd, _silu_bwd, lambda z: z * _ref_sigmoid(z),
-                   lambda z: _ref_sigmoid(z) * (1.0 + z * (1.0 - _ref_sigmoid(z))), "s (1 + z (1 - s)),  s = sigmoid(z)",
+                   lambda z: _ref_sigmoid(z) * (1.0 + z * (1.0 - _ref_sigmoid(z))),
+                   "s (1 + z (1 - s)),  s = sigmoid(z)",
                    ("SiLU", {}), needs_z=True, n_scratch=2, he_init=True),
     )
 }

@@ -195,21 +195,21 @@ class Network:
 
     def _outputs(self, X, kind):
         """Run X forward and collect "logits", "proba" or "labels" on the device."""
-        b, xp = self.backend, self.backend.xp
-        Xd = inputs.to_compute(self, validation.check_X(X, self.sizes[0], self.dtype, b), "X")
-        out = b.empty((Xd.shape[0],) if kind == "labels" else (Xd.shape[0], self.sizes[-1]),
+        be, xp = self.backend, self.backend.xp
+        Xd = inputs.to_compute(self, validation.check_X(X, self.sizes[0], self.dtype, be), "X")
+        out = be.empty((Xd.shape[0],) if kind == "labels" else (Xd.shape[0], self.sizes[-1]),
                       np.int64 if kind == "labels" else self.dtype)
-        row = b.empty((min(Xd.shape[0], EVAL_BATCH),), self.dtype) if kind == "proba" else None
+        row = be.empty((min(Xd.shape[0], EVAL_BATCH),), self.dtype) if kind == "proba" else None
         for ws, rows in self._chunks(Xd):
             if kind == "labels":
                 xp.argmax(ws.a[-1], axis=1, out=ws.pred)
                 out[rows] = ws.pred
             elif kind == "proba":  # in the model's dtype, from the logits
                 out[rows] = ws.a[-1]
-                b.softmax(out[rows], out[rows], row[:ws.batch])
+                be.softmax(out[rows], out[rows], row[:ws.batch])
             else:
                 out[rows] = ws.a[-1]
-        return interop.like(X, out, b)
+        return interop.like(X, out, be)
 
     def forward(self, X):
         """The network's raw outputs (logits for cross entropy), no softmax."""

@@ -281,7 +281,7 @@ def trace(model, X, y, optimizer=None):
         raise ValueError("trace shows steps without dropout; make the model with dropout=0")
     if model.compute_dtype != np.dtype(model.dtype):
         raise ValueError(f"trace shows float32 and float64 steps, not mixed precision {model.precision!r}")
-    b = model.backend
+    be = model.backend
     with model.context():
         ws = model.load_batch(X, y)
         before = model.state_dict()
@@ -290,20 +290,20 @@ def trace(model, X, y, optimizer=None):
         model.forward_pass(ws)
         z = [None]
         for l, layer in enumerate(model.layers, start=1):
-            buf = b.empty(ws.a[l].shape, ws.a[l].dtype)
-            b.dense_forward(layer._replace(act=IDENTITY), DenseBuffers(ws.a[l - 1], buf, None, None, None, (), None))
-            z.append(b.to_host(buf).copy())
+            buf = be.empty(ws.a[l].shape, ws.a[l].dtype)
+            be.dense_forward(layer._replace(act=IDENTITY), DenseBuffers(ws.a[l - 1], buf, None, None, None, (), None))
+            z.append(be.to_host(buf).copy())
         loss = float(Trainer(model, optimizer, graphs=False).step(ws))
         optimizer.sync_steps()
         grads, after = model.grad_dict(), model.state_dict()
-        host = [b.to_host(a).copy() for a in ws.a]
-        deltas = [None] + [b.to_host(d).copy() for d in ws.delta[1:]]
-        y_rows = b.to_host(ws.target).copy()
+        host = [be.to_host(a).copy() for a in ws.a]
+        deltas = [None] + [be.to_host(d).copy() for d in ws.delta[1:]]
+        y_rows = be.to_host(ws.target).copy()
         q = None
         if model.loss == "cross_entropy":
-            qd, row = b.empty(ws.a[-1].shape, ws.a[-1].dtype), b.empty((ws.batch,), ws.a[-1].dtype)
-            b.softmax(ws.a[-1], qd, row)
-            q = b.to_host(qd).copy()
+            qd, row = be.empty(ws.a[-1].shape, ws.a[-1].dtype), be.empty((ws.batch,), ws.a[-1].dtype)
+            be.softmax(ws.a[-1], qd, row)
+            q = be.to_host(qd).copy()
     layers = [Layer(a=host[0])]
     for l in range(1, len(model.sizes)):
         w, bias = f"layers.{l - 1}.weight", f"layers.{l - 1}.bias"

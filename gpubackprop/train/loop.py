@@ -148,16 +148,16 @@ class Loop:
 
     def _epoch(self, epoch, skip, start):
         """One epoch; ``skip`` steps were done before the checkpoint ``start`` this run resumed from."""
-        model, b, comm = self.model, self.model.backend, self.comm
+        model, be, comm = self.model, self.model.backend, self.comm
         call(self.callbacks, "on_epoch_begin", model, epoch)
         self.epoch_rng = model.shuffle_rng.bit_generator.state
         # Drawn on the host from the model's seeded generator, so a seed gives the
         # same batches on every device (and every rank); one small copy per epoch.
         order_host = model.shuffle_rng.permutation(self.n) if self.s.shuffle else np.arange(self.n)
-        order = b.asarray(order_host)
+        order = be.asarray(order_host)
         self.running.fill(0)
         if start and comm.rank == 0:  # the checkpoint holds all ranks' sums
-            b.xp.copyto(self.running, b.asarray(np.array(start["running"], np.float64)))
+            be.xp.copyto(self.running, be.asarray(np.array(start["running"], np.float64)))
         for s, start_row in enumerate(range(0, self.n, self.batch_size)):
             if s >= skip:
                 self._batch(epoch, s, start_row, order, order_host)
@@ -171,16 +171,17 @@ class Loop:
         call(self.callbacks, "on_epoch_end", model, epoch, logs)
 
     def _batch(self, epoch, s, start_row, order, order_host):
-        model, b, comm = self.model, self.model.backend, self.comm
+        model, be, comm = self.model, self.model.backend, self.comm
         rows = min(self.batch_size, self.n - start_row)
         lo, hi = distributed.shard(rows, comm.rank, comm.size)
         ws = model.workspace(hi - lo) if hi > lo else None  # None: this rank's shard is empty
         if ws is not None:
             ws.first_row = lo
-            b.xp.copyto(ws.index, order[start_row + lo:start_row + hi])
+            be.xp.copyto(ws.index, order[start_row + lo:start_row + hi])
             if self.X_disk is not None:
                 mine = order_host[start_row + lo:start_row + hi]
-                b.xp.copyto(ws.a[0], b.asarray(inputs.to_compute(model, np.asarray(self.X_disk[mine], model.dtype), "X")))
+                rows_read = inputs.to_compute(model, np.asarray(self.X_disk[mine], model.dtype), "X")
+                be.xp.copyto(ws.a[0], be.asarray(rows_read))
         reduce = functools.partial(comm.allreduce_mean, weight=(hi - lo) / rows) if comm.parallel else None
         self.trainer.step(ws, self.running, reduce, X=self.X, T=self.T)
         logs = {"batch_size": rows}

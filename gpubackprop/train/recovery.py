@@ -93,8 +93,8 @@ def resume(network, optimizer, directory, comm):
 def adopt_root(network, optimizer, comm):
     """Every rank takes rank 0's parameters, optimizer (hyperparameters, step count,
     state), loss scale, shuffle state and dropout seed."""
-    b, scaler = network.backend, network.scaler
-    scaled = scaler and [b.to_host(x).copy() for x in (scaler.scale, scaler.clean_steps)]
+    be, scaler = network.backend, network.scaler
+    scaled = scaler and [be.to_host(x).copy() for x in (scaler.scale, scaler.clean_steps)]
     kind, hyperparams, steps, rng, seed, scaled = comm.bcast(
         (type(optimizer).__name__, optimizer.hyperparams, optimizer.steps, network.shuffle_rng.bit_generator.state,
          network.dropout_seed, scaled))
@@ -107,7 +107,7 @@ def adopt_root(network, optimizer, comm):
         network.shuffle_rng.bit_generator.state, network.dropout_seed = rng, seed
         if scaled is not None:
             for dst, src in zip((scaler.scale, scaler.clean_steps), scaled):
-                b.xp.copyto(dst, b.asarray(np.asarray(src)))
+                be.xp.copyto(dst, be.asarray(np.asarray(src)))
     comm.bcast_params(network.params)
     network.parameters.changed()
     for name in optimizer.state_names:
