@@ -119,7 +119,7 @@ class MLP(Network):
         one process's (see gpubackprop.distributed). Rank 0 alone shows progress
         and writes checkpoints; an error on any rank aborts the job.
         """
-        return fit(self, X, y, FitSettings(**settings))
+        return fit(self, X, y, FitSettings.of(settings))
 
     def evaluate(self, X, y):
         """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X."""

@@ -46,6 +46,15 @@ class FitSettings:
     on_nonfinite: str = "raise"
     comm: Any = None
 
+    @classmethod
+    def of(cls, settings):
+        """FitSettings from fit's keyword arguments; a TypeError naming any unknown one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise TypeError(f"fit() got unexpected keyword argument(s) {unknown}; its settings are {names}")
+        return cls(**settings)
+
     def checked(self, backend):
         """A copy with every setting checked (a ValueError / TypeError naming the fix) and defaults filled in."""
         s = dataclasses.replace(self)

@@ -98,3 +98,9 @@ def test_train_step_keeps_its_trainer_and_its_captured_steps(kernel_backend, rng
         model.train_step(X, y, opt)
     [graphs] = model.workspace_users
     assert len(graphs.captured()) == 1 and opt.steps == 3
+
+
+def test_fit_names_an_unknown_setting(rng):
+    X, y = random_batch(rng, [4, 5, 3], "cross_entropy", 8)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['epoch'\]; its settings are \['epochs'"):
+        gb.MLP([4, 5, 3]).fit(X, y, epoch=3)
