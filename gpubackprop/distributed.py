@@ -175,7 +175,7 @@ class NCCLCommunicator(MPICommunicator):
         except KeyError:
             raise TypeError(f"NCCL reduces float16, float32 or float64 buffers, not {buf.dtype}") from None
 
-    def _stream(self):
+    def stream(self):
         return self._cupy.cuda.get_current_stream().ptr  # the backend's, inside its context()
 
 

@@ -17,11 +17,11 @@ FORMAT = "gpubackprop.mlp"
 VERSION = "1"
 _OPT = "optimizer."
 _CONFIG_REQUIRED = {"sizes", "activation", "loss", "dtype"}
-_CONFIG_OPTIONAL = {"precision", "dropout"}  # arrived after version 1's first files: float32, 0
+_CONFIG_DEFAULTS = {"precision": "float32", "dropout": 0.0}  # arrived after version 1's first files
 
 
 class ModelFile(NamedTuple):
-    config: dict  # MLP's keyword arguments
+    config: dict  # MLP's keyword arguments, every one (defaults filled in for older files)
     tensors: dict  # the state_dict
     optimizer: Any  # a gpubackprop.optim optimizer with its state, or None
     user: Any  # the caller's metadata, or None
@@ -47,9 +47,10 @@ def read(path):
     """The ModelFile at ``path``, every part checked."""
     tensors, meta = state.load(path, FORMAT, VERSION)
     config = _json(meta, "config", path)
-    if not isinstance(config, dict) or not _CONFIG_REQUIRED <= set(config) <= _CONFIG_REQUIRED | _CONFIG_OPTIONAL:
+    if not isinstance(config, dict) or not _CONFIG_REQUIRED <= set(config) <= _CONFIG_REQUIRED | set(_CONFIG_DEFAULTS):
         raise ValueError(f"{path}: metadata 'config' must hold sizes, activation, loss and dtype "
                          "(and optionally precision, dropout)")
+    config = {**_CONFIG_DEFAULTS, **config}
     optimizer = None
     if "optimizer" in meta:
         saved = _json(meta, "optimizer", path)

@@ -91,7 +91,7 @@ template <int ACT, typename C> __device__ __forceinline__ C act_grad(C a, C z) {
 // Whether element i of a hidden layer is kept in a step: a counter-based hash of
 // (seed, step, layer, i), so the backward pass regenerates the forward pass's
 // mask instead of storing it, a captured step draws a new mask on every replay
-// (step is read from the device), and the NumPy backend (gpubackprop/dropout.py)
+// (step is read from the device), and the NumPy backend (gpubackprop/nn/dropout.py)
 // draws the very same masks. Kept with probability 1 - threshold / 2^32.
 // i counts from the global batch's first element: a rank of data-parallel
 // training adds its shard's offset, so ranks draw one process's masks.

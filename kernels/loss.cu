@@ -1,5 +1,5 @@
 // Losses with their gradient delta_L = dL/dz, one pass over the logits, and the
-// loss summed on the device (maths in gpubackprop/losses.py).
+// loss summed on the device (maths in gpubackprop/nn/losses.py).
 #include "common.cuh"
 
 // Every launch also adds to running = [sum of the rows' losses, rows predicted

@@ -1,6 +1,6 @@
 // Optimizer updates over the model's one flat parameter buffer: the whole update
 // is one launch, each element read and written once. The maths and the order of
-// operations are those of gpubackprop/optim.py and the NumPy backend.
+// operations are those of gpubackprop/optim/sgd.py, adam.py and the NumPy backend.
 //
 // The step count t lives on the device (*steps: steps done so far): the update
 // reads it, and the last block to finish stores t. So a launch captured once in

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -90,3 +91,17 @@ def test_foreign_and_mismatched_safetensors(tmp_path):
                                         "config": '{"sizes": [3, 4, 2], "activation": "relu", "loss": "cross_entropy", "dtype": "float32"}'})
     with pytest.raises(ValueError, match=r"layers.0.weight has shape \(5, 3\), expected \(4, 3\)"):
         gb.load(wrong)
+
+
+def test_a_file_from_before_precision_and_dropout_were_saved_gets_their_defaults(tmp_path):
+    """Version 1's first files had no precision or dropout in their config: they load,
+    and a checkpoint of them resumes a model that has the defaults."""
+    from gpubackprop import state
+
+    model = gb.MLP([3, 4, 2], seed=0)
+    path = tmp_path / "old.safetensors"
+    config = {k: v for k, v in model.config().items() if k not in ("precision", "dropout")}
+    state.save(path, model.state_dict(), {"config": json.dumps(config)}, modelfile.FORMAT, modelfile.VERSION)
+    saved = modelfile.read(path)
+    assert saved.config == model.config()
+    assert gb.load(path).config() == model.config()

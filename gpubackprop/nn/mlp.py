@@ -5,6 +5,8 @@ Trainer's step (forward, loss, backward, guard, clip, update); ``fit`` adds the
 loop of gpubackprop.train.loop. Files are gpubackprop.modelfile's.
 """
 
+import weakref
+
 from .. import distributed, modelfile
 from ..train import recovery
 from ..train.loop import FitSettings, fit
@@ -71,15 +73,18 @@ class MLP(Network):
 
     def _trainer(self, optimizer, clip_norm):
         t = self._step_trainer
-        if t is None or t.optimizer is not optimizer or t.clip_norm != clip_norm or t.network is not self:
-            t = self._step_trainer = Trainer(self, optimizer, clip_norm)
+        if t is None or t.optimizer is not optimizer or t.clip_norm != clip_norm:
+            # Through a weak proxy: the model keeps its trainer, and a trainer that
+            # held the model would make a cycle, keeping device memory until the
+            # garbage collector happened to run.
+            t = self._step_trainer = Trainer(weakref.proxy(self), optimizer, clip_norm)
         return t
 
     def to(self, device):
         self._step_trainer = None  # its buffers were on the old device
         return super().to(device)
 
-    def fit(self, X, y, **settings):
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, **settings):
         """Mini-batch training, reshuffled every epoch; returns the history.
 
         Settings (gpubackprop.train.loop.FitSettings): epochs=10, batch_size=32,
@@ -104,7 +109,7 @@ class MLP(Network):
         A step whose gradients hold Inf or NaN is skipped on the device; then
         ``on_nonfinite`` "raise" (FloatingPointError naming the step and tensors),
         "skip" (warn and go on) or "restore" (the newest checkpoint, half the
-        learning rate): see gpubackprop.train.guard. The model never holds NaN.
+        learning rate): see gpubackprop.train.recovery. The model never holds NaN.
 
         Where the backend captures graphs (CUDA), the second step on the same
         buffers (a batch size's workspace, the optimizer's state, the data) is
@@ -119,7 +124,10 @@ class MLP(Network):
         one process's (see gpubackprop.distributed). Rank 0 alone shows progress
         and writes checkpoints; an error on any rank aborts the job.
         """
+        settings.update(epochs=epochs, batch_size=batch_size, optimizer=optimizer)
         return fit(self, X, y, FitSettings.of(settings))
+
+    fit.__signature__ = FitSettings.signature(fit)  # help(MLP.fit) lists every setting
 
     def evaluate(self, X, y):
         """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X."""

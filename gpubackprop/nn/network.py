@@ -22,7 +22,6 @@ Training (the optimizer, clipping, the guard) is gpubackprop.train's.
 """
 
 import contextlib
-import weakref
 
 import numpy as np
 
@@ -67,19 +66,13 @@ class Network:
         self.shuffle_rng = np.random.default_rng(shuffle_seq)
         precision_modes.check(precision, self.dtype, self.backend)
         self.compute_dtype = precision_modes.compute_dtype(precision, self.dtype)
-        self.workspace_users = weakref.WeakSet()  # captured-step caches: told when a workspace goes
         self._build(initial_values(self.sizes, self.act, np.random.default_rng(init_seq)))
 
     def _build(self, flat_host):
         """Parameters, the loss scaler of fp16 and the workspaces on the current backend."""
         self.parameters = Parameters(self.backend, self.sizes, self.act, self.dtype, self.compute_dtype, flat_host)
         self.scaler = precision_modes.LossScaler(self.backend) if self.precision == "fp16" else None
-        self.workspaces = Workspaces(self.backend, self.sizes, self.act, self.compute_dtype, self.dropout > 0,
-                                     on_evict=self._evicted)
-
-    def _evicted(self, ws):
-        for user in list(self.workspace_users):
-            user.forget(ws)
+        self.workspaces = Workspaces(self.backend, self.sizes, self.act, self.compute_dtype, self.dropout > 0)
 
     # ---- parameters -------------------------------------------------------------
     @property
@@ -263,4 +256,5 @@ def _check_dtype(dtype, backend):
         name = None
     if name in DTYPES or (name == np.dtype(REFERENCE_DTYPE).name and backend.name == "cpu"):
         return name
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    raise ValueError(f"dtype must be one of {DTYPES} (or {REFERENCE_DTYPE!r} on the CPU, for reference "
+                     f"computations), got {dtype!r}")

@@ -7,6 +7,7 @@ when a device has no room for one.
 """
 
 import collections
+import weakref
 
 import numpy as np
 
@@ -77,12 +78,13 @@ class Workspace:
 class Workspaces:
     """The workspaces of one network, by batch size, least recently used first out.
 
-    ``on_evict(workspace)`` is told of each one dropped (a captured step holding it
-    must go too, or its memory stays alive, unaccounted)."""
+    ``users`` (weakly held: the captured-step caches of the network's trainers) are
+    told of each one dropped, ``user.forget(workspace)``: a captured step holding it
+    must go too, or its memory stays alive, unaccounted."""
 
-    def __init__(self, backend, sizes, act, dtype, dropout, on_evict=None):
+    def __init__(self, backend, sizes, act, dtype, dropout):
         self.backend, self.sizes, self.act, self.dtype, self.dropout = backend, sizes, act, dtype, dropout
-        self.on_evict = on_evict
+        self.users = weakref.WeakSet()
         self._kept = collections.OrderedDict()
 
     def __len__(self):
@@ -98,8 +100,8 @@ class Workspaces:
             ws = self._make(batch)
             while len(self._kept) >= KEPT:
                 _, evicted = self._kept.popitem(last=False)
-                if self.on_evict is not None:
-                    self.on_evict(evicted)
+                for user in list(self.users):
+                    user.forget(evicted)
         self._kept[batch] = ws
         return ws
 

@@ -60,7 +60,7 @@ class Optimizer:
         self.state = {}
         self.scratch = ()
         self.device_steps = None  # (1,) uint32: steps done, advanced by the update itself
-        self.model = None  # what it is bound to
+        self.bound = None  # the Flat it updates: buffers, not the model (no reference cycle)
         if params is not None:
             self.bind(params)
 
@@ -73,9 +73,11 @@ class Optimizer:
         self.hyperparams["lr"] = check("lr", value, low_open=True)
 
     def bind(self, model):
-        """Bind to ``model``'s flat parameters and gradients (a Network, or a Flat): state buffers made or moved to match them in size,
-        dtype and device. Cheap when nothing changed, so a trainer calls it every step
-        (a callback may have loaded other state). Returns the optimizer."""
+        """Bind to ``model``'s flat parameters and gradients (a Network, or a Flat):
+        state buffers made or moved to match them in size, dtype and device. Cheap
+        when nothing changed, so a trainer calls it every step (a callback may have
+        loaded other state); bind again after ``model.to(device)``. Returns the
+        optimizer."""
         backend, params = model.backend, model.params
         if self.state:
             size = next(iter(self.state.values())).shape[0]
@@ -89,7 +91,7 @@ class Optimizer:
             if buf is None:
                 self.state[name] = backend.zeros(params.shape, params.dtype)
             elif not (backend.is_native(buf) and buf.dtype == params.dtype):
-                self.state[name] = backend.asarray(backend.tohost(buf), dtype=params.dtype)
+                self.state[name] = backend.asarray(backend.to_host(buf), dtype=params.dtype)
         n = self.scratch_buffers(backend)
         s = self.scratch
         if len(s) != n or not all(backend.is_native(x) and x.dtype == params.dtype and x.shape == params.shape
@@ -97,7 +99,7 @@ class Optimizer:
             self.scratch = tuple(backend.empty(params.shape, params.dtype) for _ in range(n))
         if self.device_steps is None or not backend.is_native(self.device_steps):
             self.device_steps = backend.asarray(np.array([self.steps], np.uint32))
-        self.model = model
+        self.bound = Flat(backend, params, model.grads)
         return self
 
     def scratch_buffers(self, backend):
@@ -109,21 +111,24 @@ class Optimizer:
         return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend))
 
     def step(self, model=None, *, found_inf=None):
-        """Apply one update from the bound model's gradients (binding ``model`` first,
-        when given), and count it. With
-        ``found_inf`` (a device flag: fp16 overflow, or the divergence guard) the
+        """Apply one update from the bound gradients, and count it. Given ``model``, bind
+        it first and run on its device (``model.backend.context()``); without, the
+        caller has the device current (a trainer's step, perhaps being captured).
+        With ``found_inf`` (a device flag: fp16 overflow, or the divergence guard) the
         device skips a flagged step; ``sync_steps`` then corrects the host's count.
         On the device it is one launch, capturable in a graph."""
         if model is not None:
             self.bind(model)
-        if self.model is None:
+            with model.backend.context():
+                return self.step(found_inf=found_inf)
+        if self.bound is None:
             raise RuntimeError(f"{self!r} is not bound to a model: pass params=model, or train with "
                                "model.fit(..., optimizer=...) / model.train_step(X, y, optimizer)")
-        model = self.model
+        flat = self.bound
         self.steps += 1
-        update = Update(model.params, model.grads, tuple(self.state[n] for n in self.state_names), self.scratch,
+        update = Update(flat.params, flat.grads, tuple(self.state[n] for n in self.state_names), self.scratch,
                         self.device_steps, found_inf)
-        getattr(model.backend, self.primitive)(update, self.settings())
+        getattr(flat.backend, self.primitive)(update, self.settings())
 
     def sync_steps(self):
         """The host's step count from the device's (a host sync: once per epoch)."""
@@ -170,11 +175,15 @@ class Optimizer:
             state[name] = arr.copy()
         if len({a.shape for a in state.values()}) > 1:
             raise ValueError("state buffers differ in size")
+        size = self.bound and self.bound.params.shape[0]
+        if size is not None and any(a.shape[0] != size for a in state.values()):
+            raise ValueError(f"this state is for {next(iter(state.values())).shape[0]} parameters but the optimizer is "
+                             f"bound to {size}; use a new optimizer for a different model")
         self.hyperparams, self.steps, self.state = fresh.hyperparams, int(steps), state
         self.state_names = fresh.state_names  # SGD keeps a momentum buffer only with momentum
         self.scratch, self.device_steps = (), None
-        if self.model is not None:
-            self.bind(self.model)
+        if self.bound is not None:
+            self.bind(self.bound)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())

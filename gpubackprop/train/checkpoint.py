@@ -23,6 +23,7 @@ import os
 import warnings
 
 from .. import modelfile
+from ..nn.network import Network
 
 PREFIX, SUFFIX = "ckpt-", ".safetensors"
 
@@ -60,6 +61,7 @@ def latest(directory):
     for path in reversed(checkpoints(directory)):
         try:
             saved = modelfile.read(path)
+            Network(**saved.config)  # a config that builds no network is a damaged file, skipped like one
             if saved.optimizer is None or not isinstance(saved.user, dict) or "checkpoint" not in saved.user:
                 raise ValueError("no checkpoint metadata or optimizer state")
             return path, saved

@@ -10,6 +10,7 @@ every ``SYNC_EVERY`` steps and at each epoch's end, never per step.
 import collections
 import dataclasses
 import functools
+import inspect
 import os
 from typing import Any, Optional
 
@@ -54,6 +55,15 @@ class FitSettings:
         if unknown:
             raise TypeError(f"fit() got unexpected keyword argument(s) {unknown}; its settings are {names}")
         return cls(**settings)
+
+    @classmethod
+    def signature(cls, fit):
+        """``fit``'s signature with every setting named (fit takes the first few by
+        position and the rest as keywords): for help() and editors."""
+        params = list(inspect.signature(fit).parameters.values())[:3]  # self, X, y
+        params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
+                   for f in dataclasses.fields(cls)]
+        return inspect.Signature(params)
 
     def checked(self, backend):
         """A copy with every setting checked (a ValueError / TypeError naming the fix) and defaults filled in."""
@@ -215,7 +225,7 @@ class Loop:
         def restore():
             return recovery.restore(self.model, self.optimizer, self.s.checkpoint_dir, self.comm) is not None
 
-        recovery.apply_policy(self.trainer, self.s.on_nonfinite, restore, stacklevel=6)
+        recovery.apply_policy(self.trainer, self.s.on_nonfinite, restore, where=self.s.checkpoint_dir)
 
     def totals(self, running):
         """The running [loss sum, hits] of all ranks, on the host (a device sync)."""

@@ -13,6 +13,8 @@ the network and the optimizer; data parallel, rank 0 reads it and every rank
 takes rank 0's state, so the ranks start equal and stay so.
 """
 
+import inspect
+import os
 import warnings
 
 import numpy as np
@@ -29,10 +31,10 @@ def check_policy(policy):
     return policy
 
 
-def apply_policy(trainer, policy, restore=None, stacklevel=3):
+def apply_policy(trainer, policy, restore=None, where=None):
     """Apply ``policy`` to the steps the trainer's guard flagged since it last looked
-    (a host sync). ``restore()`` (policy "restore") loads the newest checkpoint and
-    returns whether there was one."""
+    (a host sync). ``restore()`` (policy "restore") loads the newest checkpoint from
+    the folder ``where`` and returns whether there was one."""
     if trainer.guard is None:
         return
     net, optimizer = trainer.network, trainer.optimizer
@@ -54,12 +56,22 @@ def apply_policy(trainer, policy, restore=None, stacklevel=3):
             "data, or pass on_nonfinite='skip' or 'restore'")
     if policy == "restore":
         if not restore():
-            raise FloatingPointError(f"{what}, and no checkpoint is there to restore; set checkpoint_every")
+            raise FloatingPointError(f"{what}, and {where} holds no checkpoint to restore; set checkpoint_every")
         optimizer.lr = optimizer.lr / 2
         what += f"; restored the newest checkpoint and halved the learning rate to {optimizer.lr:g}"
     else:
         what += "; their updates were skipped"
-    warnings.warn(what, RuntimeWarning, stacklevel=stacklevel)
+    warnings.warn(what, RuntimeWarning, stacklevel=caller_level())
+
+
+def caller_level():
+    """The stacklevel, for a warning issued by the function calling this, of the
+    first frame outside gpubackprop: the user's call to fit or train_step."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for level, frame in enumerate(inspect.stack(context=0)[2:], start=2):
+        if not os.path.abspath(frame.filename).startswith(package + os.sep):
+            return level
+    return 1
 
 
 def restore(network, optimizer, directory, comm):

@@ -33,7 +33,7 @@ class Trainer:
         self.guard = Guard(backend) if guard and network.scaler is None else None
         self.graphs = StepGraphs(backend) if graphs and backend.supports_graphs and not parallel else None
         if self.graphs is not None:
-            network.workspace_users.add(self.graphs)
+            network.workspaces.users.add(self.graphs)
         try:
             optimizer.bind(network)  # its state allocated now, not after a step has begun
         except MemoryError:

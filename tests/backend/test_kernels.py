@@ -234,7 +234,7 @@ def test_graph_steps_survive_a_callback_that_evicts_the_workspace(kernel_backend
             for rows in (3, 5, 7, 11):
                 model.predict(X[:rows])
             live = model.workspaces.live()
-            for graphs in model.workspace_users:  # the evicted workspaces took their captured steps with them
+            for graphs in model.workspaces.users:  # the evicted workspaces took their captured steps with them
                 for buffers in graphs.held():
                     [ws] = [b for b in buffers if isinstance(b, Workspace)]
                     assert any(ws is w for w in live)
@@ -259,7 +259,7 @@ def test_a_step_awaiting_capture_holds_its_buffers(kernel_backend, rng):
     class Look:
         def on_batch_end(self, model, batch, logs):
             if not seen:
-                [graphs] = model.workspace_users
+                [graphs] = model.workspaces.users
                 assert graphs.captured() == []
                 [entry] = graphs.held()
                 seen.append(entry)

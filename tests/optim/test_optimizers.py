@@ -89,3 +89,32 @@ def test_lr_can_be_changed_between_steps():
     assert opt.lr == 0.01 and isinstance(opt.lr, float)
     with pytest.raises(ValueError):
         opt.lr = 0
+
+
+def test_state_of_another_dtype_is_moved_onto_the_model(rng):
+    """Adam's float64 state (a float64 model's, or a file's) bound to a float32 model:
+    converted, not refused, and training goes on."""
+    X, y = rng.standard_normal((12, 4)), rng.integers(0, 3, 12)
+    opt = gb.optim.Adam(1e-2)
+    gb.MLP([4, 5, 3], seed=0, dtype="float64").train_step(X, y, opt)
+    model = gb.MLP([4, 5, 3], seed=0)
+    model.train_step(X, y, opt)
+    assert all(v.dtype == np.float32 for v in opt.state.values()) and opt.steps == 2
+
+
+def test_a_state_for_another_size_is_refused_before_anything_changes(rng):
+    opt = gb.optim.Adam(params=gb.MLP([4, 5, 3], seed=0))
+    before = opt.state_dict()
+    other = gb.optim.Adam(params=gb.MLP([4, 6, 3], seed=0)).state_dict()
+    with pytest.raises(ValueError, match="this state is for 51 parameters but the optimizer is bound to 43"):
+        opt.load_state_dict(other)
+    assert opt.state_dict()["steps"] == before["steps"] and opt.state["exp_avg"].shape == (43,)
+
+
+def test_step_given_a_model_binds_it_and_updates(rng):
+    model = gb.MLP([3, 2], seed=0, dtype="float64")
+    model.loss_and_grad(rng.standard_normal((5, 3)), rng.integers(0, 2, 5))
+    before, grads = model.state_dict(), model.grad_dict()
+    gb.optim.SGD(0.5).step(model)
+    want = before["layers.0.bias"] - 0.5 * grads["layers.0.bias"]
+    np.testing.assert_allclose(model.state_dict()["layers.0.bias"], want)

@@ -96,7 +96,7 @@ def test_train_step_keeps_its_trainer_and_its_captured_steps(kernel_backend, rng
     model, opt = gb.MLP([5, 7, 2], seed=0, device=kernel_backend), gb.optim.SGD(0.1)
     for _ in range(3):
         model.train_step(X, y, opt)
-    [graphs] = model.workspace_users
+    [graphs] = model.workspaces.users
     assert len(graphs.captured()) == 1 and opt.steps == 3
 
 
@@ -104,3 +104,23 @@ def test_fit_names_an_unknown_setting(rng):
     X, y = random_batch(rng, [4, 5, 3], "cross_entropy", 8)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['epoch'\]; its settings are \['epochs'"):
         gb.MLP([4, 5, 3]).fit(X, y, epoch=3)
+
+
+def test_a_trained_model_is_freed_without_the_garbage_collector(rng):
+    """No reference cycle through the model (its trainer, its optimizer, its
+    workspaces): dropping the last reference frees it, and on a GPU its memory,
+    at once."""
+    import gc
+    import weakref
+
+    X, y = random_batch(rng, [5, 7, 3], "cross_entropy", 40)
+    gc.disable()
+    try:
+        model, opt = gb.MLP([5, 7, 3], seed=0), gb.optim.Adam()
+        model.fit(X, y, epochs=2, batch_size=8, optimizer=opt, progress=False)
+        model.train_step(X[:8], y[:8], opt)
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
