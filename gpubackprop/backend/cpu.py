@@ -93,7 +93,9 @@ class NumpyBackend(Backend):
             self.xp.multiply(g, coef, out=g)
 
     def flag_nonfinite(self, g, flag):
-        if not self.xp.isfinite(g).all():
+        # g . g is finite only if every element is, and BLAS forms it with no temporary;
+        # where it is not, the exact test decides (a large finite g can overflow g . g).
+        if not math.isfinite(float(self.xp.vdot(g, g))) and not self.xp.isfinite(g).all():
             flag[0] = 1
 
     def count_nonfinite(self, flag, count, first_bad, steps):

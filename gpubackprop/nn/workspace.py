@@ -54,6 +54,10 @@ class Workspace:
         self.hit = empty((batch,), np.bool_)
         self.index = empty((batch,), np.int64)
         self.loss = empty((), dtype)
+        # The primitives' views, made once: a step builds no tuples per layer.
+        self._layers = {train: [None] + [self._views(l, train) for l in range(1, L + 1)] for train in (False, True)}
+        self._loss = LossBuffers(self.a[-1], self.target, self.delta[-1], self.loss, self.row, self.pred, self.label,
+                                 self.hit)
 
     @staticmethod
     def nbytes(sizes, act, batch, itemsize, dropout=False, scratch=True):
@@ -66,13 +70,15 @@ class Workspace:
 
     def layer(self, l, train):
         """Layer l's DenseBuffers; ``train``: its input is the dropped copy where there is one."""
+        return self._layers[train][l]
+
+    def loss_buffers(self):
+        return self._loss
+
+    def _views(self, l, train):
         source = self.dropped[l - 1] if train and self.dropped[l - 1] is not None else self.a[l - 1]
         return DenseBuffers(source, self.a[l], self.z[l], self.delta[l], self.delta[l - 1] if l > 1 else None,
                             self.scratch[l], self.ones)
-
-    def loss_buffers(self):
-        return LossBuffers(self.a[-1], self.target, self.delta[-1], self.loss, self.row, self.pred, self.label,
-                           self.hit)
 
 
 class Workspaces:

@@ -61,6 +61,7 @@ class Optimizer:
         self.scratch = ()
         self.device_steps = None  # (1,) uint32: steps done, advanced by the update itself
         self.bound = None  # the Flat it updates: buffers, not the model (no reference cycle)
+        self._buffers = None  # an Update's buffers, set by bind
         if params is not None:
             self.bind(params)
 
@@ -100,6 +101,8 @@ class Optimizer:
         if self.device_steps is None or not backend.is_native(self.device_steps):
             self.device_steps = backend.asarray(np.array([self.steps], np.uint32))
         self.bound = Flat(backend, params, model.grads)
+        self._buffers = (params, model.grads, tuple(self.state[n] for n in self.state_names), self.scratch,
+                         self.device_steps)  # an Update's, but found_inf: made here, not per step
         return self
 
     def scratch_buffers(self, backend):
@@ -124,11 +127,9 @@ class Optimizer:
         if self.bound is None:
             raise RuntimeError(f"{self!r} is not bound to a model: pass params=model, or train with "
                                "model.fit(..., optimizer=...) / model.train_step(X, y, optimizer)")
-        flat = self.bound
         self.steps += 1
-        update = Update(flat.params, flat.grads, tuple(self.state[n] for n in self.state_names), self.scratch,
-                        self.device_steps, found_inf)
-        getattr(flat.backend, self.primitive)(update, self.settings())
+        update = Update(*self._buffers, found_inf)
+        getattr(self.bound.backend, self.primitive)(update, self.settings())
 
     def sync_steps(self):
         """The host's step count from the device's (a host sync: once per epoch)."""

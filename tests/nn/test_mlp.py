@@ -254,7 +254,7 @@ def test_workspace_nbytes_counts_what_it_allocates(act, dropout, kernels):
         for x in v if isinstance(v, list) else [v]:
             found.extend(x if isinstance(x, tuple) else [x])
     assert Workspace.nbytes(sizes, ACTIVATIONS[act], 11, 4, dropout, scratch=not kernels) == sum(
-        a.nbytes for a in found if isinstance(a, np.ndarray))
+        a.nbytes for a in {id(a): a for a in found}.values() if isinstance(a, np.ndarray))  # views counted once
     assert (ws.scratch[1] == ()) == kernels
 
 
