@@ -31,7 +31,7 @@ from .optim.precision import PRECISIONS
 from .state import atomic_write
 from .tools import plots, selftest
 
-OPTIMIZERS = {"adam": gb.optim.Adam, "adamw": gb.optim.AdamW, "sgd": gb.optim.SGD}
+OPTIMIZERS = {name.lower(): rule for name, rule in gb.optim.OPTIMIZERS.items()}
 SCALINGS = ("standard", "minmax", "none")
 PIXELS = ("digits", "mnist5k", "idx")  # features already in [0, 1]: not scaled by default
 EXPLAIN_MAX_PARAMS = 1000  # a line each

@@ -59,16 +59,8 @@ def test_gradients_match_autograd(act, loss, rng):
         np.testing.assert_allclose(grads[f"layers.{i}.{kind}"], p.grad.numpy(), rtol=1e-10, atol=1e-13)
 
 
-OPTIMIZERS = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.1, momentum=0.9)),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    ("SGD", dict(lr=0.1, momentum=0.5, dampening=0.2)),
-    ("Adam", dict(lr=1e-2)),
-    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
-    ("AdamW", dict(lr=1e-2)),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
-]
+# Every row of the optimizer table, with its examples, against torch.optim's class of the same name.
+OPTIMIZERS = [(name, h) for name, rule in gb.optim.OPTIMIZERS.items() for h in rule.examples]
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])

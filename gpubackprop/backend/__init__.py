@@ -13,12 +13,13 @@ harness), ``cuda.py`` (CuPy, cuBLAS, streams, graphs).
                      dL/dW_l = delta_l^T a_{l-1},  dL/da_{l-1} = delta_l W_l
     loss             cross entropy or MSE: the loss and delta_L in one pass, and the
                      epoch's running loss and hit count
-    sgd_update, adam_update   one update over the flat parameter buffer
+    optimizer_update one update over the flat parameter buffer (the rule's maths
+                     and kernel arguments are in gpubackprop.optim)
     capture          (where ``supports_graphs``) a train step recorded once and
                      replayed: a CUDA graph on the GPU
 
 The primitives take small structs (``Dense``, ``DenseBuffers``, ``LossBuffers``,
-``Update``: views into the network's flat buffers and a workspace) rather than
+``optim.Update``: views into the network's flat buffers and a workspace) rather than
 loose argument lists.
 
 Arrays are row-major with the batch first: a_l is (B, n_l), W_l is (n_l, n_{l-1})
@@ -33,7 +34,7 @@ import logging
 import re
 
 from . import cuda
-from .base import Backend, Dense, DenseBuffers, DeviceUnavailableError, LossBuffers, OutOfMemoryError, Update
+from .base import Backend, Dense, DenseBuffers, DeviceUnavailableError, LossBuffers, OutOfMemoryError
 from .cpu import NumpyBackend
 
 log = logging.getLogger("gpubackprop")
@@ -77,4 +78,4 @@ def _cuda_backend(index):
 
 
 __all__ = ["Backend", "Dense", "DenseBuffers", "DeviceUnavailableError", "LossBuffers", "OutOfMemoryError",
-           "Update", "get_backend"]
+           "get_backend"]

@@ -61,17 +61,6 @@ class LossBuffers(NamedTuple):
     hit: object  # (B,) bool scratch
 
 
-class Update(NamedTuple):
-    """The buffers of one optimizer update over the flat parameter buffer."""
-
-    p: object
-    g: object
-    state: tuple  # the optimizer's state buffers, in its state_names order
-    scratch: tuple  # parameter-sized temporaries (where elementwise_scratch), else ()
-    steps: object  # (1,) uint32 on the device: steps done; the update reads and advances it
-    found_inf: object = None  # (1,) flag: skip the update (and its count) when set
-
-
 class Backend:
     """One device's array module and primitives. Subclasses fill in the primitives."""
 
@@ -154,14 +143,13 @@ class Backend:
         """out = softmax(z) row-wise (``row``: a (B,) scratch); for predict_proba."""
         losses.softmax(self.xp, z, out, row)
 
-    # The optimizers (maths in gpubackprop.optim) read the step count t from
-    # ``update.steps`` (steps done so far) and store t there, so that a replayed
-    # graph counts too. With ``update.found_inf`` set (fp16 overflow, or the
-    # divergence guard), they skip the step. ``h`` holds the hyperparameters.
-    def sgd_update(self, update, h):
-        raise NotImplementedError
-
-    def adam_update(self, update, h):
+    def optimizer_update(self, rule, update, h):
+        """One update of optimizer class ``rule`` (gpubackprop.optim: it holds the maths,
+        the NumPy form and its kernel's arguments) over ``update`` (an optim.Update),
+        with hyperparameters ``h``. It reads the step count t from ``update.steps``
+        (steps done so far) and stores t there, so that a replayed graph counts too;
+        with ``update.found_inf`` set (fp16 overflow, or the divergence guard) it
+        skips the step, count included."""
         raise NotImplementedError
 
     def clip_by_global_norm(self, g, max_norm):

@@ -105,71 +105,8 @@ class NumpyBackend(Backend):
             count[0] += 1
         flag[0] = 0
 
-    # ---- optimizers (maths in gpubackprop.optim) --------------------------------
-    def sgd_update(self, update, h):
-        p, g, steps = update.p, update.g, update.steps
+    # ---- optimizers ---------------------------------------------------------------
+    def optimizer_update(self, rule, update, h):
         if update.found_inf is not None and update.found_inf[0]:
             return  # the divergence guard found Inf / NaN in g: skip, step count included
-        xp = self.xp
-        lr, momentum, dampening, weight_decay = h.lr, h.momentum, h.dampening, h.weight_decay
-        buf = update.state[0] if momentum else None
-        first = steps[0] == 0
-        steps[0] += 1
-        s = update.scratch[0]
-        d = g  # read in place, never written: the model's gradients stay inspectable
-        if weight_decay:
-            xp.multiply(p, weight_decay, out=s)
-            xp.add(s, g, out=s)
-            d = s
-        if momentum:
-            if first:
-                xp.copyto(buf, d)
-            else:
-                xp.multiply(buf, momentum, out=buf)
-                if dampening:  # torch forbids nesterov with dampening, so d is not needed again
-                    xp.multiply(d, 1.0 - dampening, out=s)
-                    d = s
-                xp.add(buf, d, out=buf)
-            if h.nesterov:  # p -= lr (d + momentum buf), as two passes with no temporary
-                xp.multiply(d, lr, out=s)
-                xp.subtract(p, s, out=p)
-                xp.multiply(buf, lr * momentum, out=s)
-            else:
-                xp.multiply(buf, lr, out=s)
-        else:
-            xp.multiply(d, lr, out=s)
-        xp.subtract(p, s, out=p)
-
-    def adam_update(self, update, h):
-        p, g, (m, v), steps = update.p, update.g, update.state, update.steps
-        if update.found_inf is not None and update.found_inf[0]:
-            return
-        xp = self.xp
-        lr, beta1, beta2, weight_decay, decoupled = h.lr, h.beta1, h.beta2, h.weight_decay, h.decoupled
-        steps[0] += 1
-        step = int(steps[0])
-        d, t = update.scratch
-        if weight_decay and decoupled:
-            xp.multiply(p, 1.0 - lr * weight_decay, out=p)
-        if weight_decay and not decoupled:
-            xp.multiply(p, weight_decay, out=d)
-            xp.add(d, g, out=d)
-        else:
-            d = g
-        xp.multiply(m, beta1, out=m)
-        xp.multiply(d, 1.0 - beta1, out=t)
-        xp.add(m, t, out=m)
-        xp.multiply(v, beta2, out=v)
-        xp.multiply(d, d, out=t)
-        xp.multiply(t, 1.0 - beta2, out=t)
-        xp.add(v, t, out=v)
-        # torch's order of operations: denom = sqrt(v) / sqrt(1 - beta2^t) + eps,
-        # p -= lr / (1 - beta1^t) * m / denom
-        xp.sqrt(v, out=t)
-        xp.divide(t, math.sqrt(1.0 - beta2**step), out=t)
-        xp.add(t, h.eps, out=t)
-        d = update.scratch[0]
-        xp.divide(m, t, out=d)
-        xp.multiply(d, lr / (1.0 - beta1**step), out=d)
-        xp.subtract(p, d, out=p)
-
+        rule.numpy_update(self.xp, update, h)

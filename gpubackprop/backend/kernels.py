@@ -22,8 +22,8 @@ Per primitive, with the kernel that does it:
     loss             softmax_cross_entropy / mean_squared_error: delta_L and the
                      loss, summed on the device, in one launch (which also adds
                      the epoch's running loss and hit count)
-    sgd_update, adam_update   one launch over the flat parameter buffer
-                     (the step count lives on the device)
+    optimizer_update one launch over the flat parameter buffer of the rule's
+                     kernel (the step count lives on the device)
     clip_by_global_norm       sum_of_squares, then clip_to_norm
     flag_nonfinite, count_nonfinite   the divergence guard
     cast_parameters, unscale_and_check, update_loss_scale   mixed precision
@@ -44,6 +44,7 @@ import numpy as np
 
 from ..nn import losses
 from ..nn.activations import ACTIVATIONS
+from ..optim import OPTIMIZERS
 from .base import Backend
 
 KERNEL_DIR = importlib.resources.files("gpubackprop.kernels")  # kernels/ in a checkout
@@ -69,7 +70,8 @@ SOURCES = {
     "bias_activation.cu": _per_activation("bias_act_forward", CTYPES),
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
     "loss.cu": [instance(k, t) for k in ("softmax_cross_entropy", "mean_squared_error") for t in CTYPES],
-    "optimizers.cu": [instance(k, t) for k in ("sgd_update", "adam_update") for t in ("float32", "float64")],
+    "optimizers.cu": [instance(k, t) for k in dict.fromkeys(r.kernel for r in OPTIMIZERS.values())
+                      for t in ("float32", "float64")],
     "nonfinite.cu": [instance("flag_nonfinite", t) for t in ("float32", "float64")] + ["count_nonfinite"],
     "clipping.cu": [instance(k, t) for k in ("sum_of_squares", "clip_to_norm") for t in ("float32", "float64")],
     "mixed_precision.cu": [instance("cast_parameters", t) for t in LOW_PRECISION]
@@ -266,24 +268,11 @@ class KernelBackend(Backend):
                      args + (self._scratch(z.dtype, 2 * grid[0]), self._counter(1), buf.out) + tail)
 
     # ---- optimizers (maths in gpubackprop.optim) -----------------------------------------
-    def sgd_update(self, update, h):
+    def optimizer_update(self, rule, update, h):
         p = update.p
-        c = self._compute(p.dtype)
-        buf = update.state[0] if update.state else p  # unread without momentum
-        self._launch("sgd_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
-            p, update.g, buf, np.int64(p.size), c(h.lr), c(h.momentum), c(1.0 - h.dampening),
-            c(h.weight_decay), c(h.lr * h.momentum), np.int32(h.nesterov), np.int32(h.dampening != 0), update.steps,
-            self._counter(1), update.found_inf,
-        ))
-
-    def adam_update(self, update, h):
-        p, (m, v) = update.p, update.state
-        c = self._compute(p.dtype)
-        self._launch("adam_update", p.dtype, (), self._grid_1d(p.size), (self.BLOCK,), (
-            p, update.g, m, v, np.int64(p.size), np.float64(h.lr), np.float64(h.beta1), np.float64(h.beta2),
-            c(1.0 - h.beta1), c(1.0 - h.beta2), c(h.eps), c(h.weight_decay), c(1.0 - h.lr * h.weight_decay),
-            np.int32(h.decoupled), update.steps, self._counter(1), update.found_inf,
-        ))
+        self._launch(rule.kernel, p.dtype, (), self._grid_1d(p.size), (self.BLOCK,),
+                     rule.kernel_args(update, h, self._compute(p.dtype)) + (update.steps, self._counter(1),
+                                                                             update.found_inf))
 
     def clip_by_global_norm(self, g, max_norm):
         compute = self._compute(g.dtype)

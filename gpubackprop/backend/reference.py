@@ -49,25 +49,3 @@ def backprop(weights, biases, X, y, activation_name, loss_name):
         if l > 1:
             delta = (delta @ weights[l - 1]) * activation_grad(activation_name, zs[l - 2])
     return loss, dWs, dbs
-
-
-def sgd(p, g, buf, step, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-    """One torch.optim.SGD step; returns (p, buf)."""
-    d = g + weight_decay * p
-    if momentum:
-        buf = d.copy() if step == 1 else momentum * buf + (1 - dampening) * d
-        d = d + momentum * buf if nesterov else buf
-    return p - lr * d, buf
-
-
-def adam(p, g, m, v, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
-    """One torch.optim.Adam (decoupled=False) or AdamW step; returns (p, m, v)."""
-    b1, b2 = betas
-    if decoupled:
-        p = p * (1 - lr * weight_decay)
-    else:
-        g = g + weight_decay * p
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
-    return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v

@@ -6,10 +6,10 @@ holds binding, the step count and state_dict.
 """
 
 from .adam import Adam, AdamW
-from .base import Flat, Optimizer
+from .base import Flat, Optimizer, Update
 from .sgd import SGD
 
-OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}  # the table: a new optimizer is a row
 
 
 def from_state_dict(d):
@@ -22,4 +22,4 @@ def from_state_dict(d):
     return opt
 
 
-__all__ = ["SGD", "Adam", "AdamW", "Flat", "Optimizer", "OPTIMIZERS", "from_state_dict"]
+__all__ = ["SGD", "Adam", "AdamW", "Flat", "Optimizer", "OPTIMIZERS", "Update", "from_state_dict"]

@@ -17,7 +17,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import Update
+
+
+class Update(NamedTuple):
+    """The buffers of one optimizer update over the flat parameter buffer."""
+
+    p: object
+    g: object
+    state: tuple  # the optimizer's state buffers, in its state_names order
+    scratch: tuple  # parameter-sized temporaries (where the backend has elementwise_scratch), else ()
+    steps: object  # (1,) uint32 on the device: steps done; the update reads and advances it
+    found_inf: object = None  # (1,) flag: skip the update (and its count) when set
 
 
 class Flat(NamedTuple):
@@ -45,14 +55,20 @@ def check(name, value, low=0.0, high=math.inf, low_open=False, high_open=False):
 class Optimizer:
     """The base of the optimizers: binding, the step count, state_dict.
 
-    A subclass names its state buffers (``state_names``), how many parameter-sized
-    temporaries its NumPy update needs (``n_scratch``), the backend primitive that
-    updates (``primitive``) and the hyperparameters it takes (``settings()``).
+    A subclass is one row of the optimizer table (``OPTIMIZERS``), in a module of
+    its own: its state buffers (``state_names``), the parameter-sized temporaries
+    its NumPy update needs (``n_scratch``), its hyperparameters as the update
+    takes them (``settings()``), and the update three ways: ``reference`` (float64,
+    for the tests), ``numpy_update`` (the CPU backend's) and ``kernel`` with
+    ``kernel_args`` (its CUDA kernel in kernels/optimizers.cu and the arguments
+    before the step count). ``examples`` are the hyperparameters every check runs
+    (selftest, the host harness, PyTorch's torch.optim twin of the same name).
     """
 
     state_names = ()
     n_scratch = 1
-    primitive = None
+    kernel = None
+    examples = ()
 
     def __init__(self, params=None, **hyperparams):
         self.hyperparams = hyperparams
@@ -129,7 +145,7 @@ class Optimizer:
                                "model.fit(..., optimizer=...) / model.train_step(X, y, optimizer)")
         self.steps += 1
         update = Update(*self._buffers, found_inf)
-        getattr(self.bound.backend, self.primitive)(update, self.settings())
+        self.bound.backend.optimizer_update(type(self), update, self.settings())
 
     def sync_steps(self):
         """The host's step count from the device's (a host sync: once per epoch)."""

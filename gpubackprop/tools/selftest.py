@@ -48,15 +48,7 @@ DIGITS_ACCURACY = 0.95
 # columns past one 32-wide tile; many rows of a narrow layer.
 SHAPES = [(3, 5, 7), (333, 17, 45), (70, 129, 33), (5000, 2, 3)]
 QUICK_SHAPES = [(3, 5, 7), (333, 17, 45)]
-OPTIMIZERS = [
-    optim.SGD(0.1),
-    optim.SGD(0.1, momentum=0.9),
-    optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
-    optim.SGD(0.1, momentum=0.5, dampening=0.3, weight_decay=1e-3),
-    optim.Adam(1e-2),
-    optim.Adam(1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
-    optim.AdamW(1e-2, weight_decay=0.1),
-]
+OPTIMIZERS = [rule(**h) for rule in optim.OPTIMIZERS.values() for h in rule.examples]
 
 
 @dataclasses.dataclass

@@ -4,12 +4,11 @@ inputs with odd sizes, outputs poisoned with NaN so an unwritten element fails."
 import numpy as np
 import pytest
 
-from gpubackprop.backend import Dense, DenseBuffers, LossBuffers, Update
+from gpubackprop.backend import Dense, DenseBuffers, LossBuffers
 from gpubackprop.backend import reference as ref
 from gpubackprop.backend.cpu import NumpyBackend
 from gpubackprop.nn.activations import ACTIVATIONS
-from gpubackprop.optim.adam import AdamSettings
-from gpubackprop.optim.sgd import SGDSettings
+from gpubackprop.optim import OPTIMIZERS, SGD, Update
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 SHAPES = [(1, 1, 1), (3, 5, 7), (33, 17, 65), (64, 128, 10)]  # (batch, n_in, n_out)
@@ -120,47 +119,37 @@ def test_softmax_rows_sum_to_one(rng):
     close(out, np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True), np.float64)
 
 
-SGD_CASES = [
-    dict(momentum=0.0),
-    dict(momentum=0.9),
-    dict(momentum=0.9, nesterov=True),
-    dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
-    dict(momentum=0.0, weight_decay=0.1),
-]
+RULES = [(name, h) for name, rule in OPTIMIZERS.items() for h in rule.examples]
 
 
-@pytest.mark.parametrize("hyper", SGD_CASES)
-def test_sgd_update_matches_reference_over_steps(hyper, rng):
+@pytest.mark.parametrize("name,hyper", RULES, ids=[f"{n}-{h}" for n, h in RULES])
+def test_optimizer_update_matches_reference_over_steps(name, hyper, rng):
+    """Every row of the optimizer table: its NumPy update against its float64 reference."""
     n = 1001
+    opt = OPTIMIZERS[name](**hyper)
+    h = opt.settings()
     p = rng.standard_normal(n)
-    buf, scratch = poisoned(n, float), poisoned(n, float)
-    p_ref, buf_ref = p.copy(), None
-    steps = np.zeros(1, np.uint32)
-    for step in range(1, 5):
-        g = rng.standard_normal(n)
-        full = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0) | hyper
-        state = (buf,) if full["momentum"] else ()
-        NumpyBackend().sgd_update(Update(p, g, state, (scratch,), steps), SGDSettings(lr=0.05, **full))
-        assert steps[0] == step
-        p_ref, buf_ref = ref.sgd(p_ref, g, buf_ref, step, 0.05, **hyper)
-        close(p, p_ref, np.float64)
-
-
-@pytest.mark.parametrize("decoupled", [False, True])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_adam_update_matches_reference_over_steps(decoupled, weight_decay, rng):
-    n = 777
-    p = rng.standard_normal(n)
-    m, v = np.zeros(n), np.zeros(n)
-    scratch = (poisoned(n, float), poisoned(n, float))
-    p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
+    state = tuple(np.zeros(n) for _ in opt.state_names)
+    scratch = tuple(poisoned(n, float) for _ in range(opt.n_scratch))
+    p_ref, state_ref = p.copy(), tuple(s.copy() for s in state)
     steps = np.zeros(1, np.uint32)
     for step in range(1, 6):
         g = rng.standard_normal(n)
-        NumpyBackend().adam_update(Update(p, g, (m, v), scratch, steps),
-                                   AdamSettings(1e-2, 0.9, 0.99, 1e-8, weight_decay, decoupled))
-        p_ref, m_ref, v_ref = ref.adam(p_ref, g, m_ref, v_ref, step, 1e-2, (0.9, 0.99), 1e-8, weight_decay, decoupled)
+        NumpyBackend().optimizer_update(type(opt), Update(p, g, state, scratch, steps), h)
+        assert steps[0] == step
+        p_ref, state_ref = opt.reference(p_ref, g, state_ref, step, h)
         close(p, p_ref, np.float64)
+        for got, want in zip(state, state_ref):
+            close(got, want, np.float64)
+
+
+def test_a_flagged_update_is_skipped_count_included(rng):
+    p, g = rng.standard_normal(7), rng.standard_normal(7)
+    before, steps = p.copy(), np.zeros(1, np.uint32)
+    opt = SGD(0.1)
+    NumpyBackend().optimizer_update(SGD, Update(p, g, (), (np.empty(7),), steps, np.ones(1, np.uint32)), opt.settings())
+    np.testing.assert_array_equal(p, before)
+    assert steps[0] == 0
 
 
 def test_gather_rows(rng):

@@ -41,8 +41,8 @@ def test_the_kernels_pass_through_the_host_harness(host_module):
 def test_flushing_subnormals_to_zero_fails():
     """What a kernel compiled with -ftz=true (a plain cupy.RawModule's default) would do."""
     class FlushToZero(NumpyBackend):
-        def sgd_update(self, update, h):
-            super().sgd_update(update, h)
+        def optimizer_update(self, rule, update, h):
+            super().optimizer_update(rule, update, h)
             update.p[np.abs(update.p) < np.finfo(np.float32).tiny] = 0
 
     report = selftest.run(FlushToZero(), quick=True, modes=["float32"], seed=4, log=None)
@@ -75,7 +75,7 @@ def test_an_unwritten_element_fails():
 
 def test_a_crash_is_a_failure_of_its_group():
     class Broken(NumpyBackend):
-        def sgd_update(self, *args, **kwargs):
+        def optimizer_update(self, *args, **kwargs):
             raise RuntimeError("no kernel")
 
     report = selftest.run(Broken(), quick=True, modes=["float32"], seed=3, log=None)
