@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.cpu_table
+	$(BIN)/python -m bench.fit_bench
 
 # On a machine with an NVIDIA GPU: selftest, the GPU tests and the step benchmark,
 # every log and JSON into OUT (bench/gpu_check.sh), with the interpreter PYTHON

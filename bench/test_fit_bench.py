@@ -1,0 +1,30 @@
+"""The fit benchmark's bodies train, on a tiny case, and its table is built:
+results only, never a timing."""
+
+import math
+
+import pytest
+
+from bench import fit_bench as fb
+
+
+@pytest.mark.parametrize("impl", fb.available_impls())
+def test_every_implementation_trains_the_same_network(impl):
+    sizes, batch = (12, 9, 4), 8
+    X, y = fb.make_data(sizes, batch * 5)
+    run = fb.FACTORIES[impl](sizes, batch, X, y, 3)
+    first, later = float(run()), float(run())
+    assert math.isfinite(first) and math.isfinite(later)
+    if impl.endswith("sklearn"):  # an estimator's fit starts over, from the same seed
+        assert later == pytest.approx(first, rel=1e-6)
+    else:  # a model trained on: more epochs of the same data, a lower loss
+        assert later < first
+
+
+def test_a_case_row_and_its_table(monkeypatch):
+    impls = [i for i in ("ours", "torch") if i in fb.available_impls()]
+    row = fb.measure_case((12, 9, 4), 8, 3, impls, epochs=1, repeats=1)
+    assert row["rows"] == 24 and all(row[name]["samples_per_s"] > 0 for name in impls)
+    assert ("torch" in impls) == (row["ours_over_faster_peer"] is not None)
+    table = fb.markdown([row], impls)
+    assert table.count("\n") == 2 and "12, 9, 4 @ 8" in table
