@@ -114,6 +114,11 @@ def private_reads(path):
                 isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super")
             if not mine and node.attr not in own and node.attr not in NAMEDTUPLE_API:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("setattr", "getattr") \
+                and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+            name = node.args[1].value  # monkeypatch.setattr(module, "_name", ...) reads a private name too
+            if name.startswith("_") and not name.startswith("__") and name not in own:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)[:60]}")
         elif isinstance(node, ast.ImportFrom):
             found += [f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import {a.name}"
                       for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]

@@ -31,7 +31,7 @@ def _import_cupy():
     return cupy
 
 
-def _driver_installed():
+def driver_installed():
     """Whether the NVIDIA driver's library (libcuda) can be loaded at all."""
     for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"):
         if name:
@@ -49,7 +49,7 @@ def open_device(cupy, index):
         count = runtime.getDeviceCount()
     except runtime.CUDARuntimeError as e:
         text = str(e)
-        if "InsufficientDriver" in text and not _driver_installed():
+        if "InsufficientDriver" in text and not driver_installed():
             cause = f"no NVIDIA driver is installed (libcuda cannot be loaded; {text}); install the driver for your GPU"
         elif "InsufficientDriver" in text:
             cause = (

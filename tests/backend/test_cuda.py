@@ -168,7 +168,7 @@ def _cupy_without_driver(message):
 @pytest.mark.parametrize("installed,says", [(False, "no NVIDIA driver is installed"),
                                             (True, "the NVIDIA driver is older than this CuPy build needs")])
 def test_no_driver_is_not_called_an_old_one(monkeypatch, installed, says):
-    monkeypatch.setattr(cupy_backend, "_driver_installed", lambda: installed)
+    monkeypatch.setattr(cupy_backend, "driver_installed", lambda: installed)
     cupy = _cupy_without_driver("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
     with pytest.raises(gb.DeviceUnavailableError, match=says):
         cupy_backend.open_device(cupy, 0)

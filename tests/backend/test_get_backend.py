@@ -68,7 +68,7 @@ def test_cuda_without_cupy_names_the_extra_and_the_fallback(monkeypatch):
 def test_cuda_driver_problems_are_explained(monkeypatch, error, expected):
     from gpubackprop.backend import cuda as cupy_backend
 
-    monkeypatch.setattr(cupy_backend, "_driver_installed", lambda: True)  # one is (test_cupy_backend: when not)
+    monkeypatch.setattr(cupy_backend, "driver_installed", lambda: True)  # one is (test_cuda: when not)
     _fake_cupy(monkeypatch, error=error)
     with pytest.raises(DeviceUnavailableError, match=expected):
         get_backend("cuda")
