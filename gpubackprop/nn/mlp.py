@@ -144,11 +144,7 @@ class MLP(Network):
     @classmethod
     def load(cls, path, device="cpu"):
         """The model saved at ``path``, on ``device``."""
-        return cls.from_file(modelfile.read(path), device)
-
-    @classmethod
-    def from_file(cls, saved, device="cpu"):
-        """The model of a read modelfile.ModelFile, on ``device``."""
+        saved = modelfile.read(path)
         model = cls(**saved.config, device=device)
         model.load_state_dict(saved.tensors)
         return model

@@ -93,9 +93,6 @@ class Workspaces:
         self.users = weakref.WeakSet()
         self._kept = collections.OrderedDict()
 
-    def __len__(self):
-        return len(self._kept)
-
     def live(self):
         """The workspaces kept now."""
         return list(self._kept.values())
