@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 
 import gpubackprop as gb
-from bench.common import have, machine, time_interleaved, versions
+from bench.common import have, machine, n_cores, time_interleaved, versions
 
 LR = 0.01
 EPOCHS = 2
@@ -75,7 +75,7 @@ def torch_loop(sizes, batch, X, y, epochs):
     import torch.nn.functional as F
     from torch import nn
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(n_cores())
     layers = []
     for i, (W, b) in enumerate(start_weights(sizes)):
         lin = nn.Linear(W.shape[1], W.shape[0])
