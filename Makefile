@@ -4,7 +4,7 @@
 # PREINSTALL is installed first (CI pins torch there); EXTRAS picks the extras.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= cli,test
+EXTRAS ?= cli,test,fast
 PREINSTALL ?=
 comma := ,
 BIN := $(VENV)/bin

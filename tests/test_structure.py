@@ -53,12 +53,21 @@ def imported_modules(path, node):
             or (ROOT / (f"{base}.{a.name}".replace(".", "/") + ".py")).exists() else base for a in node.names]
 
 
+def module_level(statements):
+    """The statements run on import: the module's own, and those of its top-level
+    try blocks (an optional dependency's import)."""
+    for node in statements:
+        yield node
+        if isinstance(node, ast.Try):
+            yield from module_level(node.body + [s for h in node.handlers for s in h.body] + node.orelse)
+
+
 def import_graph():
     graph, lazy = {}, []
     for path in sources("gpubackprop"):
         name = module_name(path)
         body = tree(path)
-        top = [n for n in body.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        top = [n for n in module_level(body.body) if isinstance(n, (ast.Import, ast.ImportFrom))]
         graph[name] = {m for n in top for m in imported_modules(path, n)} - {name}
         for node in ast.walk(body):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in top and imported_modules(path, node):

@@ -5,7 +5,9 @@ CuPy) and implements the few primitives a train step is made of. The network
 calls only these, so a new device needs a new Backend and nothing else. The
 backends are siblings: ``cpu.py`` (NumPy), ``kernels.py`` (the primitives as
 launches of kernels/*.cu, shared by the CUDA backend and the tests' host
-harness), ``cuda.py`` (CuPy, cuBLAS, streams, graphs).
+harness), ``cuda.py`` (CuPy, cuBLAS, streams, graphs). ``cpu_fused.py`` is the
+NumPy backend with its elementwise chains fused into compiled loops (numba,
+``cpu_kernels.py``): the CPU's backend wherever numba is installed.
 
     dense_forward    a_l = g(a_{l-1} W_l^T + b_l)                (bias and g fused on the GEMM output)
     dense_backward   delta_l = dL/da_l * g'(a_l)                 (from the stored activation)
@@ -37,6 +39,13 @@ from . import cuda
 from .base import Backend, Dense, DenseBuffers, DeviceUnavailableError, LossBuffers, OutOfMemoryError
 from .cpu import NumpyBackend
 
+try:  # numba: the "fast" extra
+    from .cpu_fused import FusedCpuBackend
+except ImportError as e:
+    FusedCpuBackend, NUMBA_PROBLEM = None, str(e)
+else:
+    NUMBA_PROBLEM = ""
+
 log = logging.getLogger("gpubackprop")
 
 
@@ -57,12 +66,12 @@ def get_backend(device="cpu"):
 def backend_for(name):
     """The backend of a device name, made once per process (CuPy is imported only here)."""
     if name == "cpu":
-        return NumpyBackend()
+        return cpu_backend()
     if name == "auto":
         try:
             backend = _cuda_backend(0)
         except DeviceUnavailableError as e:
-            backend = NumpyBackend(note=f"device='auto' chose cpu: {e.cause}")
+            backend = cpu_backend(f"device='auto' chose cpu: {e.cause}")
         else:
             backend.note = f"device='auto' chose {backend.name}"
         log.info(backend.note)
@@ -73,9 +82,18 @@ def backend_for(name):
     raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
 
 
+def cpu_backend(note=""):
+    """The CPU's backend: fused loops where numba is installed, else NumPy alone (said in its note)."""
+    if FusedCpuBackend is None:
+        why = (f"the CPU runs NumPy's ufuncs without the fused loops ({NUMBA_PROBLEM or 'numba is not available'}); "
+               "pip install 'gpubackprop[fast]' for them")
+        return NumpyBackend(note="; ".join(n for n in (note, why) if n))
+    return FusedCpuBackend(note=note)
+
+
 def _cuda_backend(index):
     return cuda.CupyBackend(index)
 
 
-__all__ = ["Backend", "Dense", "DenseBuffers", "DeviceUnavailableError", "LossBuffers", "OutOfMemoryError",
-           "get_backend"]
+__all__ = ["Backend", "Dense", "DenseBuffers", "DeviceUnavailableError", "FusedCpuBackend", "LossBuffers",
+           "NumpyBackend", "OutOfMemoryError", "cpu_backend", "get_backend"]

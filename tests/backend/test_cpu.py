@@ -1,10 +1,12 @@
-"""Each NumPy-backend primitive against the float64 reference, on fresh random
-inputs with odd sizes, outputs poisoned with NaN so an unwritten element fails."""
+"""Each CPU-backend primitive against the float64 reference, on fresh random
+inputs with odd sizes, outputs poisoned with NaN so an unwritten element fails:
+one body for the NumPy backend and for its fused loops (cpu_fused, where numba is
+installed), as CuPy's tests run one body on NumPy and CuPy."""
 
 import numpy as np
 import pytest
 
-from gpubackprop.backend import Dense, DenseBuffers, LossBuffers
+from gpubackprop.backend import Dense, DenseBuffers, FusedCpuBackend, LossBuffers
 from gpubackprop.backend import reference as ref
 from gpubackprop.backend.cpu import NumpyBackend
 from gpubackprop.nn.activations import ACTIVATIONS
@@ -12,6 +14,15 @@ from gpubackprop.optim import OPTIMIZERS, SGD, Update
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 SHAPES = [(1, 1, 1), (3, 5, 7), (33, 17, 65), (64, 128, 10)]  # (batch, n_in, n_out)
+
+
+CPU_BACKENDS = [NumpyBackend(), pytest.param(FusedCpuBackend and FusedCpuBackend(), id="FusedCpuBackend",
+                                              marks=pytest.mark.skipif(FusedCpuBackend is None, reason="needs numba"))]
+
+
+@pytest.fixture(params=CPU_BACKENDS, ids=lambda b: type(b).__name__)
+def cpu(request):
+    return request.param
 
 
 def poisoned(shape, dtype):
@@ -25,10 +36,10 @@ def close(actual, expected, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_dense_forward_and_backward_match_reference(name, shape, dtype, rng):
+def test_dense_forward_and_backward_match_reference(name, shape, dtype, rng, cpu):
     B, n_in, n_out = shape
     act = ACTIVATIONS[name]
-    be = NumpyBackend()
+    be = cpu
     a_prev = rng.standard_normal((B, n_in)).astype(dtype)
     W = rng.standard_normal((n_out, n_in)).astype(dtype) / np.sqrt(n_in)
     b = rng.standard_normal(n_out).astype(dtype)
@@ -76,7 +87,7 @@ def test_saturating_activations_stay_finite_and_quiet(name):
 @pytest.mark.parametrize("B,C", [(1, 1), (5, 3), (37, 10)])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("targets", ["onehot", "soft"])
-def test_losses_match_reference(loss, targets, B, C, dtype, rng):
+def test_losses_match_reference(loss, targets, B, C, dtype, rng, cpu):
     z = (rng.standard_normal((B, C)) * 3).astype(dtype)
     if targets == "onehot":
         y = np.eye(C)[rng.integers(0, C, B)]
@@ -85,7 +96,7 @@ def test_losses_match_reference(loss, targets, B, C, dtype, rng):
         y /= y.sum(axis=1, keepdims=True)
     y = y.astype(dtype)
     delta, value, running = poisoned((B, C), dtype), poisoned((), dtype), np.array([1.5, 2.0])
-    NumpyBackend().loss(loss, loss_buffers(z, y, delta, value), running)
+    cpu.loss(loss, loss_buffers(z, y, delta, value), running)
     expected, delta_ref = ref.loss_and_delta(loss, z.astype(float), y.astype(float))
     close(value, expected, dtype)
     close(delta, delta_ref, dtype)
@@ -100,12 +111,12 @@ def loss_buffers(z, y, delta, value):
                        np.empty(B, bool))
 
 
-def test_cross_entropy_is_stable_for_huge_logits():
+def test_cross_entropy_is_stable_for_huge_logits(cpu):
     z = np.array([[1e4, 0.0, -1e4], [-3e4, -3e4 + 1.0, -3e4]], np.float32)
     y = np.eye(3, dtype=np.float32)[[0, 1]]
     delta, value = np.empty_like(z), np.empty((), np.float32)
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
-        NumpyBackend().loss("cross_entropy", loss_buffers(z, y, delta, value))
+        cpu.loss("cross_entropy", loss_buffers(z, y, delta, value))
     expected, delta_ref = ref.loss_and_delta("cross_entropy", z.astype(float), y.astype(float))
     assert np.isfinite(value) and np.isfinite(delta).all()
     close(value, expected, np.float32)
@@ -123,7 +134,7 @@ RULES = [(name, h) for name, rule in OPTIMIZERS.items() for h in rule.examples]
 
 
 @pytest.mark.parametrize("name,hyper", RULES, ids=[f"{n}-{h}" for n, h in RULES])
-def test_optimizer_update_matches_reference_over_steps(name, hyper, rng):
+def test_optimizer_update_matches_reference_over_steps(name, hyper, rng, cpu):
     """Every row of the optimizer table: its NumPy update against its float64 reference."""
     n = 1001
     opt = OPTIMIZERS[name](**hyper)
@@ -135,7 +146,7 @@ def test_optimizer_update_matches_reference_over_steps(name, hyper, rng):
     steps = np.zeros(1, np.uint32)
     for step in range(1, 6):
         g = rng.standard_normal(n)
-        NumpyBackend().optimizer_update(type(opt), Update(p, g, state, scratch, steps), h)
+        cpu.optimizer_update(type(opt), Update(p, g, state, scratch, steps), h)
         assert steps[0] == step
         p_ref, state_ref = opt.reference(p_ref, g, state_ref, step, h)
         close(p, p_ref, np.float64)
@@ -143,18 +154,18 @@ def test_optimizer_update_matches_reference_over_steps(name, hyper, rng):
             close(got, want, np.float64)
 
 
-def test_a_flagged_update_is_skipped_count_included(rng):
+def test_a_flagged_update_is_skipped_count_included(rng, cpu):
     p, g = rng.standard_normal(7), rng.standard_normal(7)
     before, steps = p.copy(), np.zeros(1, np.uint32)
     opt = SGD(0.1)
-    NumpyBackend().optimizer_update(SGD, Update(p, g, (), (np.empty(7),), steps, np.ones(1, np.uint32)), opt.settings())
+    cpu.optimizer_update(SGD, Update(p, g, (), (np.empty(7),), steps, np.ones(1, np.uint32)), opt.settings())
     np.testing.assert_array_equal(p, before)
     assert steps[0] == 0
 
 
-def test_gather_rows(rng):
+def test_gather_rows(rng, cpu):
     src = rng.standard_normal((20, 3))
     index = rng.permutation(20)[:7]
     out = poisoned((7, 3), float)
-    NumpyBackend().gather_rows(src, index, out)
+    cpu.gather_rows(src, index, out)
     np.testing.assert_array_equal(out, src[index])

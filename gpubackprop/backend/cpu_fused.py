@@ -1,0 +1,83 @@
+"""The CPU backend with fused loops: the NumPy backend's primitives, with the passes
+NumPy splits into chains of ufuncs run as single compiled loops.
+
+A step on the NumPy backend spends much of its time outside the GEMMs: the bias
+add, the activation, its derivative, the mask, the bias-gradient sum, the loss
+(about fifteen ufunc calls on a small batch) and the optimizer update (two passes
+over the whole flat buffer, three for momentum), each a pass over memory and a
+Python call. Here each of those is one loop of cpu_kernels (numba), as each is one
+kernel on the GPU. The GEMMs stay NumPy's (BLAS, on every core).
+
+Which primitives run fused was decided by measurement (``python -m bench.fit_bench``
+compares ``ours`` with ``ours_numpy``; ``python -m bench.profile_step --device cpu``
+shows where a step's time goes): the ReLU family and the identity run fused; the
+tanh family (tanh, sigmoid, GELU, SiLU) keeps NumPy's ufuncs, whose SIMD tanh took
+105 us on a 4096 x 64 float32 array against 456 us for a compiled loop's scalar
+libm calls (2-core Xeon, 2026-11-30). Everything else (dropout, other dtypes,
+optimizers without a loop) is the NumPy backend's own code.
+
+numba is the ``fast`` extra; without it ``get_backend("cpu")`` is the NumPy
+backend, and its ``note`` says so.
+"""
+
+import numpy as np
+
+from . import cpu_kernels
+from .cpu import NumpyBackend
+
+FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def fused(*arrays):
+    """Whether cpu_kernels' loops take these arrays (float32 / float64, C order)."""
+    return all(a.dtype in FUSED_DTYPES and a.flags.c_contiguous for a in arrays)
+
+
+class FusedCpuBackend(NumpyBackend):
+    """The CPU backend: NumpyBackend's primitives, fused where cpu_kernels has a loop."""
+
+    # ---- layers ---------------------------------------------------------------
+    def dense_forward(self, layer, buf, dropout=None):
+        loops = cpu_kernels.DENSE.get(layer.act.code)
+        if dropout is not None or loops is None or buf.z is not None or not fused(buf.out, layer.b):
+            return super().dense_forward(layer, buf, dropout)
+        np.matmul(buf.input, layer.W.T, out=buf.out)
+        loops[0](buf.out, layer.b, buf.out)
+
+    def dense_backward(self, layer, buf, dropout=None):
+        grad, loops = buf.grad, cpu_kernels.DENSE.get(layer.act.code)
+        if dropout is not None or loops is None or buf.z is not None or not fused(grad, buf.out, layer.db):
+            return super().dense_backward(layer, buf, dropout)
+        loops[1](grad, buf.out, layer.db)
+        np.matmul(grad.T, buf.input, out=layer.dW)
+        if buf.grad_prev is not None:
+            np.matmul(grad, layer.W, out=buf.grad_prev)
+
+    def loss(self, name, buf, running=None, loss_scale=None):
+        z = buf.z
+        if loss_scale is not None or name not in ("cross_entropy", "mse") or not fused(z, buf.target, buf.delta, buf.row):
+            return super().loss(name, buf, running, loss_scale)
+        rows, c = z.shape[0], z.dtype.type
+        if name == "cross_entropy":
+            value, hits = cpu_kernels.softmax_cross_entropy(z, buf.target, buf.delta, buf.row, c(1.0 / rows))
+        else:
+            value, hits = cpu_kernels.mean_squared_error(z, buf.target, buf.delta, buf.row, c(1.0 / z.size)), 0
+        buf.out[...] = value
+        if running is not None:
+            running[0] += float(buf.out) * rows
+            running[1] += hits
+
+    def flag_nonfinite(self, g, flag):
+        if not fused(g):
+            return super().flag_nonfinite(g, flag)
+        if cpu_kernels.nonfinite(g):
+            flag[0] = 1
+
+    # ---- optimizers ---------------------------------------------------------------
+    def optimizer_update(self, rule, update, h):
+        loop = cpu_kernels.OPTIMIZERS.get(rule.kernel)
+        if loop is None or not fused(update.p, update.g, *update.state):
+            return super().optimizer_update(rule, update, h)
+        if update.found_inf is not None and update.found_inf[0]:
+            return  # the divergence guard found Inf / NaN in g: skip, step count included
+        loop(*rule.kernel_args(update, h, update.p.dtype.type), update.steps)

@@ -1,0 +1,217 @@
+"""The fused CPU loops: kernels/*.cu written again for the CPU and compiled by numba.
+
+NumPy runs a step's elementwise work as chains of ufuncs: the bias add, the
+activation, its derivative, the mask, the loss and the optimizer update each
+pass over memory on their own, each a Python call. These loops do what the CUDA
+kernels do instead, each in one pass over its operands:
+
+    bias_act_forward        a = g(z + b)                             (bias_activation.cu)
+    act_backward_bias_grad  delta = dL/da * g'(a), db = sum_rows delta  (activation_backward.cu)
+    softmax_cross_entropy   the loss, delta_L = (q - y) / B and the hits  (loss.cu)
+    mean_squared_error      the loss and delta_L = 2 (z - y) / (B C)     (loss.cu)
+    sgd_update, adam_update one pass over the flat parameter buffer      (optimizers.cu)
+    nonfinite               whether any element is Inf or NaN            (nonfinite.cu)
+
+Each keeps the NumPy backend's order of operations in the array's own type (C =
+z.dtype.type: float32 work stays float32), and numba's default IEEE semantics
+(no fastmath, so no contraction into FMAs): the optimizer updates give the NumPy
+backend's bits, the rest agree with it to rounding (libm's exp and tanh, and sums
+in another order). Sums run in a fixed order: a result is the same bits on every run.
+
+The loops run on the calling thread alone. Threaded, they lost 5x to 15x on every
+shape measured (2 cores): numba's pool and OpenBLAS's, each spinning between
+calls, took turns at the cores. The cores go to the GEMMs; a loop's gain is the
+passes and the Python calls it saves.
+
+The NumPy backend (cpu.py) stays the readable reference; tests/backend/test_cpu_fused.py
+holds every loop here to it. Compiled loops are cached on disk (numba's
+``cache=True``), so only a machine's first run pays the compile.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..nn.activations import ACTIVATIONS
+
+IDENTITY, RELU, LEAKY_RELU = (ACTIVATIONS[n].code for n in ("identity", "relu", "leaky_relu"))
+LEAKY_SLOPE = dict(ACTIVATIONS["leaky_relu"].constants)["LEAKY_SLOPE"]
+
+
+def compiled(f, **flags):
+    """f compiled by numba, cached on disk, releasing the GIL while it runs."""
+    return njit(cache=True, nogil=True, **flags)(f)
+
+
+# ---- activations (common.cuh: act_forward, act_grad) ----------------------------------
+# The ReLU family and the identity: for the tanh family NumPy's SIMD tanh is 4x
+# faster than the scalar libm call a compiled loop makes, so those stay NumPy's.
+@njit(inline="always")
+def act_forward(code, z, C):
+    if code == RELU:
+        return C(0) if z < C(0) else z  # NaN stays NaN
+    if code == LEAKY_RELU:
+        return z * C(LEAKY_SLOPE) if z < C(0) else z
+    return z
+
+
+@njit(inline="always")
+def act_grad(code, a, C):
+    if code == RELU:
+        return C(1) if a > C(0) else C(0)
+    if code == LEAKY_RELU:
+        return C(1) if a > C(0) else C(LEAKY_SLOPE)
+    return C(1)
+
+
+# ---- dense layers ---------------------------------------------------------------------
+def _dense_loops(code):
+    """bias_act_forward and act_backward_bias_grad for activation ``code``, compiled for
+    it alone: with the code a constant, the compiler drops the other branches and
+    vectorizes the rows (a code passed at run time keeps a branch per element)."""
+
+    def bias_act_forward(z, b, a):
+        """a = g(z + b) row by row (a may be z: these g' need only a)."""
+        C = z.dtype.type
+        rows, cols = z.shape
+        for r in range(rows):
+            for c in range(cols):
+                a[r, c] = act_forward(code, z[r, c] + b[c], C)
+
+    def act_backward_bias_grad(g, a, db):
+        """g = delta = g * g'(a) in place and db = its column sums, added down the rows
+        in order."""
+        C = g.dtype.type
+        rows, cols = g.shape
+        for c in range(cols):
+            db[c] = 0
+        for r in range(rows):
+            for c in range(cols):
+                d = g[r, c]
+                if code != IDENTITY:
+                    d = d * act_grad(code, a[r, c], C)
+                    g[r, c] = d
+                db[c] += d
+
+    return compiled(bias_act_forward), compiled(act_backward_bias_grad)
+
+
+DENSE = {code: _dense_loops(code) for code in (IDENTITY, RELU, LEAKY_RELU)}  # by activation code
+
+
+# ---- losses ---------------------------------------------------------------------------
+def softmax_cross_entropy(z, y, delta, row, inv_rows):
+    """delta = (softmax(z) - y) * inv_rows, row[i] = log s_i - y_i . (z_i - m_i) (see
+    gpubackprop.nn.losses); returns (the batch's mean loss, rows whose argmax z is
+    argmax y)."""
+    C = z.dtype.type
+    rows, cols = z.shape
+    hits = 0
+    for r in range(rows):
+        m, top = z[r, 0], 0
+        for c in range(1, cols):
+            if z[r, c] > m:
+                m, top = z[r, c], c
+        ym, label = y[r, 0], 0
+        s, y_dot_shifted = C(0), C(0)
+        for c in range(cols):
+            shifted = z[r, c] - m
+            y_dot_shifted += y[r, c] * shifted
+            q = math.exp(shifted)
+            delta[r, c] = q
+            s += q
+            if y[r, c] > ym:
+                ym, label = y[r, c], c
+        for c in range(cols):
+            delta[r, c] = (delta[r, c] / s - y[r, c]) * inv_rows
+        row[r] = math.log(s) - y_dot_shifted
+        hits += 1 if top == label else 0
+    total = C(0)
+    for r in range(rows):
+        total += row[r]
+    return total * inv_rows, hits
+
+
+def mean_squared_error(z, y, delta, row, inv_n):
+    """delta = 2 (z - y) * inv_n, row[i] = the squared error of row i; returns the mean."""
+    C = z.dtype.type
+    rows, cols = z.shape
+    for r in range(rows):
+        acc = C(0)
+        for c in range(cols):
+            d = z[r, c] - y[r, c]
+            acc += d * d
+            delta[r, c] = d * (C(2) * inv_n)
+        row[r] = acc
+    total = C(0)
+    for r in range(rows):
+        total += row[r]
+    return total * inv_n
+
+
+# ---- the flat buffers (optimizers.cu, nonfinite.cu) ------------------------------------------
+def sgd_update(p, g, buf, n, lr, momentum, one_minus_dampening, weight_decay, lr_momentum, nesterov, dampened, steps):
+    """torch.optim.SGD (gpubackprop.optim.sgd), in sgd.py's order of operations."""
+    C = p.dtype.type
+    first = steps[0] == 0
+    for i in range(n):
+        pi = p[i]
+        d = g[i]
+        if weight_decay != C(0):
+            d = pi * weight_decay + d
+        if momentum != C(0):
+            b = d
+            if not first:
+                b = buf[i] * momentum + (d * one_minus_dampening if dampened else d)
+            buf[i] = b
+            if nesterov:
+                pi = pi - d * lr
+                pi = pi - b * lr_momentum
+            else:
+                pi = pi - b * lr
+        else:
+            pi = pi - d * lr
+        p[i] = pi
+    steps[0] += 1
+
+
+def adam_update(p, g, m, v, n, lr, beta1_d, beta2_d, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                decay_factor, decoupled, steps):
+    """torch.optim.Adam / AdamW (gpubackprop.optim.adam), in adam.py's order of operations."""
+    C = p.dtype.type
+    t = float(steps[0] + 1)
+    beta1, beta2 = C(beta1_d), C(beta2_d)
+    step_size = C(lr / (1.0 - beta1_d ** t))
+    sqrt_bc2 = C(math.sqrt(1.0 - beta2_d ** t))
+    for i in range(n):
+        pi = p[i]
+        d = g[i]
+        if weight_decay != C(0):
+            if decoupled:
+                pi = pi * decay_factor
+            else:
+                d = pi * weight_decay + d
+        mi = m[i] * beta1 + d * one_minus_beta1
+        vi = v[i] * beta2 + (d * d) * one_minus_beta2
+        m[i] = mi
+        v[i] = vi
+        pi = pi - (mi / (math.sqrt(vi) / sqrt_bc2 + eps)) * step_size
+        p[i] = pi
+    steps[0] += 1
+
+
+def nonfinite(x):
+    """Whether any element of the 1-D x is Inf or NaN (x - x is NaN exactly there)."""
+    C = x.dtype.type
+    acc = C(0)
+    for i in range(x.size):
+        acc += x[i] - x[i]
+    return not acc == C(0)
+
+
+softmax_cross_entropy, mean_squared_error, sgd_update, adam_update = (
+    compiled(f) for f in (softmax_cross_entropy, mean_squared_error, sgd_update, adam_update))
+# Reassociation lets the sum vectorize; it stays NaN exactly where an element is non-finite.
+nonfinite = compiled(nonfinite, fastmath={"reassoc"})
+OPTIMIZERS = {"sgd_update": sgd_update, "adam_update": adam_update}  # by the name of their CUDA kernel

@@ -1,0 +1,127 @@
+"""The fused CPU loops (cpu_fused, cpu_kernels) against the NumPy backend they stand
+in for: the same bits where the order of operations is the same (the optimizer
+updates), agreement to rounding elsewhere, on odd sizes with poisoned outputs.
+(tests/backend/test_cpu.py runs both against the float64 reference.)"""
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop import backend as backends
+from gpubackprop.backend import Dense, DenseBuffers, NumpyBackend, cpu_backend, get_backend
+from gpubackprop.nn.activations import ACTIVATIONS
+from gpubackprop.optim import OPTIMIZERS, Update
+
+from .test_cpu import loss_buffers, poisoned
+
+pytestmark = pytest.mark.skipif(backends.FusedCpuBackend is None, reason="needs numba (the fast extra)")
+FUSED = backends.FusedCpuBackend and backends.FusedCpuBackend()
+NUMPY = NumpyBackend()
+RULES = [(name, h) for name, rule in OPTIMIZERS.items() for h in rule.examples]
+
+
+def test_the_cpu_backend_is_the_fused_one_where_numba_is_installed():
+    assert isinstance(get_backend("cpu"), backends.FusedCpuBackend)
+    assert gb.MLP([2, 3, 2], device="cpu").backend.name == "cpu"  # files and messages see the same device
+
+
+def test_without_numba_the_cpu_backend_is_numpy_and_says_how_to_get_the_loops(monkeypatch):
+    monkeypatch.setattr(backends, "FusedCpuBackend", None)
+    be = cpu_backend("device='auto' chose cpu: no GPU")
+    assert type(be) is NumpyBackend
+    assert be.note.startswith("device='auto' chose cpu: no GPU; ")
+    assert "pip install 'gpubackprop[fast]'" in be.note
+
+
+@pytest.mark.parametrize("name,hyper", RULES, ids=[f"{n}-{h}" for n, h in RULES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_updates_give_the_numpy_backends_bits(name, hyper, dtype, rng):
+    n = 1003
+    rule = OPTIMIZERS[name]
+    opt = rule(**hyper)
+    p = {be: rng.standard_normal(n).astype(dtype) for be in (NUMPY, FUSED)}
+    p[FUSED][:] = p[NUMPY]
+    state = {be: tuple(np.zeros(n, dtype) for _ in opt.state_names) for be in (NUMPY, FUSED)}
+    steps = {be: np.zeros(1, np.uint32) for be in (NUMPY, FUSED)}
+    for _ in range(4):  # the first step differs (momentum's buffer), so several
+        g = rng.standard_normal(n).astype(dtype)
+        for be in (NUMPY, FUSED):
+            scratch = tuple(poisoned(n, dtype) for _ in range(opt.n_scratch))
+            be.optimizer_update(rule, Update(p[be], g, state[be], scratch, steps[be]), opt.settings())
+        np.testing.assert_array_equal(p[FUSED], p[NUMPY])
+        for got, want in zip(state[FUSED], state[NUMPY]):
+            np.testing.assert_array_equal(got, want)
+        assert steps[FUSED][0] == steps[NUMPY][0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 19, 13), (5, 3, 130)])
+@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu"])
+def test_fused_dense_layers_agree_with_numpy(name, shape, dtype, rng):
+    B, n_in, n_out = shape
+    a_prev = rng.standard_normal((B, n_in)).astype(dtype)
+    W = rng.standard_normal((n_out, n_in)).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype)
+    grad = rng.standard_normal((B, n_out)).astype(dtype)
+    results = []
+    for be in (NUMPY, FUSED):
+        layer = Dense(W, b, poisoned((n_out, n_in), dtype), poisoned(n_out, dtype), ACTIVATIONS[name])
+        buf = DenseBuffers(a_prev, poisoned((B, n_out), dtype), None, poisoned((B, n_out), dtype),
+                           poisoned((B, n_in), dtype), (poisoned((B, n_out), dtype),), np.ones(B, dtype))
+        be.dense_forward(layer, buf)
+        buf.grad[...] = grad
+        be.dense_backward(layer, buf)
+        results.append((buf.out, buf.grad, layer.db, layer.dW, buf.grad_prev))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for got, want in zip(*reversed(results)):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(results[1][0], results[0][0])  # bias and g: one rounding each, as NumPy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_fused_losses_agree_with_numpy_and_count_the_same_hits(loss, dtype, rng):
+    B, C = 41, 7
+    z = (rng.standard_normal((B, C)) * 4).astype(dtype)
+    y = np.eye(C, dtype=dtype)[rng.integers(0, C, B)]
+    z[3] = z[3, 0]  # a row of ties: argmax takes the first, as NumPy's
+    out = []
+    for be in (NUMPY, FUSED):
+        delta, value, running = poisoned((B, C), dtype), poisoned((), dtype), np.array([0.5, 1.0])
+        be.loss(loss, loss_buffers(z, y, delta, value), running)
+        out.append((value, delta, running))
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    (v0, d0, r0), (v1, d1, r1) = out
+    assert v1.dtype == dtype and d1.dtype == dtype
+    np.testing.assert_allclose(v1, v0, rtol=tol)
+    np.testing.assert_allclose(d1, d0, rtol=tol, atol=tol)
+    np.testing.assert_allclose(r1[0], r0[0], rtol=tol)
+    assert r1[1] == r0[1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
+def test_nonfinite_flags_exactly_inf_and_nan(bad, dtype, rng):
+    g = (rng.uniform(-1, 1, 10_007) * (float(np.finfo(dtype).max) / 2)).astype(dtype)  # finite; g . g overflows
+    if bad is not None:
+        g[rng.integers(g.size)] = bad
+    flag = np.zeros(1, np.uint32)
+    FUSED.flag_nonfinite(g, flag)
+    assert flag[0] == (bad is not None)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_fit_on_the_fused_loops_follows_numpy(activation, optimizer, rng):
+    """A whole fit (fused where the loops exist, NumPy's ufuncs for GELU) lands where
+    the NumPy backend's does."""
+    X = rng.standard_normal((203, 11)).astype(np.float32)
+    y = rng.integers(0, 4, 203)
+    params = []
+    for be in (NUMPY, FUSED):
+        model = gb.MLP([11, 16, 9, 4], activation=activation, seed=3, device=be)
+        opt = gb.optim.SGD(0.1, momentum=0.9) if optimizer == "SGD" else gb.optim.Adam(1e-2)
+        model.fit(X, y, epochs=3, batch_size=32, optimizer=opt, progress=False)
+        params.append(model.params.copy())
+    np.testing.assert_allclose(params[1], params[0], rtol=1e-4, atol=1e-5)
