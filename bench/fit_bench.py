@@ -7,7 +7,9 @@ epochs of shuffled mini-batches over the same N rows, and reports samples per
 second (N x epochs / time):
 
     ours          MLP.fit(X, y, epochs, batch_size, SGD(lr), progress=False): checks
-                  the data once, reshuffles per epoch, keeps loss and accuracy
+                  the data once, reshuffles per epoch, keeps loss and accuracy; on
+                  the CPU's backend (fused loops where numba is installed)
+    ours_numpy    the same on the NumPy backend alone (no fused loops)
     torch         the idiomatic eager loop: randperm per epoch, index the batch,
                   zero_grad, forward, F.cross_entropy, backward, step; the epoch's
                   loss summed on tensors, read once
@@ -32,6 +34,7 @@ import warnings
 import numpy as np
 
 import gpubackprop as gb
+from gpubackprop.backend import NumpyBackend
 from bench.common import have, machine, n_cores, time_interleaved, versions
 
 LR = 0.01
@@ -45,7 +48,7 @@ CASES = (
     ((784, 1024, 1024, 10), 4096, 2),
     ((64, 64, 64, 64, 64, 16), 4096, 8),
 )
-IMPLS = ("ours", "torch", "jax", "ours_sklearn", "sklearn")
+IMPLS = ("ours", "ours_numpy", "torch", "jax", "ours_sklearn", "sklearn")
 NEEDS = {"torch": "torch", "jax": "jax", "ours_sklearn": "sklearn", "sklearn": "sklearn"}
 
 
@@ -64,8 +67,8 @@ def start_weights(sizes):
     return [(state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]) for i in range(len(sizes) - 1)]
 
 
-def ours(sizes, batch, X, y, epochs):
-    model = gb.MLP(list(sizes), seed=SEED)
+def ours(sizes, batch, X, y, epochs, device="cpu"):
+    model = gb.MLP(list(sizes), seed=SEED, device=device)
     opt = gb.optim.SGD(LR)
     return lambda: model.fit(X, y, epochs=epochs, batch_size=batch, optimizer=opt, progress=False)["loss"][-1]
 
@@ -163,7 +166,11 @@ def sklearn(sizes, batch, X, y, epochs):
     return estimator(MLPClassifier, sizes, batch, X, y, epochs)
 
 
-FACTORIES = {"ours": ours, "torch": torch_loop, "jax": jax_loop, "ours_sklearn": ours_sklearn, "sklearn": sklearn}
+def ours_numpy(sizes, batch, X, y, epochs):
+    return ours(sizes, batch, X, y, epochs, device=NumpyBackend())
+
+
+FACTORIES = {"ours": ours, "ours_numpy": ours_numpy, "torch": torch_loop, "jax": jax_loop, "ours_sklearn": ours_sklearn, "sklearn": sklearn}
 
 
 def available_impls():
