@@ -39,6 +39,7 @@ import traceback
 import numpy as np
 
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 TRANSPORTS = ("auto", "mpi", "nccl", "single")
 
 
@@ -97,9 +98,12 @@ class MPICommunicator(Communicator):
         self._MPI = MPI
         self.comm = (comm or MPI.COMM_WORLD).Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, local_size = local.Get_rank(), local.Get_size()
+        local.Free()
         self.cuda_aware = _mpi_is_cuda_aware(MPI)
         self.device = _gpu_for(self.local_rank) or "cpu"
+        self.blas_threads = share_cores(local_size) if self.device == "cpu" else None
         self._staging = {}
 
     def bcast_params(self, buf):
@@ -177,6 +181,25 @@ class NCCLCommunicator(MPICommunicator):
 
     def stream(self):
         return self._cupy.cuda.get_current_stream().ptr  # the backend's, inside its context()
+
+
+def share_cores(local_ranks, environ=os.environ):
+    """CPU ranks on one machine share its cores: each rank's BLAS gets cores // local_ranks
+    threads (at least one), where every rank would otherwise start a thread per core;
+    THREAD_VARS are set to it for the libraries loaded later. A thread count the user set (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS)
+    is left as it is. Returns the count set, or None."""
+    if local_ranks <= 1 or any(environ.get(v) for v in THREAD_VARS):
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError as e:
+        raise ImportError(f"data-parallel CPU ranks share the cores through threadpoolctl ({e}); install it with "
+                          "`pip install 'gpubackprop[mpi]'`, or set OMP_NUM_THREADS for each rank") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local_ranks)
+    threadpool_limits(limits=threads, user_api="blas")  # the libraries loaded: for the whole process
+    environ.update({v: str(threads) for v in THREAD_VARS})  # and those loaded later (scipy's BLAS)
+    return threads
 
 
 def init(transport="auto"):

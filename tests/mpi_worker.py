@@ -16,6 +16,7 @@ import signal
 import sys
 
 import numpy as np
+from threadpoolctl import threadpool_info
 
 import gpubackprop as gb
 from gpubackprop.train import callbacks
@@ -96,7 +97,8 @@ def main(scenario, out, *args):
              **{f"initial.{k}": v for k, v in initial.items()},
              **{f"history.{k}": np.array(v) for k, v in history.items()},
              rows=np.array([r for step in rows for r in step], np.int64),
-             steps=np.array([len(step) for step in rows], np.int64))
+             steps=np.array([len(step) for step in rows], np.int64),
+             blas_threads=np.array([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]))
 
 
 class _Tee:

@@ -112,6 +112,18 @@ def test_two_ranks_end_where_one_process_ends(tmp_path, case):
         # Each rank was made from its own seed: rank 0's parameters must have won.
         assert not np.array_equal(r0[f"initial.{k}"], r1[f"initial.{k}"]) or k.endswith("bias")
     assert_close(r0, params, history, rtol)
+    # Two CPU ranks on one machine share its cores rather than each taking them all.
+    if not any(os.environ.get(v) for v in distributed.THREAD_VARS):
+        share = max(1, len(os.sched_getaffinity(0)) // 2)
+        for r in (r0, r1):
+            assert len(r["blas_threads"]) and (r["blas_threads"] == share).all()
+
+
+def test_ranks_leave_a_thread_count_the_user_set_alone(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.share_cores(4) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert distributed.share_cores(1) is None  # one rank: its cores are all its own
 
 
 def test_each_epoch_the_shards_are_disjoint_and_cover_the_data(tmp_path):

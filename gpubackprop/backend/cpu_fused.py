@@ -28,9 +28,10 @@ from .cpu import NumpyBackend
 FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def fused(*arrays):
-    """Whether cpu_kernels' loops take these arrays (float32 / float64, C order)."""
-    return all(a.dtype in FUSED_DTYPES and a.flags.c_contiguous for a in arrays)
+def fused(x):
+    """Whether cpu_kernels' loops take a model whose arrays are like x (float32 /
+    float64; numba compiles a loop for any strides, so the order does not matter)."""
+    return x.dtype in FUSED_DTYPES
 
 
 class FusedCpuBackend(NumpyBackend):
@@ -39,14 +40,14 @@ class FusedCpuBackend(NumpyBackend):
     # ---- layers ---------------------------------------------------------------
     def dense_forward(self, layer, buf, dropout=None):
         loops = cpu_kernels.DENSE.get(layer.act.code)
-        if dropout is not None or loops is None or buf.z is not None or not fused(buf.out, layer.b):
+        if dropout is not None or loops is None or buf.z is not None or not fused(buf.out):
             return super().dense_forward(layer, buf, dropout)
         np.matmul(buf.input, layer.W.T, out=buf.out)
         loops[0](buf.out, layer.b, buf.out)
 
     def dense_backward(self, layer, buf, dropout=None):
         grad, loops = buf.grad, cpu_kernels.DENSE.get(layer.act.code)
-        if dropout is not None or loops is None or buf.z is not None or not fused(grad, buf.out, layer.db):
+        if dropout is not None or loops is None or buf.z is not None or not fused(grad):
             return super().dense_backward(layer, buf, dropout)
         loops[1](grad, buf.out, layer.db)
         np.matmul(grad.T, buf.input, out=layer.dW)
@@ -55,7 +56,7 @@ class FusedCpuBackend(NumpyBackend):
 
     def loss(self, name, buf, running=None, loss_scale=None):
         z = buf.z
-        if loss_scale is not None or name not in ("cross_entropy", "mse") or not fused(z, buf.target, buf.delta, buf.row):
+        if loss_scale is not None or name not in ("cross_entropy", "mse") or not fused(z):
             return super().loss(name, buf, running, loss_scale)
         rows, c = z.shape[0], z.dtype.type
         if name == "cross_entropy":
@@ -76,7 +77,7 @@ class FusedCpuBackend(NumpyBackend):
     # ---- optimizers ---------------------------------------------------------------
     def optimizer_update(self, rule, update, h):
         loop = cpu_kernels.OPTIMIZERS.get(rule.kernel)
-        if loop is None or not fused(update.p, update.g, *update.state):
+        if loop is None or not fused(update.p):
             return super().optimizer_update(rule, update, h)
         if update.found_inf is not None and update.found_inf[0]:
             return  # the divergence guard found Inf / NaN in g: skip, step count included
