@@ -35,6 +35,7 @@ import ctypes
 import os
 import sys
 import traceback
+import warnings
 
 import numpy as np
 
@@ -103,7 +104,8 @@ class MPICommunicator(Communicator):
         local.Free()
         self.cuda_aware = _mpi_is_cuda_aware(MPI)
         self.device = _gpu_for(self.local_rank) or "cpu"
-        self.blas_threads = share_cores(local_size) if self.device == "cpu" else None
+        if self.device == "cpu":
+            share_cores(local_size)
         self._staging = {}
 
     def bcast_params(self, buf):
@@ -186,19 +188,21 @@ class NCCLCommunicator(MPICommunicator):
 def share_cores(local_ranks, environ=os.environ):
     """CPU ranks on one machine share its cores: each rank's BLAS gets cores // local_ranks
     threads (at least one), where every rank would otherwise start a thread per core;
-    THREAD_VARS are set to it for the libraries loaded later. A thread count the user set (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS)
-    is left as it is. Returns the count set, or None."""
+    THREAD_VARS are set to it for the libraries loaded later. A thread count the user
+    set (any of THREAD_VARS) is left as it is. Returns the count set, or None."""
     if local_ranks <= 1 or any(environ.get(v) for v in THREAD_VARS):
         return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local_ranks)
+    environ.update({v: str(threads) for v in THREAD_VARS})  # for the libraries loaded later (scipy's BLAS)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError as e:
-        raise ImportError(f"data-parallel CPU ranks share the cores through threadpoolctl ({e}); install it with "
-                          "`pip install 'gpubackprop[mpi]'`, or set OMP_NUM_THREADS for each rank") from None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // local_ranks)
+        warnings.warn(f"{local_ranks} CPU ranks share this machine's {cores} cores, but NumPy's BLAS started a "
+                      f"thread per core in each ({e}): install threadpoolctl (`pip install 'gpubackprop[mpi]'`) "
+                      f"or set OMP_NUM_THREADS={threads} for each rank", RuntimeWarning, stacklevel=2)
+        return None
     threadpool_limits(limits=threads, user_api="blas")  # the libraries loaded: for the whole process
-    environ.update({v: str(threads) for v in THREAD_VARS})  # and those loaded later (scipy's BLAS)
     return threads
 
 

@@ -119,11 +119,10 @@ def test_two_ranks_end_where_one_process_ends(tmp_path, case):
             assert len(r["blas_threads"]) and (r["blas_threads"] == share).all()
 
 
-def test_ranks_leave_a_thread_count_the_user_set_alone(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert distributed.share_cores(4) is None
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert distributed.share_cores(1) is None  # one rank: its cores are all its own
+def test_ranks_leave_a_thread_count_the_user_set_alone():
+    environ = {"OMP_NUM_THREADS": "3"}
+    assert distributed.share_cores(4, environ) is None and environ == {"OMP_NUM_THREADS": "3"}
+    assert distributed.share_cores(1, {}) is None  # one rank: its cores are all its own
 
 
 def test_each_epoch_the_shards_are_disjoint_and_cover_the_data(tmp_path):

@@ -149,7 +149,8 @@ class Backend:
         with hyperparameters ``h``. It reads the step count t from ``update.steps``
         (steps done so far) and stores t there, so that a replayed graph counts too;
         with ``update.found_inf`` set (fp16 overflow, or the divergence guard) it
-        skips the step, count included."""
+        skips the step, count included. Given ``update.params_flag``, it sets it where
+        the parameters then hold Inf or NaN (skipped or not)."""
         raise NotImplementedError
 
     def clip_by_global_norm(self, g, max_norm):

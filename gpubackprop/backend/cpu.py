@@ -107,6 +107,7 @@ class NumpyBackend(Backend):
 
     # ---- optimizers ---------------------------------------------------------------
     def optimizer_update(self, rule, update, h):
-        if update.found_inf is not None and update.found_inf[0]:
-            return  # the divergence guard found Inf / NaN in g: skip, step count included
-        rule.numpy_update(self.xp, update, h)
+        if update.found_inf is None or not update.found_inf[0]:  # else skipped, step count included
+            rule.numpy_update(self.xp, update, h)
+        if update.params_flag is not None:
+            self.flag_nonfinite(update.p, update.params_flag)

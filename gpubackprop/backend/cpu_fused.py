@@ -39,17 +39,17 @@ class FusedCpuBackend(NumpyBackend):
 
     # ---- layers ---------------------------------------------------------------
     def dense_forward(self, layer, buf, dropout=None):
-        loops = cpu_kernels.DENSE.get(layer.act.code)
+        loops = cpu_kernels.DENSE.get(layer.act.name)
         if dropout is not None or loops is None or buf.z is not None or not fused(buf.out):
             return super().dense_forward(layer, buf, dropout)
         np.matmul(buf.input, layer.W.T, out=buf.out)
-        loops[0](buf.out, layer.b, buf.out)
+        loops.forward(buf.out, layer.b, buf.out)
 
     def dense_backward(self, layer, buf, dropout=None):
-        grad, loops = buf.grad, cpu_kernels.DENSE.get(layer.act.code)
+        grad, loops = buf.grad, cpu_kernels.DENSE.get(layer.act.name)
         if dropout is not None or loops is None or buf.z is not None or not fused(grad):
             return super().dense_backward(layer, buf, dropout)
-        loops[1](grad, buf.out, layer.db)
+        loops.backward(grad, buf.out, layer.db)
         np.matmul(grad.T, buf.input, out=layer.dW)
         if buf.grad_prev is not None:
             np.matmul(grad, layer.W, out=buf.grad_prev)
@@ -79,6 +79,8 @@ class FusedCpuBackend(NumpyBackend):
         loop = cpu_kernels.OPTIMIZERS.get(rule.kernel)
         if loop is None or not fused(update.p):
             return super().optimizer_update(rule, update, h)
-        if update.found_inf is not None and update.found_inf[0]:
-            return  # the divergence guard found Inf / NaN in g: skip, step count included
-        loop(*rule.kernel_args(update, h, update.p.dtype.type), update.steps)
+        if update.found_inf is not None and update.found_inf[0]:  # skipped, step count included
+            if update.params_flag is not None:
+                self.flag_nonfinite(update.p, update.params_flag)
+        elif loop(*rule.kernel_args(update, h, update.p.dtype.type), update.steps) and update.params_flag is not None:
+            update.params_flag[0] = 1  # the loop checks the parameters it writes: no second pass

@@ -9,7 +9,8 @@ kernels do instead, each in one pass over its operands:
     act_backward_bias_grad  delta = dL/da * g'(a), db = sum_rows delta  (activation_backward.cu)
     softmax_cross_entropy   the loss, delta_L = (q - y) / B and the hits  (loss.cu)
     mean_squared_error      the loss and delta_L = 2 (z - y) / (B C)     (loss.cu)
-    sgd_update, adam_update one pass over the flat parameter buffer      (optimizers.cu)
+    sgd_update, adam_update one pass over the flat parameter buffer,     (optimizers.cu)
+                            checking the parameters it writes      (nonfinite.cu)
     nonfinite               whether any element is Inf or NaN            (nonfinite.cu)
 
 Each keeps the NumPy backend's order of operations in the array's own type (C =
@@ -29,47 +30,61 @@ holds every loop here to it. Compiled loops are cached on disk (numba's
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit
 
 from ..nn.activations import ACTIVATIONS
 
-IDENTITY, RELU, LEAKY_RELU = (ACTIVATIONS[n].code for n in ("identity", "relu", "leaky_relu"))
-LEAKY_SLOPE = dict(ACTIVATIONS["leaky_relu"].constants)["LEAKY_SLOPE"]
+# This module's own numbering: a compiled loop is cached under this file's text and
+# the values its closure holds, so nothing it compiles in may come from elsewhere
+# (a constant read from another module would outlive a change there in the cache).
+IDENTITY, RELU, LEAKY_RELU = 0, 1, 2
 
 
 def compiled(f, **flags):
-    """f compiled by numba, cached on disk, releasing the GIL while it runs."""
-    return njit(cache=True, nogil=True, **flags)(f)
+    """f compiled by numba, releasing the GIL while it runs, cached on disk: where
+    numba finds no writable cache folder (a read-only install and home), compiled
+    again by each process instead."""
+    try:
+        return njit(cache=True, nogil=True, **flags)(f)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(nogil=True, **flags)(f)
 
 
 # ---- activations (common.cuh: act_forward, act_grad) ----------------------------------
 # The ReLU family and the identity: for the tanh family NumPy's SIMD tanh is 4x
 # faster than the scalar libm call a compiled loop makes, so those stay NumPy's.
 @njit(inline="always")
-def act_forward(code, z, C):
-    if code == RELU:
+def act_forward(kind, slope, z, C):
+    if kind == RELU:
         return C(0) if z < C(0) else z  # NaN stays NaN
-    if code == LEAKY_RELU:
-        return z * C(LEAKY_SLOPE) if z < C(0) else z
+    if kind == LEAKY_RELU:
+        return z * C(slope) if z < C(0) else z
     return z
 
 
 @njit(inline="always")
-def act_grad(code, a, C):
-    if code == RELU:
+def act_grad(kind, slope, a, C):
+    if kind == RELU:
         return C(1) if a > C(0) else C(0)
-    if code == LEAKY_RELU:
-        return C(1) if a > C(0) else C(LEAKY_SLOPE)
+    if kind == LEAKY_RELU:
+        return C(1) if a > C(0) else C(slope)
     return C(1)
 
 
 # ---- dense layers ---------------------------------------------------------------------
-def _dense_loops(code):
-    """bias_act_forward and act_backward_bias_grad for activation ``code``, compiled for
-    it alone: with the code a constant, the compiler drops the other branches and
-    vectorizes the rows (a code passed at run time keeps a branch per element)."""
+class DenseLoops(NamedTuple):
+    forward: Callable  # bias_act_forward(z, b, a)
+    backward: Callable  # act_backward_bias_grad(g, a, db)
+
+
+def dense_loops(kind, slope=0.0):
+    """The two loops of a dense layer for activation ``kind`` (and leaky ReLU's
+    ``slope``), compiled for it alone: with the kind a constant, the compiler drops
+    the other branches and vectorizes the rows (a kind passed at run time keeps a
+    branch per element)."""
 
     def bias_act_forward(z, b, a):
         """a = g(z + b) row by row (a may be z: these g' need only a)."""
@@ -77,27 +92,32 @@ def _dense_loops(code):
         rows, cols = z.shape
         for r in range(rows):
             for c in range(cols):
-                a[r, c] = act_forward(code, z[r, c] + b[c], C)
+                a[r, c] = act_forward(kind, slope, z[r, c] + b[c], C)
 
     def act_backward_bias_grad(g, a, db):
         """g = delta = g * g'(a) in place and db = its column sums, added down the rows
-        in order."""
+        in order in float64 (as exact as NumPy's blocked float32 sums, or more)."""
         C = g.dtype.type
         rows, cols = g.shape
-        for c in range(cols):
-            db[c] = 0
+        acc = np.zeros(cols, np.float64)
         for r in range(rows):
             for c in range(cols):
                 d = g[r, c]
-                if code != IDENTITY:
-                    d = d * act_grad(code, a[r, c], C)
+                if kind != IDENTITY:
+                    d = d * act_grad(kind, slope, a[r, c], C)
                     g[r, c] = d
-                db[c] += d
+                acc[c] += d
+        for c in range(cols):
+            db[c] = acc[c]
 
-    return compiled(bias_act_forward), compiled(act_backward_bias_grad)
+    return DenseLoops(compiled(bias_act_forward), compiled(act_backward_bias_grad))
 
 
-DENSE = {code: _dense_loops(code) for code in (IDENTITY, RELU, LEAKY_RELU)}  # by activation code
+DENSE = {  # by activation name
+    "identity": dense_loops(IDENTITY),
+    "relu": dense_loops(RELU),
+    "leaky_relu": dense_loops(LEAKY_RELU, dict(ACTIVATIONS["leaky_relu"].constants)["LEAKY_SLOPE"]),
+}
 
 
 # ---- losses ---------------------------------------------------------------------------
@@ -111,7 +131,7 @@ def softmax_cross_entropy(z, y, delta, row, inv_rows):
     for r in range(rows):
         m, top = z[r, 0], 0
         for c in range(1, cols):
-            if z[r, c] > m:
+            if z[r, c] > m or (z[r, c] != z[r, c] and m == m):  # NaN is the largest, as for np.argmax
                 m, top = z[r, c], c
         ym, label = y[r, 0], 0
         s, y_dot_shifted = C(0), C(0)
@@ -121,16 +141,16 @@ def softmax_cross_entropy(z, y, delta, row, inv_rows):
             q = math.exp(shifted)
             delta[r, c] = q
             s += q
-            if y[r, c] > ym:
+            if y[r, c] > ym or (y[r, c] != y[r, c] and ym == ym):
                 ym, label = y[r, c], c
         for c in range(cols):
             delta[r, c] = (delta[r, c] / s - y[r, c]) * inv_rows
         row[r] = math.log(s) - y_dot_shifted
         hits += 1 if top == label else 0
-    total = C(0)
+    total = 0.0  # float64: a float32 running sum drifts over a large batch
     for r in range(rows):
         total += row[r]
-    return total * inv_rows, hits
+    return C(total) * inv_rows, hits
 
 
 def mean_squared_error(z, y, delta, row, inv_n):
@@ -144,17 +164,19 @@ def mean_squared_error(z, y, delta, row, inv_n):
             acc += d * d
             delta[r, c] = d * (C(2) * inv_n)
         row[r] = acc
-    total = C(0)
+    total = 0.0
     for r in range(rows):
         total += row[r]
-    return total * inv_n
+    return C(total) * inv_n
 
 
 # ---- the flat buffers (optimizers.cu, nonfinite.cu) ------------------------------------------
 def sgd_update(p, g, buf, n, lr, momentum, one_minus_dampening, weight_decay, lr_momentum, nesterov, dampened, steps):
-    """torch.optim.SGD (gpubackprop.optim.sgd), in sgd.py's order of operations."""
+    """torch.optim.SGD (gpubackprop.optim.sgd), in sgd.py's order of operations; returns
+    whether the new parameters hold Inf or NaN."""
     C = p.dtype.type
     first = steps[0] == 0
+    bad = False
     for i in range(n):
         pi = p[i]
         d = g[i]
@@ -173,13 +195,17 @@ def sgd_update(p, g, buf, n, lr, momentum, one_minus_dampening, weight_decay, lr
         else:
             pi = pi - d * lr
         p[i] = pi
+        bad |= pi - pi != C(0)  # Inf - Inf and NaN - NaN are NaN
     steps[0] += 1
+    return bad
 
 
 def adam_update(p, g, m, v, n, lr, beta1_d, beta2_d, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                 decay_factor, decoupled, steps):
-    """torch.optim.Adam / AdamW (gpubackprop.optim.adam), in adam.py's order of operations."""
+    """torch.optim.Adam / AdamW (gpubackprop.optim.adam), in adam.py's order of operations;
+    returns whether the new parameters hold Inf or NaN."""
     C = p.dtype.type
+    bad = False
     t = float(steps[0] + 1)
     beta1, beta2 = C(beta1_d), C(beta2_d)
     step_size = C(lr / (1.0 - beta1_d ** t))
@@ -198,7 +224,9 @@ def adam_update(p, g, m, v, n, lr, beta1_d, beta2_d, one_minus_beta1, one_minus_
         v[i] = vi
         pi = pi - (mi / (math.sqrt(vi) / sqrt_bc2 + eps)) * step_size
         p[i] = pi
+        bad |= pi - pi != C(0)
     steps[0] += 1
+    return bad
 
 
 def nonfinite(x):

@@ -273,6 +273,8 @@ class KernelBackend(Backend):
         self._launch(rule.kernel, p.dtype, (), self._grid_1d(p.size), (self.BLOCK,),
                      rule.kernel_args(update, h, self._compute(p.dtype)) + (update.steps, self._counter(1),
                                                                              update.found_inf))
+        if update.params_flag is not None:
+            self.flag_nonfinite(p, update.params_flag)
 
     def clip_by_global_norm(self, g, max_norm):
         compute = self._compute(g.dtype)

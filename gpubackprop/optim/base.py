@@ -28,6 +28,7 @@ class Update(NamedTuple):
     scratch: tuple  # parameter-sized temporaries (where the backend has elementwise_scratch), else ()
     steps: object  # (1,) uint32 on the device: steps done; the update reads and advances it
     found_inf: object = None  # (1,) flag: skip the update (and its count) when set
+    params_flag: object = None  # (1,) flag: set when the parameters after the update hold Inf or NaN
 
 
 class Flat(NamedTuple):
@@ -129,22 +130,24 @@ class Optimizer:
         """The bytes ``bind(model)`` allocates (for the out-of-memory message)."""
         return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend))
 
-    def step(self, model=None, *, found_inf=None):
+    def step(self, model=None, *, found_inf=None, params_flag=None):
         """Apply one update from the bound gradients, and count it. Given ``model``, bind
         it first and run on its device (``model.backend.context()``); without, the
         caller has the device current (a trainer's step, perhaps being captured).
         With ``found_inf`` (a device flag: fp16 overflow, or the divergence guard) the
         device skips a flagged step; ``sync_steps`` then corrects the host's count.
-        On the device it is one launch, capturable in a graph."""
+        With ``params_flag`` (the divergence guard's) it is set where the parameters
+        after the step hold Inf or NaN. On the device it is one launch (two with
+        ``params_flag``), capturable in a graph."""
         if model is not None:
             self.bind(model)
             with model.backend.context():
-                return self.step(found_inf=found_inf)
+                return self.step(found_inf=found_inf, params_flag=params_flag)
         if self.bound is None:
             raise RuntimeError(f"{self!r} is not bound to a model: pass params=model, or train with "
                                "model.fit(..., optimizer=...) / model.train_step(X, y, optimizer)")
         self.steps += 1
-        update = Update(*self._buffers, found_inf)
+        update = Update(*self._buffers, found_inf, params_flag)
         self.bound.backend.optimizer_update(type(self), update, self.settings())
 
     def sync_steps(self):

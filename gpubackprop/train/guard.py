@@ -7,7 +7,8 @@ anyway (every 16 steps and at each epoch's end in ``fit``, every ``train_step``)
 and applies its policy, ``on_nonfinite`` (gpubackprop.train.recovery).
 
 An update can also overflow by itself: finite gradients times a huge learning
-rate. The parameters are checked after each update too; that cannot be undone
+rate. The update checks the parameters it wrote too (the optimizer's
+``params_flag``: on the CPU in the same pass); that cannot be undone
 (the step has been applied), so it raises under "raise" and "skip" alike, and
 restores under "restore".
 
@@ -39,8 +40,9 @@ class Guard:
     def check(self, grads):
         self.backend.flag_nonfinite(grads, self.grads.flag)
 
-    def after_update(self, params, steps):
-        self.backend.flag_nonfinite(params, self.params.flag)
+    def after_update(self, steps):
+        """Count this step's flags (the update set ``params.flag`` where the new
+        parameters hold Inf or NaN)."""
         for c in (self.grads, self.params):
             self.backend.count_nonfinite(c.flag, c.count, c.first, steps)
 

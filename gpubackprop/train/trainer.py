@@ -88,11 +88,11 @@ class Trainer:
             found_inf = self.guard.flag
         if self.clip_norm is not None:
             backend.clip_by_global_norm(net.grads, self.clip_norm)
-        optimizer.step(found_inf=found_inf)
+        optimizer.step(found_inf=found_inf, params_flag=None if self.guard is None else self.guard.params.flag)
         if net.scaler is not None:
             net.scaler.update()
         elif self.guard is not None:
-            self.guard.after_update(net.params, steps)
+            self.guard.after_update(steps)
         net.parameters.cast()
 
 

@@ -169,3 +169,27 @@ def test_gather_rows(rng, cpu):
     out = poisoned((7, 3), float)
     cpu.gather_rows(src, index, out)
     np.testing.assert_array_equal(out, src[index])
+
+
+@pytest.mark.parametrize("name,hyper", RULES, ids=[f"{n}-{h}" for n, h in RULES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_update_flags_parameters_it_made_non_finite(name, hyper, dtype, rng, cpu):
+    """The divergence guard's check after the update: finite gradients times a huge
+    step overflow the parameters; the update says so, and only then."""
+    n = 1001
+    rule = OPTIMIZERS[name]
+    opt = rule(**hyper)
+    p = rng.standard_normal(n).astype(dtype)
+    state = tuple(np.zeros(n, dtype) for _ in opt.state_names)
+    scratch = tuple(poisoned(n, dtype) for _ in range(opt.n_scratch))
+    steps, flag = np.zeros(1, np.uint32), np.zeros(1, np.uint32)
+    g = rng.standard_normal(n).astype(dtype)
+    cpu.optimizer_update(rule, Update(p, g, state, scratch, steps, None, flag), opt.settings())
+    assert flag[0] == 0 and np.isfinite(p).all()
+    huge = rule(**{**hyper, "lr": float(np.finfo(dtype).max) / 2}).settings()  # Adam's steps are bounded by lr
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the point
+        cpu.optimizer_update(rule, Update(p, g, state, scratch, steps, None, flag), huge)
+        assert flag[0] == 1 and not np.isfinite(p).all()
+        flag[0] = 0
+        cpu.optimizer_update(rule, Update(p, g, state, scratch, steps, np.ones(1, np.uint32), flag), huge)
+    assert flag[0] == 1  # skipped, and the parameters still hold Inf: said again

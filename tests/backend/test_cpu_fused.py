@@ -14,7 +14,7 @@ from gpubackprop.optim import OPTIMIZERS, Update
 
 from .test_cpu import loss_buffers, poisoned
 
-pytestmark = pytest.mark.skipif(backends.FusedCpuBackend is None, reason="needs numba (the fast extra)")
+cpu_kernels = pytest.importorskip("gpubackprop.backend.cpu_kernels", reason="needs numba (the fast extra)")
 FUSED = backends.FusedCpuBackend and backends.FusedCpuBackend()
 NUMPY = NumpyBackend()
 RULES = [(name, h) for name, rule in OPTIMIZERS.items() for h in rule.examples]
@@ -125,3 +125,31 @@ def test_fit_on_the_fused_loops_follows_numpy(activation, optimizer, rng):
         model.fit(X, y, epochs=3, batch_size=32, optimizer=opt, progress=False)
         params.append(model.params.copy())
     np.testing.assert_allclose(params[1], params[0], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_logits_count_hits_as_numpy_does(rng):
+    """np.argmax takes the first NaN as the largest; so does the fused loss."""
+    z = rng.standard_normal((6, 4)).astype(np.float32)
+    z[0, 2] = z[1, 0] = z[2, 3] = np.nan
+    y = np.eye(4, dtype=np.float32)[[2, 1, 3, 0, 1, 2]]
+    hits = []
+    for be in (NUMPY, FUSED):
+        running = np.zeros(2)
+        with np.errstate(invalid="ignore"):
+            be.loss("cross_entropy", loss_buffers(z, y, poisoned(z.shape, np.float32), poisoned((), np.float32)),
+                    running)
+        hits.append(running[1])
+    assert hits[1] == hits[0] == (z.argmax(1) == y.argmax(1)).sum()
+
+
+def test_sums_over_a_large_batch_stay_accurate(rng):
+    """The bias gradient and the loss are sums over the batch: formed in float64, they
+    stay as close to the float64 truth as NumPy's blocked float32 sums, or closer."""
+    B = 200_003
+    grad = rng.standard_normal((B, 3)).astype(np.float32) + 1.0
+    a = np.abs(rng.standard_normal((B, 3))).astype(np.float32) + 0.1  # ReLU's g' = 1 everywhere
+    db = poisoned(3, np.float32)
+    cpu_kernels.DENSE["relu"].backward(grad, a, db)
+    truth = grad.astype(np.float64).sum(axis=0)
+    numpy_error = np.abs(np.ones(B, np.float32) @ grad - truth).max()
+    assert np.abs(db - truth).max() <= max(numpy_error, 1e-7 * np.abs(truth).max())
