@@ -25,8 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The CPU benchmark: the pytest-benchmark suite (train steps, whole fit runs, the sgemm
+# ceiling; JSON in bench/results/), then fit_bench's table of ratios for the README.
 bench: $(STAMP)
-	$(BIN)/python -m bench.cpu_table
+	$(BIN)/python -m pytest -q bench/test_bench_cpu.py bench/test_fit_bench.py --benchmark-enable \
+		--benchmark-json=bench/results/pytest-benchmark-cpu.json
 	$(BIN)/python -m bench.fit_bench
 
 # On a machine with an NVIDIA GPU: selftest, the GPU tests and the step benchmark,

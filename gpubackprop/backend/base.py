@@ -153,6 +153,12 @@ class Backend:
         the parameters then hold Inf or NaN (skipped or not)."""
         raise NotImplementedError
 
+    def update_scratch(self, rule, dtype):
+        """How many parameter-sized temporaries ``optimizer_update`` of ``rule`` needs
+        for parameters of ``dtype``: the rule's own count where the update is NumPy's
+        out= chain (elementwise_scratch), none for a fused update."""
+        return rule.n_scratch if self.elementwise_scratch else 0
+
     def clip_by_global_norm(self, g, max_norm):
         """g *= min(1, max_norm / (||g||_2 + 1e-6)) over the whole flat gradient buffer
         (torch.nn.utils.clip_grad_norm_)."""

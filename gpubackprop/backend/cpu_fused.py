@@ -75,6 +75,11 @@ class FusedCpuBackend(NumpyBackend):
             flag[0] = 1
 
     # ---- optimizers ---------------------------------------------------------------
+    def update_scratch(self, rule, dtype):
+        if rule.kernel in cpu_kernels.OPTIMIZERS and np.dtype(dtype) in FUSED_DTYPES:
+            return 0  # the loop keeps its temporaries in registers
+        return super().update_scratch(rule, dtype)
+
     def optimizer_update(self, rule, update, h):
         loop = cpu_kernels.OPTIMIZERS.get(rule.kernel)
         if loop is None or not fused(update.p):

@@ -110,7 +110,7 @@ class Optimizer:
                 self.state[name] = backend.zeros(params.shape, params.dtype)
             elif not (backend.is_native(buf) and buf.dtype == params.dtype):
                 self.state[name] = backend.asarray(backend.to_host(buf), dtype=params.dtype)
-        n = self.scratch_buffers(backend)
+        n = self.scratch_buffers(backend, params.dtype)
         s = self.scratch
         if len(s) != n or not all(backend.is_native(x) and x.dtype == params.dtype and x.shape == params.shape
                                   for x in s):
@@ -122,13 +122,13 @@ class Optimizer:
                          self.device_steps)  # an Update's, but found_inf: made here, not per step
         return self
 
-    def scratch_buffers(self, backend):
+    def scratch_buffers(self, backend, dtype):
         """How many parameter-sized temporaries the update needs on ``backend``."""
-        return self.n_scratch if backend.elementwise_scratch else 0
+        return backend.update_scratch(type(self), dtype)
 
     def state_bytes(self, model):
         """The bytes ``bind(model)`` allocates (for the out-of-memory message)."""
-        return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend))
+        return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend, model.params.dtype))
 
     def step(self, model=None, *, found_inf=None, params_flag=None):
         """Apply one update from the bound gradients, and count it. Given ``model``, bind

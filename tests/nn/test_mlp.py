@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import gpubackprop as gb
 from gpubackprop.nn.activations import ACTIVATIONS
 from gpubackprop.backend import reference as ref
+from gpubackprop.backend import FusedCpuBackend
 from gpubackprop.backend.cpu import NumpyBackend
 
 from ..helpers import assert_same_params, dense_targets, params_of, random_batch
@@ -263,11 +264,16 @@ def test_optimizers_allocate_temporaries_only_where_the_backend_uses_them(opt):
     from gpubackprop.backend.kernels import KernelBackend
 
     kernels = KernelBackend(np, module=None, n_sm=1)
-    for backend, n in ((NumpyBackend(), opt.n_scratch), (kernels, 0)):
-        model = gb.MLP([3, 4, 2], device=backend)
+    cases = [(NumpyBackend(), "float32", opt.n_scratch), (kernels, "float32", 0)]
+    if FusedCpuBackend is not None:  # fused where a loop takes the dtype, NumPy's chain (and its scratch) elsewhere
+        cases += [(FusedCpuBackend(), "float32", 0), (FusedCpuBackend(), "longdouble", opt.n_scratch)]
+    for backend, dtype, n in cases:
+        model = gb.MLP([3, 4, 2], device=backend, dtype=dtype)
         opt.bind(model)
-        assert len(opt.scratch) == n == opt.scratch_buffers(backend)
+        assert len(opt.scratch) == n == opt.scratch_buffers(backend, model.params.dtype)
         assert all(s.shape == model.params.shape for s in opt.scratch)
+        if backend is not kernels:  # (no module to launch) the update runs on what was allocated
+            model.train_step(np.ones((2, 3)), [0, 1], opt)
 
 
 class _OutOfMemoryBackend(NumpyBackend):
