@@ -60,7 +60,9 @@ class FusedCpuBackend(NumpyBackend):
             return super().loss(name, buf, running, loss_scale)
         rows, c = z.shape[0], z.dtype.type
         if name == "cross_entropy":
-            value, hits = cpu_kernels.softmax_cross_entropy(z, buf.target, buf.delta, buf.row, c(1.0 / rows))
+            hits = cpu_kernels.shift_logits(z, buf.target, buf.delta, buf.row)
+            np.exp(buf.delta, out=buf.delta)
+            value = cpu_kernels.normalize_exponentials(buf.delta, buf.target, buf.row, c(1.0 / rows))
         else:
             value, hits = cpu_kernels.mean_squared_error(z, buf.target, buf.delta, buf.row, c(1.0 / z.size)), 0
         buf.out[...] = value

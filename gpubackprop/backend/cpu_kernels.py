@@ -7,7 +7,9 @@ kernels do instead, each in one pass over its operands:
 
     bias_act_forward        a = g(z + b)                             (bias_activation.cu)
     act_backward_bias_grad  delta = dL/da * g'(a), db = sum_rows delta  (activation_backward.cu)
-    softmax_cross_entropy   the loss, delta_L = (q - y) / B and the hits  (loss.cu)
+    shift_logits, normalize_exponentials                                 (loss.cu)
+                            softmax cross entropy: the loss, delta_L = (q - y) / B
+                            and the hits, around NumPy's exp
     mean_squared_error      the loss and delta_L = 2 (z - y) / (B C)     (loss.cu)
     sgd_update, adam_update one pass over the flat parameter buffer,     (optimizers.cu)
                             checking the parameters it writes      (nonfinite.cu)
@@ -121,36 +123,59 @@ DENSE = {  # by activation name
 
 
 # ---- losses ---------------------------------------------------------------------------
-def softmax_cross_entropy(z, y, delta, row, inv_rows):
-    """delta = (softmax(z) - y) * inv_rows, row[i] = log s_i - y_i . (z_i - m_i) (see
-    gpubackprop.nn.losses); returns (the batch's mean loss, rows whose argmax z is
-    argmax y)."""
+@njit(inline="always")
+def first_nan(x, r, otherwise):
+    """The first c where x[r, c] is NaN, else ``otherwise``."""
+    for c in range(x.shape[1]):
+        if x[r, c] != x[r, c]:
+            return c
+    return otherwise
+
+
+def shift_logits(z, y, shifted, row):
+    """The first half of softmax cross entropy (gpubackprop.nn.losses), before the
+    exponentials: shifted = z - m row-wise (m_i = max_c z_ic), row[i] = y_i . (z_i - m_i);
+    returns the rows whose argmax z is argmax y."""
     C = z.dtype.type
     rows, cols = z.shape
     hits = 0
     for r in range(rows):
         m, top = z[r, 0], 0
         for c in range(1, cols):
-            if z[r, c] > m or (z[r, c] != z[r, c] and m == m):  # NaN is the largest, as for np.argmax
+            if z[r, c] > m:
                 m, top = z[r, c], c
         ym, label = y[r, 0], 0
-        s, y_dot_shifted = C(0), C(0)
-        for c in range(cols):
-            shifted = z[r, c] - m
-            y_dot_shifted += y[r, c] * shifted
-            q = math.exp(shifted)
-            delta[r, c] = q
-            s += q
-            if y[r, c] > ym or (y[r, c] != y[r, c] and ym == ym):
+        for c in range(1, cols):
+            if y[r, c] > ym:
                 ym, label = y[r, c], c
+        y_dot_shifted = C(0)
         for c in range(cols):
-            delta[r, c] = (delta[r, c] / s - y[r, c]) * inv_rows
-        row[r] = math.log(s) - y_dot_shifted
+            d = z[r, c] - m
+            shifted[r, c] = d
+            y_dot_shifted += y[r, c] * d
+        row[r] = y_dot_shifted
+        if y_dot_shifted != y_dot_shifted:  # a NaN in the row: np.argmax picks the first NaN
+            top, label = first_nan(z, r, top), first_nan(y, r, label)
         hits += 1 if top == label else 0
+    return hits
+
+
+def normalize_exponentials(e, y, row, inv_rows):
+    """The second half, after e = exp(z - m) (NumPy's SIMD exp, 10x a scalar libm
+    call): e = delta_L = (e / s - y) * inv_rows with s_i = sum_c e_ic, row[i] = log s_i
+    - row[i]; returns the batch's mean loss (summed in float64)."""
+    C = e.dtype.type
+    rows, cols = e.shape
     total = 0.0  # float64: a float32 running sum drifts over a large batch
     for r in range(rows):
+        s = C(0)
+        for c in range(cols):
+            s += e[r, c]
+        for c in range(cols):
+            e[r, c] = (e[r, c] / s - y[r, c]) * inv_rows
+        row[r] = math.log(s) - row[r]
         total += row[r]
-    return C(total) * inv_rows, hits
+    return C(total) * inv_rows
 
 
 def mean_squared_error(z, y, delta, row, inv_n):
@@ -238,8 +263,8 @@ def nonfinite(x):
     return not acc == C(0)
 
 
-softmax_cross_entropy, mean_squared_error, sgd_update, adam_update = (
-    compiled(f) for f in (softmax_cross_entropy, mean_squared_error, sgd_update, adam_update))
+shift_logits, normalize_exponentials, mean_squared_error, sgd_update, adam_update = (
+    compiled(f) for f in (shift_logits, normalize_exponentials, mean_squared_error, sgd_update, adam_update))
 # Reassociation lets the sum vectorize; it stays NaN exactly where an element is non-finite.
 nonfinite = compiled(nonfinite, fastmath={"reassoc"})
 OPTIMIZERS = {"sgd_update": sgd_update, "adam_update": adam_update}  # by the name of their CUDA kernel
