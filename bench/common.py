@@ -99,7 +99,8 @@ def versions(device=None, blas_threads=None):
     import gpubackprop as gb
 
     v = {"python": platform.python_version(), "numpy": np.__version__, "numpy_blas": numpy_blas(),
-         "gpubackprop": gb.__version__}
+         "gpubackprop": gb.__version__, "numba": peer_version("numba"),
+         "cpu_backend": type(gb.get_backend("cpu")).__name__}
     for module in PEERS:
         v[module] = peer_version(module)
     if "torch" in sys.modules:
