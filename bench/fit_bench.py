@@ -170,7 +170,8 @@ def ours_numpy(sizes, batch, X, y, epochs):
     return ours(sizes, batch, X, y, epochs, device=NumpyBackend())
 
 
-FACTORIES = {"ours": ours, "ours_numpy": ours_numpy, "torch": torch_loop, "jax": jax_loop, "ours_sklearn": ours_sklearn, "sklearn": sklearn}
+FACTORIES = {"ours": ours, "ours_numpy": ours_numpy, "torch": torch_loop, "jax": jax_loop, "ours_sklearn": ours_sklearn,
+             "sklearn": sklearn}
 
 
 def available_impls():
