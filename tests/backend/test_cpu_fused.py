@@ -153,3 +153,11 @@ def test_sums_over_a_large_batch_stay_accurate(rng):
     truth = grad.astype(np.float64).sum(axis=0)
     numpy_error = np.abs(np.ones(B, np.float32) @ grad - truth).max()
     assert np.abs(db - truth).max() <= max(numpy_error, 1e-7 * np.abs(truth).max())
+
+
+def test_a_loop_numba_cannot_cache_is_compiled_per_process_instead():
+    """Where no cache folder can be written (a read-only install and home), numba refuses
+    cache=True with a RuntimeError; the loops compile without the disk cache instead
+    of failing the import. Code from a string has no cache location: the same refusal."""
+    uncacheable = eval("lambda x: x + 1")  # noqa: S307 (a constant expression)
+    assert cpu_kernels.compiled(uncacheable)(2) == 3
