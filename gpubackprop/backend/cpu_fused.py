@@ -10,11 +10,12 @@ kernel on the GPU. The GEMMs stay NumPy's (BLAS, on every core).
 
 Which primitives run fused was decided by measurement (``python -m bench.fit_bench``
 compares ``ours`` with ``ours_numpy``; ``python -m bench.profile_step --device cpu``
-shows where a step's time goes): the ReLU family and the identity run fused; the
-tanh family (tanh, sigmoid, GELU, SiLU) keeps NumPy's ufuncs, whose SIMD tanh took
+shows where a step's time goes): the ReLU family and the identity run fused both
+ways, tanh and sigmoid backward only (g' is a polynomial in a); g of the tanh
+family (tanh, sigmoid, GELU, SiLU) stays NumPy's ufuncs, whose SIMD tanh took
 105 us on a 4096 x 64 float32 array against 456 us for a compiled loop's scalar
-libm calls (2-core Xeon, 2026-11-30). Everything else (dropout, other dtypes,
-optimizers without a loop) is the NumPy backend's own code.
+libm calls (2-core Xeon, 2026-11-30). Everything else (GELU's and SiLU's g',
+dropout, other dtypes, optimizers without a loop) is the NumPy backend's own code.
 
 numba is the ``fast`` extra; without it ``get_backend("cpu")`` is the NumPy
 backend, and its ``note`` says so.
@@ -40,7 +41,7 @@ class FusedCpuBackend(NumpyBackend):
     # ---- layers ---------------------------------------------------------------
     def dense_forward(self, layer, buf, dropout=None):
         loops = cpu_kernels.DENSE.get(layer.act.name)
-        if dropout is not None or loops is None or buf.z is not None or not fused(buf.out):
+        if dropout is not None or loops is None or loops.forward is None or buf.z is not None or not fused(buf.out):
             return super().dense_forward(layer, buf, dropout)
         np.matmul(buf.input, layer.W.T, out=buf.out)
         loops.forward(buf.out, layer.b, buf.out)

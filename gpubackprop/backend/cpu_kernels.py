@@ -32,7 +32,7 @@ holds every loop here to it. Compiled loops are cached on disk (numba's
 """
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 from numba import njit
@@ -42,7 +42,7 @@ from ..nn.activations import ACTIVATIONS
 # This module's own numbering: a compiled loop is cached under this file's text and
 # the values its closure holds, so nothing it compiles in may come from elsewhere
 # (a constant read from another module would outlive a change there in the cache).
-IDENTITY, RELU, LEAKY_RELU = 0, 1, 2
+IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID = 0, 1, 2, 3, 4
 
 
 def compiled(f, **flags):
@@ -56,8 +56,9 @@ def compiled(f, **flags):
 
 
 # ---- activations (common.cuh: act_forward, act_grad) ----------------------------------
-# The ReLU family and the identity: for the tanh family NumPy's SIMD tanh is 4x
-# faster than the scalar libm call a compiled loop makes, so those stay NumPy's.
+# g for the ReLU family and the identity; g' for those and for tanh and sigmoid,
+# whose g' is a polynomial in a. g itself for tanh and sigmoid (and GELU, SiLU)
+# stays NumPy's: its SIMD tanh is 4x faster than the scalar libm call of a loop.
 @njit(inline="always")
 def act_forward(kind, slope, z, C):
     if kind == RELU:
@@ -73,20 +74,24 @@ def act_grad(kind, slope, a, C):
         return C(1) if a > C(0) else C(0)
     if kind == LEAKY_RELU:
         return C(1) if a > C(0) else C(slope)
+    if kind == TANH:
+        return C(1) - a * a
+    if kind == SIGMOID:
+        return (C(1) - a) * a
     return C(1)
 
 
 # ---- dense layers ---------------------------------------------------------------------
 class DenseLoops(NamedTuple):
-    forward: Callable  # bias_act_forward(z, b, a)
+    forward: Optional[Callable]  # bias_act_forward(z, b, a); None: NumPy's is faster
     backward: Callable  # act_backward_bias_grad(g, a, db)
 
 
-def dense_loops(kind, slope=0.0):
-    """The two loops of a dense layer for activation ``kind`` (and leaky ReLU's
+def dense_loops(kind, slope=0.0, forward=True):
+    """The loops of a dense layer for activation ``kind`` (and leaky ReLU's
     ``slope``), compiled for it alone: with the kind a constant, the compiler drops
     the other branches and vectorizes the rows (a kind passed at run time keeps a
-    branch per element)."""
+    branch per element). Without ``forward``, the backward loop alone."""
 
     def bias_act_forward(z, b, a):
         """a = g(z + b) row by row (a may be z: these g' need only a)."""
@@ -112,13 +117,15 @@ def dense_loops(kind, slope=0.0):
         for c in range(cols):
             db[c] = acc[c]
 
-    return DenseLoops(compiled(bias_act_forward), compiled(act_backward_bias_grad))
+    return DenseLoops(compiled(bias_act_forward) if forward else None, compiled(act_backward_bias_grad))
 
 
 DENSE = {  # by activation name
     "identity": dense_loops(IDENTITY),
     "relu": dense_loops(RELU),
     "leaky_relu": dense_loops(LEAKY_RELU, dict(ACTIVATIONS["leaky_relu"].constants)["LEAKY_SLOPE"]),
+    "tanh": dense_loops(TANH, forward=False),
+    "sigmoid": dense_loops(SIGMOID, forward=False),
 }
 
 

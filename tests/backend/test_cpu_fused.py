@@ -56,7 +56,7 @@ def test_optimizer_updates_give_the_numpy_backends_bits(name, hyper, dtype, rng)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 19, 13), (5, 3, 130)])
-@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu"])
+@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu", "tanh", "sigmoid"])
 def test_fused_dense_layers_agree_with_numpy(name, shape, dtype, rng):
     B, n_in, n_out = shape
     a_prev = rng.standard_normal((B, n_in)).astype(dtype)
