@@ -17,9 +17,11 @@ kernels do instead, each in one pass over its operands:
 
 Each keeps the NumPy backend's order of operations in the array's own type (C =
 z.dtype.type: float32 work stays float32), and numba's default IEEE semantics
-(no fastmath, so no contraction into FMAs): the optimizer updates give the NumPy
-backend's bits, the rest agree with it to rounding (libm's exp and tanh, and sums
-in another order). Sums run in a fixed order: a result is the same bits on every run.
+(no fastmath, so no contraction into FMAs): the optimizer updates and the layer
+loops' elementwise results equal the NumPy backend's (ReLU of -0.0 keeps its sign);
+whatever a sum feeds (db, the softmax denominators, the loss) agrees with it to
+rounding, the sums being added in another order (db and the loss in float64).
+Sums run in a fixed order: a result is the same bits on every run.
 
 The loops run on the calling thread alone. Threaded, they lost 5x to 15x on every
 shape measured (2 cores): numba's pool and OpenBLAS's, each spinning between
@@ -168,8 +170,8 @@ def shift_logits(z, y, shifted, row):
 
 
 def normalize_exponentials(e, y, row, inv_rows):
-    """The second half, after e = exp(z - m) (NumPy's SIMD exp, 10x a scalar libm
-    call): e = delta_L = (e / s - y) * inv_rows with s_i = sum_c e_ic, row[i] = log s_i
+    """The second half, after e = exp(z - m) (NumPy's SIMD exp: a loop would call the
+    scalar libm expf per element): e = delta_L = (e / s - y) * inv_rows with s_i = sum_c e_ic, row[i] = log s_i
     - row[i]; returns the batch's mean loss (summed in float64)."""
     C = e.dtype.type
     rows, cols = e.shape
