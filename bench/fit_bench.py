@@ -1,8 +1,9 @@
 """Whole training runs on the CPU, the path users run: ``fit`` against PyTorch's and
 JAX's idiomatic loops, and our scikit-learn estimator against scikit-learn's.
 
-Every implementation trains the same network (ReLU hidden layers, softmax cross
-entropy, float32, plain SGD at lr 0.01, the same starting weights) for ``EPOCHS``
+Every implementation trains the same network (ReLU hidden layers, or tanh with
+``--activation tanh``; softmax cross entropy, float32, plain SGD at lr 0.01, the
+same starting weights) for ``EPOCHS``
 epochs of shuffled mini-batches over the same N rows, and reports samples per
 second (N x epochs / time):
 
@@ -50,6 +51,7 @@ CASES = (
 )
 IMPLS = ("ours", "ours_numpy", "torch", "jax", "ours_sklearn", "sklearn")
 NEEDS = {"torch": "torch", "jax": "jax", "ours_sklearn": "sklearn", "sklearn": "sklearn"}
+ACTIVATIONS = ("relu", "tanh")  # the hidden layers' g: a name in gpubackprop, scikit-learn and jax.nn
 
 
 def case_id(sizes, batch):
@@ -61,31 +63,32 @@ def make_data(sizes, rows, seed=SEED):
     return rng.random((rows, sizes[0]), dtype=np.float32), rng.integers(0, sizes[-1], rows)
 
 
-def start_weights(sizes):
+def start_weights(sizes, activation):
     """Our seed-0 initialisation, as (W, b) per layer: every implementation starts here."""
-    state = gb.MLP(list(sizes), seed=SEED).state_dict()
+    state = gb.MLP(list(sizes), activation=activation, seed=SEED).state_dict()
     return [(state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]) for i in range(len(sizes) - 1)]
 
 
-def ours(sizes, batch, X, y, epochs, device="cpu"):
-    model = gb.MLP(list(sizes), seed=SEED, device=device)
+def ours(sizes, batch, X, y, epochs, activation="relu", device="cpu"):
+    model = gb.MLP(list(sizes), activation=activation, seed=SEED, device=device)
     opt = gb.optim.SGD(LR)
     return lambda: model.fit(X, y, epochs=epochs, batch_size=batch, optimizer=opt, progress=False)["loss"][-1]
 
 
-def torch_loop(sizes, batch, X, y, epochs):
+def torch_loop(sizes, batch, X, y, epochs, activation="relu"):
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     torch.set_num_threads(n_cores())
     layers = []
-    for i, (W, b) in enumerate(start_weights(sizes)):
+    g = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    for i, (W, b) in enumerate(start_weights(sizes, activation)):
         lin = nn.Linear(W.shape[1], W.shape[0])
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(W))
             lin.bias.copy_(torch.from_numpy(b))
-        layers += [lin, nn.ReLU()] if i < len(sizes) - 2 else [lin]
+        layers += [lin, g()] if i < len(sizes) - 2 else [lin]
     net = nn.Sequential(*layers)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
@@ -106,18 +109,19 @@ def torch_loop(sizes, batch, X, y, epochs):
     return run
 
 
-def jax_loop(sizes, batch, X, y, epochs):
+def jax_loop(sizes, batch, X, y, epochs, activation="relu"):
     import jax
     import jax.numpy as jnp
 
-    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in start_weights(sizes)]
+    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in start_weights(sizes, activation)]
+    g = getattr(jax.nn, activation)
 
     def loss_fn(params, xb, yb):
         a = xb
         for i, (W, b) in enumerate(params):
             a = a @ W.T + b
             if i < len(params) - 1:
-                a = jax.nn.relu(a)
+                a = g(a)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(a), yb[:, None], axis=1))
 
     @jax.jit
@@ -141,8 +145,8 @@ def jax_loop(sizes, batch, X, y, epochs):
     return run
 
 
-def estimator(cls, sizes, batch, X, y, epochs, **extra):
-    est = cls(hidden_layer_sizes=tuple(sizes[1:-1]), solver="sgd", batch_size=batch, learning_rate_init=LR,
+def estimator(cls, sizes, batch, X, y, epochs, activation, **extra):
+    est = cls(hidden_layer_sizes=tuple(sizes[1:-1]), activation=activation, solver="sgd", batch_size=batch, learning_rate_init=LR,
               momentum=0.0, alpha=0.0, max_iter=epochs, shuffle=True, random_state=SEED, tol=0.0,
               n_iter_no_change=10**6, **extra)
 
@@ -154,20 +158,20 @@ def estimator(cls, sizes, batch, X, y, epochs, **extra):
     return run
 
 
-def ours_sklearn(sizes, batch, X, y, epochs):
+def ours_sklearn(sizes, batch, X, y, epochs, activation="relu"):
     from gpubackprop.sklearn import MLPClassifier
 
-    return estimator(MLPClassifier, sizes, batch, X, y, epochs, dtype="float32")
+    return estimator(MLPClassifier, sizes, batch, X, y, epochs, activation, dtype="float32")
 
 
-def sklearn(sizes, batch, X, y, epochs):
+def sklearn(sizes, batch, X, y, epochs, activation="relu"):
     from sklearn.neural_network import MLPClassifier
 
-    return estimator(MLPClassifier, sizes, batch, X, y, epochs)
+    return estimator(MLPClassifier, sizes, batch, X, y, epochs, activation)
 
 
-def ours_numpy(sizes, batch, X, y, epochs):
-    return ours(sizes, batch, X, y, epochs, device=NumpyBackend())
+def ours_numpy(sizes, batch, X, y, epochs, activation="relu"):
+    return ours(sizes, batch, X, y, epochs, activation, device=NumpyBackend())
 
 
 FACTORIES = {"ours": ours, "ours_numpy": ours_numpy, "torch": torch_loop, "jax": jax_loop, "ours_sklearn": ours_sklearn,
@@ -178,10 +182,10 @@ def available_impls():
     return [name for name in IMPLS if name not in NEEDS or have(NEEDS[name])]
 
 
-def measure_case(sizes, batch, steps, impls, epochs=EPOCHS, repeats=3):
+def measure_case(sizes, batch, steps, impls, epochs=EPOCHS, repeats=3, activation="relu"):
     """One row: samples/s of every implementation, and ours over the faster peer."""
     X, y = make_data(sizes, batch * steps)
-    runs = {name: FACTORIES[name](sizes, batch, X, y, epochs) for name in impls}
+    runs = {name: FACTORIES[name](sizes, batch, X, y, epochs, activation) for name in impls}
     timings = time_interleaved(runs, target_s=1e-9, repeats=repeats)  # one run per repeat: a run is long
     row = {"case": case_id(sizes, batch), "sizes": list(sizes), "batch": batch, "rows": len(X), "epochs": epochs}
     for name in impls:
@@ -215,23 +219,26 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved; the best is kept")
     p.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs per timed run (default {EPOCHS})")
     p.add_argument("--cases", nargs="*", help="case ids to run (default all), e.g. 784-128-10_b64")
+    p.add_argument("--activation", default="relu", choices=ACTIVATIONS, help="the hidden layers' (default relu)")
     args = p.parse_args(argv)
     impls = available_impls()
     cases = [c for c in CASES if not args.cases or case_id(c[0], c[1]) in args.cases]
     facts = machine()
-    print(f"# fit on the CPU: {facts['cpu']}, {facts['cores']} cores; float32, SGD lr {LR}, {args.epochs} epochs, "
-          f"best of {args.repeats}", file=sys.stderr)
+    print(f"# fit on the CPU: {facts['cpu']}, {facts['cores']} cores; float32, {args.activation}, SGD lr {LR}, "
+          f"{args.epochs} epochs, best of {args.repeats}", file=sys.stderr)
     rows = []
     for sizes, batch, steps in cases:
         print(f"measuring {case_id(sizes, batch)} ...", file=sys.stderr)
-        rows.append(measure_case(sizes, batch, steps, impls, args.epochs, args.repeats))
+        rows.append(measure_case(sizes, batch, steps, impls, args.epochs, args.repeats, args.activation))
     table = markdown(rows, impls)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"fit-cpu-{stamp}.json")
+    name = "fit-cpu" if args.activation == "relu" else f"fit-cpu-{args.activation}"
+    path = os.path.join(args.out, f"{name}-{stamp}.json")
     with open(path, "w") as f:
-        json.dump({"date": stamp, "machine": facts, "versions": versions(), "lr": LR, "rows": rows,
+        json.dump({"date": stamp, "machine": facts, "versions": versions(), "lr": LR,
+                   "activation": args.activation, "rows": rows,
                    "table": table}, f, indent=1)
     print(f"wrote {path}", file=sys.stderr)
 

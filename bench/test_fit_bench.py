@@ -17,11 +17,12 @@ from bench.common import settle
 CASE_PARAMS = [pytest.param(sizes, batch, steps, id=fb.case_id(sizes, batch)) for sizes, batch, steps in fb.CASES]
 
 
+@pytest.mark.parametrize("activation", fb.ACTIVATIONS)
 @pytest.mark.parametrize("impl", fb.available_impls())
-def test_every_implementation_trains_the_same_network(impl):
+def test_every_implementation_trains_the_same_network(impl, activation):
     sizes, batch = (12, 9, 4), 8
     X, y = fb.make_data(sizes, batch * 5)
-    run = fb.FACTORIES[impl](sizes, batch, X, y, 3)
+    run = fb.FACTORIES[impl](sizes, batch, X, y, 3, activation)
     first, later = float(run()), float(run())
     assert math.isfinite(first) and math.isfinite(later)
     if impl.endswith("sklearn"):  # an estimator's fit starts over, from the same seed
