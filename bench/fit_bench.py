@@ -146,8 +146,8 @@ def jax_loop(sizes, batch, X, y, epochs, activation="relu"):
 
 
 def estimator(cls, sizes, batch, X, y, epochs, activation, **extra):
-    est = cls(hidden_layer_sizes=tuple(sizes[1:-1]), activation=activation, solver="sgd", batch_size=batch, learning_rate_init=LR,
-              momentum=0.0, alpha=0.0, max_iter=epochs, shuffle=True, random_state=SEED, tol=0.0,
+    est = cls(hidden_layer_sizes=tuple(sizes[1:-1]), activation=activation, solver="sgd", batch_size=batch,
+              learning_rate_init=LR, momentum=0.0, alpha=0.0, max_iter=epochs, shuffle=True, random_state=SEED, tol=0.0,
               n_iter_no_change=10**6, **extra)
 
     def run():

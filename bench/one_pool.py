@@ -24,14 +24,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 MODES = ("openblas-serial", "mkl-serial", "mkl-parallel")
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-
-
 MKL_RT = os.path.join(sys.prefix, "lib", "libmkl_rt.so.3")  # where the mkl wheel puts it
 
 
@@ -96,6 +93,7 @@ def parallel_relu_loops(blocks=8):
 def measure(mode):
     """samples/s of fit on every fit_bench case, in this process, under ``mode``."""
     from bench import fit_bench as fb
+    from bench.common import time_call
     from gpubackprop.backend import FusedCpuBackend, cpu_kernels
 
     matmul = mkl_matmul() if mode.startswith("mkl") else (lambda a, b, out: np.matmul(a, b, out=out))
@@ -119,16 +117,9 @@ def measure(mode):
     for sizes, batch, steps in fb.CASES:
         X, y = fb.make_data(sizes, batch * steps)
         run = fb.ours(sizes, batch, X, y, fb.EPOCHS, device=backend)
-        run()
-        best = min(timed(run) for _ in range(3))
+        best = time_call(run, target_s=1e-9, repeats=3).best  # warmed up first; one run per repeat
         rates[fb.case_id(sizes, batch)] = len(X) * fb.EPOCHS / best
     return rates
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv=None):
