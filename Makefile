@@ -4,7 +4,7 @@
 # PREINSTALL is installed first (CI pins torch there); EXTRAS picks the extras.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= cli,test,fast
+EXTRAS ?= cli,test,fast,mkl
 PREINSTALL ?=
 comma := ,
 BIN := $(VENV)/bin

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpubackprop.backend import cpu_blas
+from gpubackprop.backend.cpu_blas import cpu_name as cpu_model  # noqa: F401 (bench's name for it)
+from gpubackprop.backend.cpu_blas import usable_cores as n_cores
+
 TARGET_S = 0.5  # length of one timed repeat
 # Pause before timing one library after another. Thread pools spin for a while
 # after their last call (OpenBLAS ~0.1 s) and on 2 cores a spinning pool takes a
@@ -38,28 +42,9 @@ PEERS = ("scipy", "sklearn", "torch", "jax", "cupy", "mpi4py")
 
 # ---- the machine ------------------------------------------------------------------------
 
-def n_cores():
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def have(module):
     """Whether ``module`` (torch, sklearn, jax) can be imported."""
     return importlib.util.find_spec(module) is not None
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def numpy_blas():
@@ -100,7 +85,8 @@ def versions(device=None, blas_threads=None):
 
     v = {"python": platform.python_version(), "numpy": np.__version__, "numpy_blas": numpy_blas(),
          "gpubackprop": gb.__version__, "numba": peer_version("numba"),
-         "cpu_backend": type(gb.get_backend("cpu")).__name__}
+         "cpu_backend": type(gb.get_backend("cpu")).__name__, "mkl": cpu_blas.mkl_version(),
+         "cpu_blas": os.environ.get("GPUBACKPROP_CPU_BLAS", "auto")}
     for module in PEERS:
         v[module] = peer_version(module)
     if "torch" in sys.modules:

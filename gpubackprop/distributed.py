@@ -39,6 +39,8 @@ import warnings
 
 import numpy as np
 
+from .backend.cpu_blas import usable_cores
+
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 TRANSPORTS = ("auto", "mpi", "nccl", "single")
@@ -192,7 +194,7 @@ def share_cores(local_ranks, environ=os.environ):
     set (any of THREAD_VARS) is left as it is. Returns the count set, or None."""
     if local_ranks <= 1 or any(environ.get(v) for v in THREAD_VARS):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     threads = max(1, cores // local_ranks)
     environ.update({v: str(threads) for v in THREAD_VARS})  # for the libraries loaded later (scipy's BLAS)
     try:

@@ -15,6 +15,13 @@ import os
 import tempfile
 
 
+def cache_folder(*parts):
+    """gpubackprop's cache folder (``$XDG_CACHE_HOME/gpubackprop``, else
+    ``~/.cache/gpubackprop``), joined with ``parts``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gpubackprop", *parts)
+
+
 def atomic_write(path, data):
     """Write bytes to ``path`` so that readers see the old file or the new, whole."""
     path = os.fspath(path)

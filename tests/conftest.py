@@ -5,6 +5,13 @@ import numpy as np
 import pytest
 
 
+# The CPU multiplies with NumPy's BLAS in the tests unless the environment says
+# otherwise: "auto" would time every new model shape against MKL (where installed)
+# and could choose differently from run to run. tests/backend/test_cpu_blas.py
+# tests the choice and MKL's products themselves.
+os.environ.setdefault("GPUBACKPROP_CPU_BLAS", "numpy")
+
+
 @pytest.fixture
 def rng(request):
     # Fresh random inputs per test, reproducible from the test's name.

@@ -7,7 +7,8 @@ backends are siblings: ``cpu.py`` (NumPy), ``kernels.py`` (the primitives as
 launches of kernels/*.cu, shared by the CUDA backend and the tests' host
 harness), ``cuda.py`` (CuPy, cuBLAS, streams, graphs). ``cpu_fused.py`` is the
 NumPy backend with its elementwise chains fused into compiled loops (numba,
-``cpu_kernels.py``): the CPU's backend wherever numba is installed.
+``cpu_kernels.py``): the CPU's backend wherever numba is installed, its GEMMs on
+NumPy's BLAS or MKL, whichever ``cpu_blas.py`` measured faster for the model.
 
     dense_forward    a_l = g(a_{l-1} W_l^T + b_l)                (bias and g fused on the GEMM output)
     dense_backward   delta_l = dL/da_l * g'(a_l)                 (from the stored activation)

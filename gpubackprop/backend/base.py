@@ -46,6 +46,7 @@ class DenseBuffers(NamedTuple):
     grad_prev: object  # receives dL/da_{l-1}; None for the first layer
     scratch: tuple  # the activation's temporaries (where elementwise_scratch)
     ones: object  # (B,) ones: db = delta^T ones
+    matmul: object = None  # matmul(a, b, out): the library chosen for the model's shapes (Backend.matmul_for)
 
 
 class LossBuffers(NamedTuple):
@@ -152,6 +153,12 @@ class Backend:
         skips the step, count included. Given ``update.params_flag``, it sets it where
         the parameters then hold Inf or NaN (skipped or not)."""
         raise NotImplementedError
+
+    def matmul_for(self, sizes, act, batch, dtype, dropout):
+        """The ``matmul(a, b, out)`` every workspace of a model (layer sizes ``sizes``,
+        hidden activation ``act``, ``dropout`` or not) hands its layers, chosen when its
+        first workspace (``batch`` rows) is made; None: the backend's own products."""
+        return None
 
     def update_scratch(self, rule, dtype):
         """How many parameter-sized temporaries ``optimizer_update`` of ``rule`` needs

@@ -6,7 +6,8 @@ add, the activation, its derivative, the mask, the bias-gradient sum, the loss
 (about fifteen ufunc calls on a small batch) and the optimizer update (two passes
 over the whole flat buffer, three for momentum), each a pass over memory and a
 Python call. Here each of those is one loop of cpu_kernels (numba), as each is one
-kernel on the GPU. The GEMMs stay NumPy's (BLAS, on every core).
+kernel on the GPU. The GEMMs go to NumPy's BLAS, or to MKL where it is installed
+and measured faster for the model's shapes (cpu_blas), on every core.
 
 Which primitives run fused was decided by measurement (``python -m bench.fit_bench``
 compares ``ours`` with ``ours_numpy``; ``python -m bench.profile_step --device cpu``
@@ -23,7 +24,7 @@ backend, and its ``note`` says so.
 
 import numpy as np
 
-from . import cpu_kernels
+from . import cpu_blas, cpu_kernels
 from .cpu import NumpyBackend
 
 FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -38,22 +39,33 @@ def fused(x):
 class FusedCpuBackend(NumpyBackend):
     """The CPU backend: NumpyBackend's primitives, fused where cpu_kernels has a loop."""
 
+    def __init__(self, note=""):
+        super().__init__(note)
+        self.blas_choices = cpu_blas.Choices()
+
+    def matmul_for(self, sizes, act, batch, dtype, dropout):
+        loops = cpu_kernels.DENSE.get(act.name)
+        if dropout or loops is None or loops.forward is None or act.needs_z or np.dtype(dtype) not in FUSED_DTYPES:
+            return None  # some of its layers run NumpyBackend's code, whose products are NumPy's
+        return cpu_blas.choose(sizes, batch, dtype, self.blas_choices)
+
     # ---- layers ---------------------------------------------------------------
     def dense_forward(self, layer, buf, dropout=None):
         loops = cpu_kernels.DENSE.get(layer.act.name)
         if dropout is not None or loops is None or loops.forward is None or buf.z is not None or not fused(buf.out):
             return super().dense_forward(layer, buf, dropout)
-        np.matmul(buf.input, layer.W.T, out=buf.out)
+        (buf.matmul or cpu_blas.numpy_matmul)(buf.input, layer.W.T, buf.out)
         loops.forward(buf.out, layer.b, buf.out)
 
     def dense_backward(self, layer, buf, dropout=None):
         grad, loops = buf.grad, cpu_kernels.DENSE.get(layer.act.name)
         if dropout is not None or loops is None or buf.z is not None or not fused(grad):
             return super().dense_backward(layer, buf, dropout)
+        matmul = buf.matmul or cpu_blas.numpy_matmul
         loops.backward(grad, buf.out, layer.db)
-        np.matmul(grad.T, buf.input, out=layer.dW)
+        matmul(grad.T, buf.input, layer.dW)
         if buf.grad_prev is not None:
-            np.matmul(grad, layer.W, out=buf.grad_prev)
+            matmul(grad, layer.W, buf.grad_prev)
 
     def loss(self, name, buf, running=None, loss_scale=None):
         z = buf.z

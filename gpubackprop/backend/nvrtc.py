@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 
-from ..state import atomic_write
+from ..state import atomic_write, cache_folder
 from .kernels import SOURCES, is_low_precision, source
 
 # --fmad=false: no contraction of a*b+c into one rounding, so the kernels round as
@@ -135,9 +135,7 @@ class KernelCache:
 
     def __init__(self, directory=None):
         if directory is None:
-            directory = os.environ.get("GPUBACKPROP_KERNEL_CACHE") or os.path.join(
-                os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                "gpubackprop", "kernels")
+            directory = os.environ.get("GPUBACKPROP_KERNEL_CACHE") or cache_folder("kernels")
         self.directory = directory
 
     @staticmethod

@@ -29,7 +29,7 @@ class Workspace:
                parallel: a rank's shard; dropout masks are drawn by that position)
     """
 
-    def __init__(self, backend, sizes, act, batch, dtype, dropout=False):
+    def __init__(self, backend, sizes, act, batch, dtype, dropout=False, matmul=None):
         L = len(sizes) - 1
         empty = backend.empty
         self.batch = batch
@@ -49,6 +49,7 @@ class Workspace:
         self.target = empty((batch, sizes[-1]), dtype)
         self.row = empty((batch,), dtype)
         self.ones = backend.xp.ones((batch,), dtype)
+        self.matmul = matmul
         self.pred = empty((batch,), np.int64)
         self.label = empty((batch,), np.int64)
         self.hit = empty((batch,), np.bool_)
@@ -78,7 +79,7 @@ class Workspace:
     def _views(self, l, train):
         source = self.dropped[l - 1] if train and self.dropped[l - 1] is not None else self.a[l - 1]
         return DenseBuffers(source, self.a[l], self.z[l], self.delta[l], self.delta[l - 1] if l > 1 else None,
-                            self.scratch[l], self.ones)
+                            self.scratch[l], self.ones, self.matmul)
 
 
 class Workspaces:
@@ -92,6 +93,7 @@ class Workspaces:
         self.backend, self.sizes, self.act, self.dtype, self.dropout = backend, sizes, act, dtype, dropout
         self.users = weakref.WeakSet()
         self._kept = collections.OrderedDict()
+        self._matmul, self._chosen = None, False  # chosen with the first workspace, kept: one BLAS per model
 
     def live(self):
         """The workspaces kept now."""
@@ -117,7 +119,10 @@ class Workspaces:
             if free is not None and need > free:  # say so before trying, not after a failed allocation
                 raise MemoryError
             with backend.context():
-                return Workspace(backend, self.sizes, self.act, batch, self.dtype, self.dropout)
+                if not self._chosen:
+                    self._matmul = backend.matmul_for(self.sizes, self.act, batch, self.dtype, self.dropout)
+                    self._chosen = True
+                return Workspace(backend, self.sizes, self.act, batch, self.dtype, self.dropout, self._matmul)
         except MemoryError:
             raise out_of_memory(backend, f"the buffers of a batch of {batch} rows", need,
                                 "use a smaller batch_size") from None
