@@ -31,8 +31,11 @@ def test_train_step(benchmark, impl, sizes, batch):
     assert math.isfinite(cb.loss_value(result))
 
 
-def test_sgemm_ceiling(benchmark):
-    call, flops = cb.sgemm_call()
+@pytest.mark.parametrize("library", ["numpy", "mkl"])
+def test_sgemm_ceiling(benchmark, library):
+    if library not in cb.sgemm_libraries():
+        pytest.skip("needs the mkl extra")
+    call, flops = cb.sgemm_call(library=library)
     if not benchmark.disabled:
         cb.settle()
     call()
