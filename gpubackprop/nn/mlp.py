@@ -101,10 +101,11 @@ class MLP(Network):
         hooks); ``progress`` adds a ProgressBar. ``clip_norm`` rescales the
         gradients whenever their global L2 norm exceeds it (torch's clip_grad_norm_).
 
-        ``checkpoint_dir`` with ``checkpoint_every=N`` saves a checkpoint every N
-        steps (keeping the newest ``keep_checkpoints``); ``resume=True`` continues
-        from the newest sound one there, to the same result, bit for bit on the
-        CPU, as a run never interrupted (see gpubackprop.train.checkpoint).
+        ``checkpoint_dir`` saves a checkpoint at the end of every epoch, or every N
+        steps with ``checkpoint_every=N`` (keeping the newest ``keep_checkpoints``);
+        ``resume=True`` continues from the newest sound one there, to the same
+        result, bit for bit on the CPU, as a run never interrupted (see
+        gpubackprop.train.checkpoint), and warns where it finds none.
 
         A step whose gradients hold Inf or NaN is skipped on the device; then
         ``on_nonfinite`` "raise" (FloatingPointError naming the step and tensors),

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -41,7 +42,7 @@ class FitSettings:
     graphs: bool = True
     clip_norm: Optional[float] = None
     checkpoint_dir: Optional[str] = None
-    checkpoint_every: Optional[int] = None
+    checkpoint_every: Any = None  # steps, or "epoch" (the default with a checkpoint_dir)
     keep_checkpoints: int = 3
     resume: bool = False
     on_nonfinite: str = "raise"
@@ -77,7 +78,9 @@ class FitSettings:
         if (s.checkpoint_every is not None or s.resume or s.on_nonfinite == "restore") and s.checkpoint_dir is None:
             raise ValueError("checkpoint_every, resume and on_nonfinite='restore' need checkpoint_dir")
         recovery.check_policy(s.on_nonfinite)
-        if s.checkpoint_every is not None:
+        if s.checkpoint_dir is not None and s.checkpoint_every in (None, "epoch"):
+            s.checkpoint_every = "epoch"  # a checkpoint_dir that never received a checkpoint would be a trap
+        elif s.checkpoint_every is not None:
             s.checkpoint_every = validation.check_positive_int("checkpoint_every", s.checkpoint_every)
         s.keep_checkpoints = validation.check_positive_int("keep_checkpoints", s.keep_checkpoints)
         return s
@@ -141,6 +144,9 @@ class Loop:
                 checkpoint.prune(s.checkpoint_dir, s.keep_checkpoints)
             if start:
                 self.history.update(start["history"])
+            elif comm.rank == 0:
+                warnings.warn(f"resume=True found no checkpoint in {s.checkpoint_dir}: training from the start",
+                              RuntimeWarning, stacklevel=recovery.caller_level())
             return start
         if comm.parallel:
             recovery.adopt_root(self.model, self.optimizer, comm)
@@ -149,6 +155,7 @@ class Loop:
     def _epochs(self, start):
         model, s = self.model, self.s
         self.batch_size = min(s.batch_size, self.n)
+        self.steps_per_epoch = -(-self.n // self.batch_size)
         self.callbacks = list(s.callbacks)
         if s.progress and self.comm.rank == 0:
             self.callbacks.append(ProgressBar(s.epochs, -(-self.n // self.batch_size)))
@@ -209,7 +216,7 @@ class Loop:
             self._check_nonfinite()
         call(self.callbacks, "on_batch_end", model, s, logs)
         every = self.s.checkpoint_every
-        if every and self.optimizer.steps % every == 0:
+        if s == self.steps_per_epoch - 1 if every == "epoch" else every and self.optimizer.steps % every == 0:
             self._checkpoint(epoch, s)
 
     def _checkpoint(self, epoch, s):

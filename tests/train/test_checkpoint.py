@@ -139,11 +139,12 @@ def test_resume_refuses_another_models_checkpoint(tmp_path, rng):
         gb.MLP([6, 5, 3], seed=1).fit(X, y, epochs=1, progress=False, checkpoint_dir=str(tmp_path), resume=True)
 
 
-def test_resume_without_checkpoints_starts_fresh_and_options_are_checked(tmp_path, rng):
+def test_resume_without_checkpoints_says_so_starts_fresh_and_options_are_checked(tmp_path, rng):
     X, y = random_batch(rng, [6, 12, 3], "cross_entropy", 20)
     a, b = gb.MLP([6, 12, 3], seed=1), gb.MLP([6, 12, 3], seed=1)
-    assert a.fit(X, y, epochs=2, progress=False) == b.fit(X, y, epochs=2, progress=False,
-                                                          checkpoint_dir=str(tmp_path / "none"), resume=True)
+    with pytest.warns(RuntimeWarning, match="resume=True found no checkpoint in .*none: training from the start"):
+        resumed = b.fit(X, y, epochs=2, progress=False, checkpoint_dir=str(tmp_path / "none"), resume=True)
+    assert a.fit(X, y, epochs=2, progress=False) == resumed
     with pytest.raises(ValueError, match="need checkpoint_dir"):
         a.fit(X, y, checkpoint_every=2, progress=False)
 
@@ -165,3 +166,24 @@ def test_resuming_prunes_what_a_killed_save_left(tmp_path, rng):
         "ckpt-0000000003.safetensors", "ckpt-0000000004.safetensors"]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert_same_params(resumed.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("every", [None, "epoch"])
+def test_a_checkpoint_dir_alone_checkpoints_every_epoch_and_resumes_from_it(tmp_path, rng, every):
+    """Before, checkpoint_dir without checkpoint_every wrote nothing (not even the
+    folder), and resume=True after a crash silently started from scratch."""
+    X, y = random_batch(rng, [6, 12, 3], "cross_entropy", 100)
+    settings = dict(epochs=3, batch_size=8, progress=False)
+    plain = gb.MLP([6, 12, 3], seed=1)
+    want = plain.fit(X, y, optimizer=gb.optim.SGD(0.1), **settings)
+    directory = str(tmp_path / "ckpt")
+    crashing = gb.MLP([6, 12, 3], seed=1)
+    with pytest.raises(KeyboardInterrupt):  # in epoch 2, after epoch 1's checkpoint
+        crashing.fit(X, y, optimizer=gb.optim.SGD(0.1), checkpoint_dir=directory, checkpoint_every=every,
+                     callbacks=[Crash(13 + 5)], **settings)
+    assert [os.path.basename(p) for p in checkpoint.checkpoints(directory)] == ["ckpt-0000000013.safetensors"]
+    resumed = gb.MLP([6, 12, 3], seed=1)
+    got = resumed.fit(X, y, optimizer=gb.optim.SGD(0.1), checkpoint_dir=directory, resume=True, **settings)
+    assert got == want
+    assert_same_params(resumed.state_dict(), plain.state_dict())
+    assert len(checkpoint.checkpoints(directory)) == 3  # one per epoch, all kept (keep_checkpoints=3)
