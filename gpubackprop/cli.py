@@ -15,6 +15,8 @@ Bad input ends with ``gpubackprop: error: ...`` on stderr and exit code 2.
 """
 
 import argparse
+import csv
+import io
 import json
 import os
 import platform
@@ -24,7 +26,7 @@ import numpy as np
 
 import gpubackprop as gb
 
-from . import data, validation
+from . import data, modelfile, tabular, validation
 from .nn.activations import ACTIVATIONS
 from .nn.parameters import parameter_count
 from .optim.precision import PRECISIONS
@@ -42,12 +44,13 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"gpubackprop {gb.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train(commands)
+    add_predict(commands)
     add_tools(commands)
     return parser
 
 
 def add_train(commands):
-    t = commands.add_parser("train", help="train an MLP classifier and evaluate it on held-out data")
+    t = commands.add_parser("train", help="train an MLP classifier or regressor and evaluate it on held-out data")
     t.add_argument("--dataset", default="digits",
                    help="'digits', 'mnist5k', or a .npz, .csv, .npy or MNIST IDX images file (default digits)")
     t.add_argument("--labels", metavar="FILE",
@@ -55,6 +58,18 @@ def add_train(commands):
     t.add_argument("--label-column", metavar="NAME|INDEX",
                    help="a CSV --dataset's label column: a header name or an index, negative from the end "
                         "(default the last column)")
+    t.add_argument("--drop", nargs="+", default=[], metavar="COLUMN",
+                   help="CSV columns to leave out (header names or indexes), such as an id column")
+    t.add_argument("--delimiter", help="a CSV --dataset's delimiter (default: sniffed from the file)")
+    t.add_argument("--task", choices=tabular.TASKS,
+                   help="classification or regression (default: inferred from the target, and said)")
+    t.add_argument("--loss", choices=["cross_entropy", "mse"],
+                   help="default cross_entropy for classification, mse for regression")
+    t.add_argument("--impute", choices=tabular.IMPUTES, default="none",
+                   help="fill missing feature values with the training split's mean or median (text columns: "
+                        "their most frequent value); default none: missing values are an error that counts them")
+    t.add_argument("--max-categories", type=int, default=tabular.MAX_CATEGORIES, metavar="N",
+                   help=f"the most distinct values a text column may one-hot encode (default {tabular.MAX_CATEGORIES})")
     t.add_argument("--scale", choices=SCALINGS,
                    help="feature scaling fitted on the training split: standard (zero mean, unit variance), "
                         "minmax (training range onto [0, 1]) or none (default standard for .csv, .npz and .npy "
@@ -73,12 +88,39 @@ def add_train(commands):
                    help="GEMM / activation precision: tf32, or mixed bf16 / fp16 (CUDA; default float32)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--test-fraction", type=float, default=0.2, help="share of the data held out (default 0.2)")
+    t.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of the training split kept for validation (early stopping, the curves); default 0: "
+                        "the curves show the held-out split")
+    t.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation loss, keeping the best weights "
+                        "(a --val-fraction of 0.1 unless given)")
+    t.add_argument("--checkpoint-every", default="epoch", metavar="N|epoch",
+                   help="checkpoint into <out>/checkpoints every N steps, or every epoch (the default); Ctrl-C "
+                        "checkpoints the step it stops at")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest sound checkpoint in <out>/checkpoints")
     t.add_argument("--out", help="output folder (default runs/<dataset name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--distributed", nargs="?", const="auto", choices=gb.distributed.TRANSPORTS, metavar="TRANSPORT",
                    help="data parallel across the processes mpiexec started: auto (NCCL on GPUs, else MPI), mpi, "
                         "nccl or single; --batch-size is the global batch; rank 0 prints and writes (needs "
                         "gpubackprop[mpi], or gpubackprop[nccl13] for NCCL)")
+
+
+def add_predict(commands):
+    p = commands.add_parser("predict", help="a trained model's predictions for the rows of a CSV file")
+    e = commands.add_parser("evaluate", help="a trained model's metrics on a labelled CSV file")
+    for c in (p, e):
+        c.add_argument("--model", required=True, help="a model.safetensors written by train")
+        c.add_argument("--data", required=True, help="a CSV file with the training file's feature columns")
+        c.add_argument("--delimiter", help="the CSV's delimiter (default: sniffed from the file)")
+        c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--out", help="the CSV to write (default: standard output)")
+    p.add_argument("--proba", action="store_true", help="class probabilities, a column per class, not labels")
+    p.add_argument("--id-column", metavar="NAME", help="a column of --data to copy beside each prediction "
+                                                      "(default: the row number, from 1)")
+    e.add_argument("--label-column", metavar="NAME|INDEX",
+                   help="the label column (default: the one the model was trained on)")
 
 
 def add_tools(commands):
@@ -118,8 +160,8 @@ def main(argv=None):
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return {"train": train, "bench": bench, "explain": explain, "selftest": run_selftest,
-                "info": lambda args: info()}[args.command](args)
+        return {"train": train, "predict": predict, "evaluate": evaluate, "bench": bench, "explain": explain,
+                "selftest": run_selftest, "info": lambda args: info()}[args.command](args)
     except (OSError, ValueError, TypeError, ImportError, gb.DeviceUnavailableError) as e:
         print(f"gpubackprop: error: {e}", file=sys.stderr)
         return 2
@@ -163,52 +205,237 @@ def _train(args, comm, print):
         print(f"distributed: {comm.size} ranks ({type(comm).__name__}); global batch {args.batch_size}, "
               f"about {-(-args.batch_size // comm.size)} rows per rank")
 
-    kind = data.dataset_format(args.dataset)
-    X, y = data.load_dataset(args.dataset, labels=args.labels, label_column=args.label_column)
-    if y.dtype.kind not in "iu" or y.min() < 0:
-        raise ValueError(f"{args.dataset}: labels must be non-negative integer class ids for classification")
-    n_classes = int(y.max()) + 1
-    if n_classes < 2:
-        raise ValueError(f"{args.dataset}: needs at least two classes, found labels {np.unique(y).tolist()}")
-    X_train, X_test, y_train, y_test = data.train_test_split(X, y, args.test_fraction, args.seed)
-    scale = args.scale or ("none" if kind in PIXELS else "standard")
-    standardized = min_max = None
-    if scale == "standard":
-        X_train, X_test, mean, std = data.standardize(X_train, X_test)
-        standardized = {"mean": mean.tolist(), "std": std.tolist()}
-    elif scale == "minmax":
-        X_train, X_test, low, span = data.min_max_scale(X_train, X_test)
-        min_max = {"low": low.tolist(), "span": span.tolist()}
-    print(f"data: {args.dataset}: {X.shape[0]} samples, {X.shape[1]} features, {n_classes} classes; "
-          f"{len(y_train)} for training, {len(y_test)} held out; scaling: {scale}")
+    rows, y, layout = _training_data(args)
+    task, loss = _task(args, y, print)
+    target, train_rows, val_rows, test_rows = _splits(args, y, task)
+    scale = args.scale or ("none" if data.dataset_format(args.dataset) in PIXELS else "standard")
+    inputs = tabular.Inputs.fit(rows[train_rows], layout["features"], scale, args.impute, args.max_categories)
+    counts = f"{target.n_outputs} classes" if task == "classification" else "a regression target"
+    print(f"data: {args.dataset}: {len(y)} samples, {len(inputs.columns)} columns -> {inputs.n_features} features, "
+          f"{counts}; {len(train_rows)} for training"
+          + (f", {len(val_rows)} for validation" if val_rows is not None else "")
+          + f", {len(test_rows)} held out; scaling: {inputs.scale}")
 
-    model = gb.MLP([X.shape[1], *args.hidden, n_classes], activation=args.activation,
+    model = gb.MLP([inputs.n_features, *args.hidden, target.n_outputs], activation=args.activation, loss=loss,
                    device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision)
+    model.inputs, model.target = inputs, target
     print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
-    history = model.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-                        validation_data=(X_test, y_test), progress=not args.no_progress, comm=comm)
-    accuracy = model.evaluate(X_test, y_test)["accuracy"]
-    print(f"held-out accuracy: {accuracy:.4f} ({len(y_test)} samples)")
-    if comm.rank != 0:  # every rank holds the same model: rank 0 writes it
-        return 0
-
     out = args.out or os.path.join("runs", _run_name(args.dataset))
+    metadata = {**layout, "scale": inputs.scale, "task": task, "seed": args.seed, "test_fraction": args.test_fraction,
+                "val_fraction": args.val_fraction, "epochs": args.epochs, "batch_size": args.batch_size}
+    checked = val_rows if val_rows is not None else test_rows  # what the curves' val_ lines show
+    callbacks = [gb.callbacks.EarlyStopping("val_loss", args.early_stopping, restore_best_weights=True)] \
+        if args.early_stopping else []
+    checkpoints = os.path.join(out, "checkpoints")
+    try:
+        history = model.fit(rows[train_rows], y[train_rows], epochs=args.epochs, batch_size=args.batch_size,
+                            optimizer=optimizer, validation_data=(rows[checked], y[checked]),
+                            progress=not args.no_progress, comm=comm, callbacks=callbacks,
+                            checkpoint_dir=checkpoints, checkpoint_every=_checkpoint_every(args.checkpoint_every),
+                            resume=args.resume)
+    except KeyboardInterrupt as e:
+        if comm.rank == 0 and str(e):  # fit held Ctrl-C to the end of a step and checkpointed it
+            os.makedirs(out, exist_ok=True)
+            model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
+            print(f"gpubackprop: {e}; the model so far is in {os.path.join(out, 'model.safetensors')}; "
+                  "train again with --resume to continue", file=sys.stderr)
+        elif comm.rank == 0:
+            print(f"gpubackprop: interrupted; the newest checkpoint is in {checkpoints} (--resume continues "
+                  "from it)", file=sys.stderr)
+        return 130
+    metadata["held_out"] = _scores(model, rows[test_rows], y[test_rows])
+    print(_held_out_line(metadata["held_out"], len(test_rows)))
+    if comm.rank == 0:  # every rank holds the same model: rank 0 writes it
+        _write_run(out, model, optimizer, history, metadata, f"{args.dataset}: MLP {model.sizes} ({task})", print)
+    return 0
+
+
+def _task(args, y, print):
+    """(task, loss): --task, else inferred from y (and said); --loss checked against it."""
+    task, why = (args.task, "as --task says") if args.task else tabular.infer_task(y)
+    other = "regression" if task == "classification" else "classification"
+    print(f"task: {task} ({why}; --task {other} to change)")
+    fitting = "cross_entropy" if task == "classification" else "mse"
+    if args.loss not in (None, fitting):
+        raise ValueError(f"--loss {args.loss} does not fit a {task} task; use --loss {fitting}")
+    return task, fitting
+
+
+def _splits(args, y, task):
+    """(target, training, validation or None, held-out row indices): split stratified
+    by class for classification; the target encoding fitted (a regression's mean and
+    std on the training rows only)."""
+    target = tabular.Target.fit(y, task) if task == "classification" else None
+
+    def split(index, fraction):
+        strata = target.encode(y[index]) if target else np.zeros(len(index))  # floats: an unstratified split
+        return data.train_test_split(index, strata, fraction, args.seed)[:2]
+
+    train_rows, test_rows = split(np.arange(len(y)), args.test_fraction)
+    val_fraction = args.val_fraction or (0.1 if args.early_stopping else 0.0)
+    val_rows = None
+    if val_fraction:
+        train_rows, val_rows = split(train_rows, val_fraction)
+    return target or tabular.Target.fit(y, task, train=train_rows), train_rows, val_rows, test_rows
+
+
+def _write_run(out, model, optimizer, history, metadata, title, print):
     os.makedirs(out, exist_ok=True)
-    metadata = {
-        "dataset": args.dataset, "labels": args.labels, "label_column": args.label_column,
-        "scale": scale, "standardize": standardized, "min_max": min_max,
-        "seed": args.seed, "test_fraction": args.test_fraction, "epochs": args.epochs,
-        "batch_size": args.batch_size, "held_out_accuracy": accuracy,
-    }
     model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
     atomic_write(os.path.join(out, "history.json"), json.dumps(history, indent=1).encode())
     written = ["model.safetensors", "history.json"]
     try:
-        plots.training_curves(history, os.path.join(out, "curves.png"), title=f"{args.dataset}: MLP {model.sizes}")
+        plots.training_curves(history, os.path.join(out, "curves.png"), title=title)
         written.append("curves.png")
     except ImportError as e:
         print(f"note: no curves.png: {e}")
     print(f"wrote {', '.join(written)} to {out}")
+
+
+def _training_data(args):
+    """(rows, y, layout): the feature rows (a float array, or an object array of a CSV's
+    cells), the targets as given, and the file's layout the model keeps: its column
+    names, the label column's name and the feature columns' names."""
+    if data.dataset_format(args.dataset) != "csv":
+        for flag, value in (("--drop", args.drop), ("--delimiter", args.delimiter)):
+            if value:
+                raise ValueError(f"{flag} is for CSV files; {args.dataset} is not one")
+        X, y = data.load_dataset(args.dataset, labels=args.labels, label_column=args.label_column)
+        names = [str(i + 1) for i in range(X.shape[1])]
+        return X, y, {"dataset": args.dataset, "columns": names, "label": None, "features": names, "header": False}
+    names, table = data.read_table(args.dataset, args.delimiter)
+    header = names is not None
+    names = names if header else [str(i + 1) for i in range(table.shape[1])]
+    label = data.label_index(args.dataset, args.label_column, names if header else None, table.shape[1])
+    dropped = {data.label_index(args.dataset, d, names if header else None, table.shape[1]) for d in args.drop}
+    if label in dropped:
+        raise ValueError(f"--drop names the label column {names[label]!r}")
+    keep = [j for j in range(table.shape[1]) if j != label and j not in dropped]
+    if not keep:
+        raise ValueError(f"{args.dataset} has no feature column left beside the label")
+    for j in keep:  # before the split, so that a message names the file's row
+        tabular.column_kind(table[:, j], names[j], first_row=1 + header)
+    layout = {"dataset": args.dataset, "columns": names, "label": names[label],
+              "features": [names[j] for j in keep], "header": header, "label_column": args.label_column}
+    return table[:, keep], table[:, label], layout
+
+
+def _checkpoint_every(value):
+    if value.strip().lower() == "epoch":
+        return "epoch"
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ValueError(f"--checkpoint-every must be a number of steps >= 1 or 'epoch', got {value!r}")
+    return steps
+
+
+def _scores(model, rows, y):
+    """The held-out metrics in the target's own terms."""
+    target = model.target
+    if target.task == "classification":
+        predicted = model.predict(rows)
+        truth = target.decode(target.encode(y))
+        proba = model.predict_proba(rows)
+        ids = target.encode(y)
+        log_loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(ids)), ids], 1e-15, None))))
+        return {"accuracy": float(np.mean(predicted == truth)), "log_loss": log_loss}
+    predicted = np.asarray(model.predict(rows), np.float64)
+    truth = target.decode(target.encode(y))
+    error = predicted - truth
+    total = float(np.sum((truth - truth.mean()) ** 2))
+    return {"r2": 1.0 - float(np.sum(error ** 2)) / total if total else float("nan"),
+            "rmse": float(np.sqrt(np.mean(error ** 2))), "mae": float(np.mean(np.abs(error)))}
+
+
+def _held_out_line(scores, n, what="held-out"):
+    if "accuracy" in scores:
+        return f"{what} accuracy: {scores['accuracy']:.4f} ({n} samples)"
+    return f"{what} R^2: {scores['r2']:.4f}, RMSE {scores['rmse']:.4g}, MAE {scores['mae']:.4g} ({n} samples)"
+
+
+# ---- predict and evaluate ------------------------------------------------------------------
+def _model_and_rows(args):
+    """The model at --model and the feature rows of --data (matched by the training
+    file's column names where both have a header, else by position), and --data's
+    names and cells."""
+    model = gb.load(args.model, device=args.device)
+    if model.inputs is None or model.target is None:
+        raise ValueError(f"{args.model} was not written by `gpubackprop train` (it has no input transform and "
+                         "target encoding); use it from Python: gb.load(path).predict(X)")
+    layout = modelfile.load_metadata(args.model) or {}
+    names, table = data.read_table(args.data, args.delimiter)
+    wanted = model.inputs.names
+    if names is not None and layout.get("header"):
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ValueError(f"{args.data} lacks the column(s) {missing} the model was trained on")
+        rows = table[:, [names.index(n) for n in wanted]]
+    elif table.shape[1] == len(wanted):
+        rows = table
+    elif table.shape[1] == len(layout.get("columns", ())):
+        rows = table[:, [layout["columns"].index(n) for n in wanted]]
+    else:
+        raise ValueError(f"{args.data} has {table.shape[1]} columns; the model takes {len(wanted)} features "
+                         f"({', '.join(wanted)})" + (", in a file with a header row" if layout.get("header") else ""))
+    return model, rows, layout, names, table
+
+
+def predict(args):
+    model, rows, _, names, table = _model_and_rows(args)
+    if args.proba and model.target.task != "classification":
+        raise ValueError("--proba is for classification models; this one is a regression")
+    if args.id_column:
+        if names is None or args.id_column not in names:
+            raise ValueError(f"--id-column {args.id_column!r}: {args.data} has no such column"
+                             + (f" (its columns: {names})" if names else " (it has no header row)"))
+        ids, id_name = table[:, names.index(args.id_column)], args.id_column
+    else:
+        ids, id_name = np.arange(1, len(rows) + 1), "row"
+    if args.proba:
+        values = model.predict_proba(rows)
+        header = [id_name] + [f"proba_{c}" for c in model.target.classes]
+        lines = ([i, *(f"{p:.6g}" for p in row)] for i, row in zip(ids, values))
+    else:
+        header = [id_name, "prediction"]
+        lines = ([i, _cell(v)] for i, v in zip(ids, model.predict(rows)))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(lines)
+    if args.out:
+        atomic_write(args.out, text.getvalue().encode())
+        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text.getvalue())
+    return 0
+
+
+def _cell(value):
+    return f"{value:.6g}" if isinstance(value, (float, np.floating)) else value
+
+
+def evaluate(args):
+    model, rows, layout, names, table = _model_and_rows(args)
+    label = args.label_column if args.label_column is not None else layout.get("label")
+    if label is None:
+        raise ValueError("give --label-column: the model does not say which column held its labels")
+    column = data.label_index(args.data, label, names, table.shape[1])
+    scores = _scores(model, rows, table[:, column])
+    print(_held_out_line(scores, len(rows), what=os.path.basename(args.data)))
+    if model.target.task == "classification":
+        print(f"log-loss: {scores['log_loss']:.4f}")
+        classes = model.target.classes
+        truth, predicted = model.target.encode(table[:, column]), model.target.encode(model.predict(rows))
+        matrix = np.zeros((len(classes), len(classes)), np.int64)
+        np.add.at(matrix, (truth, predicted), 1)
+        width = max(5, *(len(str(c)) for c in classes))
+        print("confusion matrix (rows: true class, columns: predicted)")
+        print(" " * width + "".join(f" {str(c):>{width}}" for c in classes))
+        for c, line in zip(classes, matrix):
+            print(f"{str(c):>{width}}" + "".join(f" {v:>{width}}" for v in line))
     return 0
 
 

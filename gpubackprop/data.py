@@ -244,29 +244,63 @@ def _open_npy(path, mmap_mode):
 
 # ---- csv ----------------------------------------------------------------------------------
 def _open_text(path):
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first cell
     if path.lower().endswith(".gz"):
-        return gzip.open(path, "rt", newline="")
-    return open(path, newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
-def _load_csv(path, label_column=None):
-    first, header = _csv_first_row(path)
-    col = _label_index(path, label_column, first if header else None, len(first))
+def sniff_delimiter(path):
+    """The delimiter of a CSV file (",", ";", tab or "|"), from its first 64 KiB; "," when unclear."""
+    try:
+        with _open_text(path) as f:
+            sample = f.read(1 << 16)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} could not be read as CSV ({type(e).__name__}: {e})") from None
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def read_table(path, delimiter=None):
+    """(names, cells) of a CSV file: the header row's names (None without one: a first
+    row none of whose cells is a number is a header) and the data rows, as a float
+    array where every cell is a number, else as an object array of the cells' texts.
+    ``delimiter``: sniffed by default. A ragged row raises a ValueError naming it."""
+    delimiter = delimiter or sniff_delimiter(path)
+    first, header = _csv_first_row(path, delimiter)
+    names = [n.strip() for n in first] if header else None
     try:
         with warnings.catch_warnings():  # "input contained no data": reported below
             warnings.simplefilter("ignore", UserWarning)
-            table = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2,
-                               dtype=np.float64, comments=None)
-    except (ValueError, OSError, EOFError) as e:
-        _csv_find_error(path, header)  # names the row; raises
-        raise ValueError(f"{path} could not be read as CSV: {e}") from None
+            with _open_text(path) as f:
+                table = np.loadtxt(f, delimiter=delimiter, skiprows=int(header), ndmin=2, dtype=np.float64,
+                                   comments=None)
+    except (ValueError, OSError, EOFError, UnicodeDecodeError):  # text or empty cells: the csv module reads them
+        rows = [row for row in _csv_rows(path, delimiter) if any(c.strip() for c in row)][int(header):]
+        for line, row in enumerate(rows, start=1 + int(header)):
+            if len(row) != len(first):
+                raise ValueError(f"{path}, row {line}: {len(row)} columns, but the "
+                                 f"{'header' if header else 'first row'} has {len(first)}") from None
+        table = np.array(rows, dtype=object).reshape(len(rows), len(first))
     if table.size == 0:
         raise ValueError(f"{path} holds no data rows")
-    if table.shape[1] < 2:
-        raise ValueError(f"{path} has {table.shape[1]} column; it needs feature columns and a label column")
     if table.shape[1] != len(first):  # found by fuzzing: a header wider than the rows
         raise ValueError(f"{path}: the {'header' if header else 'first row'} has {len(first)} columns but the "
                          f"data rows have {table.shape[1]}; every row needs the same columns")
+    return names, table
+
+
+def _load_csv(path, label_column=None):
+    names, table = read_table(path, delimiter=",")
+    header = names is not None
+    if table.dtype == object:
+        _csv_find_error(path, header)  # names the row; raises
+        raise ValueError(f"{path} could not be read as CSV")
+    if table.shape[1] < 2:
+        raise ValueError(f"{path} has {table.shape[1]} column; it needs feature columns and a label column")
+    col = label_index(path, label_column, names, table.shape[1])
     if not np.isfinite(table).all():
         row = int(np.argwhere(~np.isfinite(table))[0, 0])
         _csv_find_error(path, header)
@@ -274,7 +308,7 @@ def _load_csv(path, label_column=None):
     return np.delete(table, col, axis=1), _labels(table[:, col])
 
 
-def _label_index(path, label_column, names, width):
+def label_index(path, label_column, names, width):
     """The label column's index in 0..width-1: the last one by default, else a header
     name or an integer index (an int, or a string of one; negative counts from the end)."""
     if label_column is None:
@@ -317,18 +351,18 @@ def _parse_float(cell):
         return None
 
 
-def _csv_rows(path):
+def _csv_rows(path, delimiter=","):
     try:
         with _open_text(path) as f:
-            for row in csv.reader(f):
+            for row in csv.reader(f, delimiter=delimiter):
                 yield row
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{path} could not be read as CSV ({type(e).__name__}: {e})") from None
 
 
-def _csv_first_row(path):
+def _csv_first_row(path, delimiter=","):
     """(cells, is_header) of the first non-blank row; a row whose every cell is not a number is a header."""
-    for row in _csv_rows(path):
+    for row in _csv_rows(path, delimiter):
         if any(c.strip() for c in row):
             return row, all(_parse_float(c) is None for c in row)
     raise ValueError(f"{path} is empty")

@@ -3,9 +3,11 @@
 A file holds the tensors of ``model.state_dict()`` (layers.{i}.weight / .bias),
 optionally the optimizer's flat state buffers as ``optimizer.<name>``, and string
 metadata: ``config`` (sizes, activation, loss, dtype, precision, dropout as
-JSON), ``optimizer`` (type, hyperparameters, steps) and ``user`` (the caller's
-JSON). Reading gives plain data (a ModelFile); ``MLP.load`` builds the model from
-its config.
+JSON), ``optimizer`` (type, hyperparameters, steps), ``user`` (the caller's
+JSON), and where the model has them, ``inputs`` and ``target``: the input transform
+and target encoding that make the file a whole predictor of raw rows
+(gpubackprop.tabular, as JSON). Reading gives plain data (a ModelFile);
+``MLP.load`` builds the model from its config.
 """
 
 import json
@@ -25,12 +27,18 @@ class ModelFile(NamedTuple):
     tensors: dict  # the state_dict
     optimizer: Any  # a gpubackprop.optim optimizer with its state, or None
     user: Any  # the caller's metadata, or None
+    inputs: Any = None  # tabular.Inputs' JSON, or None
+    target: Any = None  # tabular.Target's JSON, or None
 
 
-def write(path, config, tensors, optimizer=None, metadata=None):
-    """Save a model's ``config`` and ``tensors`` (its state_dict), and ``optimizer``'s state, to ``path``."""
+def write(path, config, tensors, optimizer=None, metadata=None, inputs=None, target=None):
+    """Save a model's ``config`` and ``tensors`` (its state_dict), ``optimizer``'s state,
+    and its ``inputs`` / ``target`` JSON, to ``path``."""
     tensors = dict(tensors)
     meta = {"config": json.dumps(config)}
+    for key, value in (("inputs", inputs), ("target", target)):
+        if value is not None:
+            meta[key] = json.dumps(value)
     if optimizer is not None:
         saved = optimizer.state_dict()
         tensors.update({_OPT + k: v for k, v in saved.pop("state").items()})
@@ -56,8 +64,9 @@ def read(path):
         saved = _json(meta, "optimizer", path)
         saved["state"] = {k[len(_OPT):]: v for k, v in tensors.items() if k.startswith(_OPT)}
         optimizer = optim.from_state_dict(saved)
-    user = _json(meta, "user", path) if "user" in meta else None
-    return ModelFile(config, {k: v for k, v in tensors.items() if not k.startswith(_OPT)}, optimizer, user)
+    user, inputs, target = (_json(meta, key, path) if key in meta else None for key in ("user", "inputs", "target"))
+    return ModelFile(config, {k: v for k, v in tensors.items() if not k.startswith(_OPT)}, optimizer, user,
+                     inputs, target)
 
 
 def load_optimizer(path):

@@ -3,8 +3,10 @@
 import gzip
 import importlib.util
 import json
+import os
 import re
 import struct
+import subprocess
 import sys
 
 import numpy as np
@@ -48,7 +50,7 @@ def test_train_digits_writes_a_reloadable_run(tmp_path, capsys):
     assert f"{np.mean(model.predict(X_te) == y_te):.4f}" == f"{accuracy:.4f}"
 
     meta = modelfile.load_metadata(out / "model.safetensors")
-    assert meta["standardize"] is None and meta["held_out_accuracy"] == pytest.approx(accuracy, abs=5e-5)
+    assert model.inputs.scale == "none" and meta["held_out"]["accuracy"] == pytest.approx(accuracy, abs=5e-5)
     opt = modelfile.load_optimizer(out / "model.safetensors")
     assert type(opt) is gb.optim.Adam and opt.steps == 3 * 45  # 1437 rows in batches of 32
 
@@ -79,9 +81,9 @@ def test_train_csv_is_standardized(tmp_path, capsys):
     assert rc == 0
     accuracy, n_test = reported(capsys.readouterr().out)
     assert n_test == 45 and accuracy > 0.8
-    meta = modelfile.load_metadata(out / "model.safetensors")
-    assert len(meta["standardize"]["mean"]) == 4
-    assert meta["standardize"]["std"][3] == 1.0  # the constant feature
+    inputs = gb.load(out / "model.safetensors").inputs
+    assert inputs.scale == "standard" and inputs.names == ["a", "b", "c", "d"]
+    assert inputs.divide[3] == 1.0  # the constant feature
     opt = modelfile.load_optimizer(out / "model.safetensors")
     assert type(opt) is gb.optim.SGD and opt.hyperparams["momentum"] == 0.9
 
@@ -100,7 +102,7 @@ def test_train_idx_with_labels(tmp_path, capsys):
     assert rc == 0
     accuracy, n_test = reported(capsys.readouterr().out)
     assert n_test == 16 and accuracy > 0.9
-    assert modelfile.load_metadata(out / "model.safetensors")["standardize"] is None  # pixels already in [0, 1]
+    assert gb.load(out / "model.safetensors").inputs.scale == "none"  # pixels already in [0, 1]
     assert gb.load(out / "model.safetensors").dtype == "float64"
 
 
@@ -110,11 +112,11 @@ def test_mnist5k_reaches_93_percent_on_the_cpu(tmp_path, capsys):
     rc, out = train(tmp_path, "--dataset", "mnist5k", "--hidden", "128", "--epochs", "20", "--device", "cpu")
     stdout = capsys.readouterr().out
     assert rc == 0
-    assert "mnist5k: 5000 samples, 784 features, 10 classes; 4000 for training, 1000 held out; scaling: none" in stdout
+    assert ("mnist5k: 5000 samples, 784 columns -> 784 features, 10 classes; 4000 for training, 1000 held out; "
+            "scaling: none") in stdout
     accuracy, n_test = reported(stdout)
     assert accuracy >= 0.93 and n_test == 1000  # measured 0.945
-    meta = modelfile.load_metadata(out / "model.safetensors")
-    assert meta["scale"] == "none" and meta["standardize"] is None and meta["min_max"] is None
+    assert modelfile.load_metadata(out / "model.safetensors")["scale"] == "none"
     assert gb.load(out / "model.safetensors").sizes == [784, 128, 10]
 
 
@@ -146,12 +148,13 @@ def test_train_csv_label_column_and_min_max(tmp_path, capsys, label_column):
                     "--test-fraction", "0.25")
     stdout = capsys.readouterr().out
     assert rc == 0
-    assert "120 samples, 3 features, 3 classes" in stdout and "scaling: minmax" in stdout
+    assert "120 samples, 3 columns -> 3 features, 3 classes" in stdout and "scaling: minmax" in stdout
     accuracy, n_test = reported(stdout)
     assert n_test == 30 and accuracy > 0.8
     meta = modelfile.load_metadata(out / "model.safetensors")
-    assert meta["scale"] == "minmax" and meta["standardize"] is None and meta["label_column"] == label_column
-    assert len(meta["min_max"]["low"]) == 3 and meta["min_max"]["span"][2] == 1.0  # the constant feature
+    assert meta["scale"] == "minmax" and meta["label_column"] == label_column and meta["label"] == "species"
+    inputs = gb.load(out / "model.safetensors").inputs
+    assert inputs.names == ["a", "b", "c"] and inputs.divide[2] == 1.0  # the constant feature
 
 
 def test_train_scale_none_leaves_features_alone(tmp_path, capsys):
@@ -159,8 +162,7 @@ def test_train_scale_none_leaves_features_alone(tmp_path, capsys):
     rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--scale", "none",
                     "--hidden", "4", "--epochs", "1", "--device", "cpu")
     assert rc == 0 and "scaling: none" in capsys.readouterr().out
-    meta = modelfile.load_metadata(out / "model.safetensors")
-    assert meta["scale"] == "none" and meta["standardize"] is None and meta["min_max"] is None
+    assert gb.load(out / "model.safetensors").inputs.scale == "none"
 
 
 def test_train_npy_memmap_with_labels(tmp_path, capsys):
@@ -175,7 +177,7 @@ def test_train_npy_memmap_with_labels(tmp_path, capsys):
     assert rc == 0 and "scaling: standard" in stdout  # the default for files
     accuracy, n_test = reported(stdout)
     assert n_test == 16 and accuracy > 0.9
-    assert len(modelfile.load_metadata(out / "model.safetensors")["standardize"]["mean"]) == 6
+    assert gb.load(out / "model.safetensors").inputs.shift.shape == (6,)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -251,7 +253,7 @@ def test_bad_csv_cell_exits_2_naming_the_row(tmp_path, capsys):
     path.write_text("1,2,0\n3,x,1\n")
     rc, _ = train(tmp_path, "--dataset", str(path), "--device", "cpu")
     assert rc == 2
-    assert "row 2, column 2: 'x' is not a number" in capsys.readouterr().err
+    assert "column 2, row 2: 'x' is not a number, and the column's other cells are" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(HAS_CUPY, reason="CuPy is installed here")
@@ -269,3 +271,192 @@ def test_usage_errors_and_help_return_codes(capsys):
     assert main(["--help"]) == 0
     assert main(["--version"]) == 0
     assert "gpubackprop " + gb.__version__ in capsys.readouterr().out
+
+
+# ---- from a data file to predictions -------------------------------------------------------
+def diabetes_csv(path):
+    from sklearn.datasets import load_diabetes
+
+    load_diabetes(as_frame=True).frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_regression_target_trains_a_regressor_not_hundreds_of_classes(tmp_path, capsys):
+    """Before: the float target was cast to int64 and became 347 classes, at 0.0000 accuracy."""
+    path = diabetes_csv(tmp_path / "diabetes.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--hidden", "32", "--epochs", "60", "--device", "cpu",
+                    "--lr", "0.01")
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert ("task: regression (the target holds 214 distinct integers, more than 50 classes; "
+            "--task classification to change)") in stdout
+    assert "442 samples, 10 columns -> 10 features, a regression target" in stdout
+    match = re.search(r"^held-out R\^2: (-?\d\.\d{4}), RMSE ([\d.]+), MAE ([\d.]+) \(89 samples\)$", stdout, re.M)
+    assert match and float(match.group(1)) > 0.3  # measured 0.47; a mean predictor scores 0
+    model = gb.load(out / "model.safetensors")
+    assert model.sizes[-1] == 1 and model.loss == "mse" and model.target.task == "regression"
+    X = np.loadtxt(path, delimiter=",", skiprows=1)
+    predicted = model.predict(X[:, :-1])  # raw rows, in the target's units
+    assert predicted.shape == (442,) and 100 < predicted.mean() < 200
+    assert modelfile.load_metadata(out / "model.safetensors")["held_out"]["rmse"] == pytest.approx(
+        float(match.group(2)), rel=1e-3)
+    history = json.loads((out / "history.json").read_text())
+    assert set(history) == {"loss", "mse", "val_loss", "val_mse"}
+
+
+@pytest.mark.parametrize("labels", [(1, 2, 3), (0, 1000, 2000), ("setosa", "versicolor", "virginica")])
+def test_class_labels_are_mapped_not_taken_for_ids(tmp_path, capsys, labels):
+    """Before: labels 1..3 made 4 classes, and {0, 1000, 2000} 2001 classes at 0.27 accuracy."""
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    y = np.array(labels, dtype=object)[iris.target]
+    path = tmp_path / "iris.csv"
+    with open(path, "w") as f:
+        f.write("a,b,c,d,species\n")
+        for row, label in zip(iris.data, y):
+            f.write(",".join(map(str, row)) + f",{label}\n")
+    rc, out = train(tmp_path, "--dataset", str(path), "--hidden", "16", "--epochs", "60", "--batch-size", "8",
+                    "--lr", "0.01", "--device", "cpu")
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "150 samples, 4 columns -> 4 features, 3 classes" in stdout
+    accuracy, _ = reported(stdout)
+    assert accuracy > 0.85
+    model = gb.load(out / "model.safetensors")
+    assert model.sizes[-1] == 3 and model.target.classes == list(labels)
+    assert np.mean(model.predict(iris.data) == y) > 0.85  # the original labels come back
+
+
+def test_a_cli_model_predicts_raw_rows_after_gb_load(tmp_path, capsys):
+    """Before: the file kept mean and std in its metadata, gb.load ignored them, and
+    predict on raw rows scored 0.333 instead of 0.967."""
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--hidden", "16",
+                    "--epochs", "20", "--batch-size", "8", "--lr", "0.01", "--device", "cpu")
+    accuracy, _ = reported(capsys.readouterr().out)
+    table = np.loadtxt(path, delimiter=",", skiprows=1)
+    X, y = table[:, 1:], table[:, 0].astype(int)
+    _, X_test, _, y_test = data.train_test_split(X, y, 0.2, seed=0)
+    model = gb.load(out / "model.safetensors")
+    assert f"{np.mean(model.predict(X_test) == y_test):.4f}" == f"{accuracy:.4f}" and accuracy > 0.9
+
+
+def messy_iris(path):
+    """iris with string labels, a text column, an id column, missing cells and a BOM, ';'-separated."""
+    from sklearn.datasets import load_iris
+
+    iris, rng = load_iris(), np.random.default_rng(0)
+    species = np.array(["setosa", "versicolor", "virginica"])[iris.target]
+    colour = rng.choice(["red", "green", "blue"], 150)
+    lines = ["id;sepal length;sepal width;petal length;petal width;colour;species"]
+    gaps = set(rng.choice(150, 6, replace=False).tolist())
+    for i, (row, c, s) in enumerate(zip(iris.data, colour, species)):
+        cells = [f"{v:g}" for v in row]
+        if i in gaps:
+            cells[1] = "NA" if i % 2 else ""
+        lines.append(";".join([f"id{i:03d}", *cells, c, s]))
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+TRAIN_IRIS = ["--label-column", "species", "--drop", "id", "--impute", "median", "--hidden", "16",
+              "--batch-size", "8", "--lr", "0.01", "--device", "cpu", "--seed", "3"]
+
+INTERRUPTING = """
+import os, signal, sys
+import gpubackprop as gb
+from gpubackprop.cli import main
+
+class CtrlC(gb.callbacks.Callback):  # Ctrl-C in the middle of a run, as a user would press it
+    def on_batch_end(self, model, batch, logs):
+        if model.optimizer.steps == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGINT)
+
+fit = gb.MLP.fit
+gb.MLP.fit = lambda self, *a, **k: fit(self, *a, **{**k, "callbacks": [*k.get("callbacks", ()), CtrlC()]})
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def cli(*args, script=None):
+    """The command in a new process: (returncode, stdout, stderr)."""
+    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "gpubackprop", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_a_users_day_train_interrupt_resume_predict_evaluate(tmp_path):
+    """The issue's whole day, each command in its own process: train on a messy CSV,
+    Ctrl-C mid-run (a checkpoint and the model so far), --resume to the end (the same
+    model, bit for bit, as a run never interrupted), predict on raw new rows, evaluate."""
+    path = messy_iris(tmp_path / "iris.csv")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    rc, stdout, stderr = cli("train", "--dataset", str(path), "--epochs", "12", "--out", str(whole), "--no-progress",
+                             *TRAIN_IRIS)
+    assert rc == 0, stderr
+    assert "task: classification (the target holds text; --task regression to change)" in stdout
+    assert "150 samples, 5 columns -> 7 features, 3 classes" in stdout
+
+    rc, _, stderr = cli("50", "train", "--dataset", str(path), "--epochs", "12", "--out", str(resumed),
+                        "--no-progress", *TRAIN_IRIS, script=INTERRUPTING)
+    assert rc == 130, stderr
+    assert "interrupted after step 50; its checkpoint is in" in stderr and "--resume to continue" in stderr
+    assert os.path.exists(resumed / "checkpoints" / "ckpt-0000000050.safetensors")
+    partial = gb.load(resumed / "model.safetensors")  # the model so far predicts already
+    assert partial.target.classes == ["setosa", "versicolor", "virginica"]
+    rc, stdout, stderr = cli("train", "--dataset", str(path), "--epochs", "12", "--out", str(resumed),
+                             "--no-progress", "--resume", *TRAIN_IRIS)
+    assert rc == 0, stderr
+    a, b = gb.load(whole / "model.safetensors"), gb.load(resumed / "model.safetensors")
+    for name, value in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[name], value, err_msg=name)
+
+    new = tmp_path / "new.csv"  # raw rows without labels, another column order, a missing cell
+    new.write_text("colour,petal width,id,petal length,sepal length,sepal width\n"
+                   "red,0.2,n1,1.4,5.1,3.5\ngreen,1.3,n2,4.5,6.4,\nblue,2.3,n3,5.9,6.9,3.1\n")
+    rc, stdout, stderr = cli("predict", "--model", str(whole / "model.safetensors"), "--data", str(new),
+                             "--id-column", "id")
+    assert rc == 0, stderr
+    assert stdout.splitlines()[0] == "id,prediction"
+    pd = pytest.importorskip("pandas")
+    expected = a.predict(pd.read_csv(new))
+    assert stdout.splitlines()[1:] == [f"n{i + 1},{label}" for i, label in enumerate(expected)]
+    assert list(expected) == ["setosa", "versicolor", "virginica"]
+    rc, stdout, _ = cli("predict", "--model", str(whole / "model.safetensors"), "--data", str(new), "--proba",
+                        "--out", str(tmp_path / "p.csv"))
+    proba = pd.read_csv(tmp_path / "p.csv")
+    assert list(proba.columns) == ["row", "proba_setosa", "proba_versicolor", "proba_virginica"]
+    np.testing.assert_allclose(proba.iloc[:, 1:].to_numpy(), a.predict_proba(pd.read_csv(new)), atol=1e-6)
+
+    rc, stdout, stderr = cli("evaluate", "--model", str(whole / "model.safetensors"), "--data", str(path))
+    assert rc == 0, stderr
+    accuracy = float(re.search(r"^iris.csv accuracy: (\d\.\d{4}) \(150 samples\)$", stdout, re.M).group(1))
+    assert accuracy > 0.9 and "confusion matrix (rows: true class, columns: predicted)" in stdout
+    assert re.search(r"^\s+setosa\s+50\s+0\s+0$", stdout, re.M)
+
+
+def test_a_regression_run_predicts_in_the_targets_units_in_a_new_process(tmp_path):
+    path = diabetes_csv(tmp_path / "diabetes.csv")
+    rc, _, stderr = cli("train", "--dataset", str(path), "--hidden", "16", "--epochs", "5", "--device", "cpu",
+                        "--out", str(tmp_path / "run"), "--no-progress")
+    assert rc == 0, stderr
+    rc, stdout, stderr = cli("predict", "--model", str(tmp_path / "run" / "model.safetensors"), "--data", str(path))
+    assert rc == 0, stderr
+    values = np.array([float(line.split(",")[1]) for line in stdout.splitlines()[1:]])
+    X = np.loadtxt(path, delimiter=",", skiprows=1)[:, :-1]
+    np.testing.assert_allclose(values, gb.load(tmp_path / "run" / "model.safetensors").predict(X), rtol=1e-5)
+    rc, stdout, _ = cli("evaluate", "--model", str(tmp_path / "run" / "model.safetensors"), "--data", str(path))
+    assert rc == 0 and re.search(r"^diabetes.csv R\^2: -?\d\.\d{4}, RMSE [\d.]+, MAE [\d.]+ \(442 samples\)$",
+                                 stdout, re.M)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint-every", "0"], "--checkpoint-every must be a number of steps >= 1 or 'epoch', got '0'"),
+    (["--loss", "mse"], "--loss mse does not fit a classification task; use --loss cross_entropy"),
+    (["--drop", "species"], "--drop names the label column 'species'"),
+])
+def test_bad_train_flags_exit_2_naming_the_flag(tmp_path, capsys, args, message):
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, _ = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--epochs", "1",
+                  "--device", "cpu", *args)
+    assert rc == 2 and message in capsys.readouterr().err

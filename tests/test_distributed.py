@@ -200,7 +200,7 @@ def test_cli_trains_on_two_ranks_as_on_one_and_only_rank_0_speaks_and_writes(tmp
     code, out, err, _ = launch(2, command, *args, "--distributed", "--out", str(tmp_path / "two"))
     assert code == 0, err
     assert out.count("device: cpu") == 1 and "distributed: 2 ranks (MPICommunicator); global batch 50" in out
-    assert sorted(os.listdir(tmp_path / "two")) == ["curves.png", "history.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoints", "curves.png", "history.json", "model.safetensors"]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
     two, one = gb.load(str(tmp_path / "two" / "model.safetensors")), gb.load(str(tmp_path / "one" / "model.safetensors"))
     assert_close({f"param.{k}": v for k, v in two.state_dict().items()}, one.state_dict(), {}, 1e-6)

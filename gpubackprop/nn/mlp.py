@@ -7,7 +7,7 @@ loop of gpubackprop.train.loop. Files are gpubackprop.modelfile's.
 
 import weakref
 
-from .. import distributed, modelfile
+from .. import distributed, modelfile, tabular
 from ..train import recovery
 from ..train.loop import FitSettings, fit
 from ..train.trainer import Trainer
@@ -33,6 +33,12 @@ class MLP(Network):
 
     Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
     Glorot-uniform (limit sqrt(6 / (n_in + n_out))) otherwise; biases at zero.
+
+    ``model.inputs`` and ``model.target`` (gpubackprop.tabular; None by default, set
+    by the CLI or by the user) make the model a whole predictor of raw rows: where
+    set, ``fit``, ``evaluate``, ``predict`` and ``predict_proba`` take the rows a
+    user holds (a DataFrame, or an array of the raw columns) through ``inputs``, and
+    labels in the original classes or units through ``target``; ``save`` keeps both.
     """
 
     def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None,
@@ -42,6 +48,8 @@ class MLP(Network):
         self.optimizer = None  # the last fit's
         self.comm = distributed.SingleProcess()  # the running fit's communicator (callbacks read its rank)
         self._step_trainer = None  # train_step's, kept so that its captured steps are too
+        self.inputs = None  # a tabular.Inputs: raw rows -> features
+        self.target = None  # a tabular.Target: labels <-> what the network learns
 
     def loss_and_grad(self, X, y):
         """(loss, gradients under state_dict's names): one forward and backward pass, no update."""
@@ -126,28 +134,56 @@ class MLP(Network):
         and writes checkpoints; an error on any rank aborts the job.
         """
         settings.update(epochs=epochs, batch_size=batch_size, optimizer=optimizer)
-        return fit(self, X, y, FitSettings.of(settings))
+        if settings.get("validation_data") is not None:
+            settings["validation_data"] = self.encoded(*settings["validation_data"])
+        return fit(self, *self.encoded(X, y), FitSettings.of(settings))
 
     fit.__signature__ = FitSettings.signature(fit)  # help(MLP.fit) lists every setting
 
     def evaluate(self, X, y):
-        """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X."""
+        """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X
+        (with a regression ``target``, in its standardized units)."""
         with self.context():
-            X, T = self.prepare(X, y)
+            X, T = self.prepare(*self.encoded(X, y))
             return self.metrics(self.backend.to_host(self.totals(X, T)), X.shape[0])
+
+    def encoded(self, X, y):
+        """(X, y) through ``inputs`` and ``target`` where the model has them."""
+        return (X if self.inputs is None else self.inputs.transform(X),
+                y if self.target is None else self.target.encode(y))
+
+    def predict(self, X):
+        """Class labels (cross_entropy) or outputs (mse) for the rows of X: the
+        original labels or units where the model has a ``target``."""
+        out = super().predict(X if self.inputs is None else self.inputs.transform(X))
+        return out if self.target is None else self.target.decode(self.backend.to_host(out))
+
+    def predict_proba(self, X):
+        """Softmax class probabilities, (n, classes): columns in the order of
+        ``model.target.classes`` where the model has a target."""
+        return super().predict_proba(X if self.inputs is None else self.inputs.transform(X))
 
     # ---- files -----------------------------------------------------------------------
     def save(self, path, optimizer=None, metadata=None):
         """Write a safetensors file (atomically): parameters, config, optionally the
         optimizer's state and the caller's JSON ``metadata``; see gpubackprop.modelfile."""
-        modelfile.write(path, self.config(), self.state_dict(), optimizer, metadata)
+        modelfile.write(path, self.config(), self.state_dict(), optimizer, metadata,
+                        None if self.inputs is None else self.inputs.to_json(),
+                        None if self.target is None else self.target.to_json())
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """The model saved at ``path``, on ``device``."""
+        """The model saved at ``path``, on ``device``, with its input transform and
+        target encoding (from a CLI-trained file of the first format: its scaling)."""
         saved = modelfile.read(path)
         model = cls(**saved.config, device=device)
         model.load_state_dict(saved.tensors)
+        if saved.inputs is not None:
+            model.inputs = tabular.Inputs.from_json(saved.inputs)
+        else:
+            model.inputs = tabular.Inputs.from_legacy(saved.user, model.sizes[0])
+        if saved.target is not None:
+            model.target = tabular.Target.from_json(saved.target)
         return model
 
 

@@ -283,12 +283,16 @@ def check_optimizers(be, rng, modes):
             continue  # master weights and optimizer state are float32 in every other mode
         dtype = storage(mode)
         for opt in OPTIMIZERS:
-            errs = []
+            got, want = [], []
             for n in (1, 1001, 5003):
                 p0 = rounded(rng.standard_normal(n), dtype)
                 grads = [rounded(rng.standard_normal(n), dtype) for _ in range(3)]
-                got, want = (optimizer_steps(side, opt, p0, grads, t) for side, t in ((be, dtype), (REFERENCE, np.float64)))
-                errs += [error(g, w) for g, w in zip(got, want)]
+                got.append(optimizer_steps(be, opt, p0, grads, dtype))
+                want.append(optimizer_steps(REFERENCE, opt, p0, grads, np.float64))
+            # Each state over all three sizes at once: its scale is that of thousands of
+            # elements, not of one (a lone momentum buffer can cancel to near zero, and
+            # its float32 rounding then looks large beside it: 1 run in 75 failed so).
+            errs = [error(np.concatenate(g), np.concatenate(w)) for g, w in zip(zip(*got), zip(*want))]
             yield Check(f"optimizer {opt!r} (3 steps, state)", mode, max(errs), BOUND[mode])
 
 

@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import inspect
 import os
+import signal
+import threading
 import warnings
 from typing import Any, Optional
 
@@ -125,7 +127,8 @@ class Loop:
         self.n = self._rows()
         self.trainer = Trainer(model, self.optimizer, s.clip_norm, graphs=s.graphs, parallel=self.comm.parallel)
         start = self._start()
-        return self._epochs(start)
+        with HeldInterrupt(s.checkpoint_dir is not None and not self.comm.parallel) as self.interrupt:
+            return self._epochs(start)
 
     def _rows(self):
         n = self.T.shape[0]
@@ -216,8 +219,12 @@ class Loop:
             self._check_nonfinite()
         call(self.callbacks, "on_batch_end", model, s, logs)
         every = self.s.checkpoint_every
-        if s == self.steps_per_epoch - 1 if every == "epoch" else every and self.optimizer.steps % every == 0:
+        due = s == self.steps_per_epoch - 1 if every == "epoch" else every and self.optimizer.steps % every == 0
+        if due or self.interrupt.pending:
             self._checkpoint(epoch, s)
+        if self.interrupt.pending:
+            raise KeyboardInterrupt(f"interrupted after step {self.optimizer.steps}; its checkpoint is in "
+                                    f"{self.s.checkpoint_dir} (resume=True continues from it)")
 
     def _checkpoint(self, epoch, s):
         self.optimizer.sync_steps()
@@ -253,3 +260,30 @@ def check_comm(comm, backend):
         raise ValueError(f"this rank's NCCL communicator is bound to {comm.device} but the model is on "
                          f"{backend.name}; make the model with device=comm.device")
     return comm
+
+
+class HeldInterrupt:
+    """Ctrl-C (SIGINT) during a fit that checkpoints is held until the step ends, so
+    that the step is whole and its checkpoint can be written (then ``_batch`` raises
+    KeyboardInterrupt). Only in the main thread, where Python's own handler is set
+    (a program with its own handler keeps it), and not data parallel (the ranks
+    would have to agree on the step). A second Ctrl-C interrupts at once."""
+
+    def __init__(self, enabled):
+        self.enabled, self.pending, self._previous = enabled, False, None
+
+    def __enter__(self):
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
