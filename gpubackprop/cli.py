@@ -69,7 +69,8 @@ def add_train(commands):
                    help="fill missing feature values with the training split's mean or median (text columns: "
                         "their most frequent value); default none: missing values are an error that counts them")
     t.add_argument("--max-categories", type=int, default=tabular.MAX_CATEGORIES, metavar="N",
-                   help=f"the most distinct values a text column may one-hot encode (default {tabular.MAX_CATEGORIES})")
+                   help="the most distinct values a text column may one-hot encode "
+                        f"(default {tabular.MAX_CATEGORIES})")
     t.add_argument("--scale", choices=SCALINGS,
                    help="feature scaling fitted on the training split: standard (zero mean, unit variance), "
                         "minmax (training range onto [0, 1]) or none (default standard for .csv, .npz and .npy "
@@ -194,7 +195,23 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def _check_flags(args):
+    """The numbers among train's flags, checked in the flags' own words."""
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 0),
+                             ("--max-categories", args.max_categories, 1),
+                             ("--early-stopping", args.early_stopping, 1), *(("--hidden", n, 1) for n in args.hidden)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 0 < args.test_fraction < 1:
+        raise ValueError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+
+
 def _train(args, comm, print):
+    _check_flags(args)
     optimizer = _optimizer(args)
     device = comm.device if args.device == "auto" and comm.device != "auto" else args.device
     backend = gb.get_backend(device)  # fails fast, before the data is read
@@ -442,8 +459,11 @@ def evaluate(args):
 # ---- bench -----------------------------------------------------------------------------
 def bench(args):
     """A bar chart of a benchmark result file (bench/step_bench.py or bench/cpu_table.py)."""
-    with open(args.results) as f:
-        result = json.load(f)
+    try:
+        with open(args.results) as f:
+            result = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{args.results} is not a JSON result file ({e})") from None
     out = args.out or os.path.splitext(args.results)[0] + ".png"
     plots.benchmark_chart(result, out)
     print(f"wrote {out}")

@@ -44,6 +44,8 @@ def _as_numeric(name, x, backend):
         # wraps it without a copy; the CPU backend says how to move one or the other.
         arr = backend.asarray(x)
     else:
+        if hasattr(x, "detach") and getattr(x, "requires_grad", False):  # a PyTorch tensor in autograd
+            x = x.detach()
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as e:
@@ -60,7 +62,7 @@ def _as_numeric(name, x, backend):
 def _check_finite(name, arr, xp):
     if arr.dtype.kind == "f" and not bool(xp.isfinite(arr).all()):
         bad = int((~xp.isfinite(arr)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean or impute them before training")
+        raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean or impute them first")
 
 
 def _check_X_shape(arr, n_features):

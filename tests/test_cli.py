@@ -233,11 +233,11 @@ def test_info_on_an_old_numpy(capsys, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "no/such/file.npz"], "no such file"),
     (["--dataset", "mnist"], "not a built-in name"),
-    (["--hidden", "0"], "every layer size must be >= 1"),
-    (["--epochs", "-1"], "epochs must be >= 0"),
-    (["--lr", "-1"], "lr must be in"),
+    (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
     (["--momentum", "0.5"], "--momentum is for --optimizer sgd"),
-    (["--test-fraction", "1.5"], "test_fraction"),
+    (["--test-fraction", "1.5"], "--test-fraction must be between 0 and 1"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, args, message):
@@ -460,3 +460,21 @@ def test_bad_train_flags_exit_2_naming_the_flag(tmp_path, capsys, args, message)
     rc, _ = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--epochs", "1",
                   "--device", "cpu", *args)
     assert rc == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--hidden", "8", "0"], "--hidden must be >= 1, got 0"),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+])
+def test_the_cli_speaks_in_its_flags(tmp_path, capsys, args, message):
+    """Before, --batch-size 0 said `batch_size must be >= 1`: fit's words, not the command's."""
+    rc, _ = train(tmp_path, "--dataset", "digits", "--epochs", "1", "--device", "cpu", *args)
+    assert rc == 2 and capsys.readouterr().err == f"gpubackprop: error: {message}\n"
+
+
+def test_an_unreadable_bench_file_is_named(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text("{not json")
+    assert main(["bench", str(path)]) == 2
+    assert f"{path} is not a JSON result file" in capsys.readouterr().err

@@ -70,3 +70,10 @@ def test_gpu_arrays_stay_on_the_gpu(rng):
     got = model.predict_proba(Xt)
     assert isinstance(got, torch.Tensor) and got.is_cuda
     np.testing.assert_allclose(got.cpu().numpy(), model.predict_proba(X), rtol=1e-6)
+
+
+def test_a_torch_tensor_that_requires_grad_is_taken_detached():
+    torch = pytest.importorskip("torch")
+    model = gb.MLP([3, 4, 2], seed=0)
+    X = torch.randn(5, 3, requires_grad=True)
+    np.testing.assert_array_equal(np.asarray(model.predict(X)), np.asarray(model.predict(X.detach())))

@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -105,3 +106,15 @@ def test_a_file_from_before_precision_and_dropout_were_saved_gets_their_defaults
     saved = modelfile.read(path)
     assert saved.config == model.config()
     assert gb.load(path).config() == model.config()
+
+
+def test_saving_into_a_missing_folder_names_the_folder_and_files_get_the_umasks_mode(tmp_path):
+    model = gb.MLP([2, 3, 2])
+    with pytest.raises(FileNotFoundError, match=f"the folder {tmp_path / 'missing'} does not exist"):
+        model.save(tmp_path / "missing" / "m.safetensors")
+    old = os.umask(0o022)
+    try:
+        model.save(tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o644  # not mkstemp's 0600

@@ -7,6 +7,8 @@ loop of gpubackprop.train.loop. Files are gpubackprop.modelfile's.
 
 import weakref
 
+import numpy as np
+
 from .. import distributed, modelfile, tabular
 from ..train import recovery
 from ..train.loop import FitSettings, fit
@@ -162,6 +164,35 @@ class MLP(Network):
         """Softmax class probabilities, (n, classes): columns in the order of
         ``model.target.classes`` where the model has a target."""
         return super().predict_proba(X if self.inputs is None else self.inputs.transform(X))
+
+    def summary(self, print_fn=print):
+        """Print the layers as Keras' ``model.summary()`` does: each dense layer's output
+        shape, activation and parameter count, the totals, and where and how it computes."""
+        rows = [("layer", "output shape", "activation", "parameters")]
+        for l in range(1, len(self.sizes)):
+            last = l == len(self.sizes) - 1
+            act = ("linear (softmax in the loss)" if self.loss == "cross_entropy" else "linear") if last else \
+                self.activation
+            rows.append((f"dense_{l}", f"(batch, {self.sizes[l]})", act,
+                         f"{self.sizes[l - 1] * self.sizes[l] + self.sizes[l]:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+
+        def line(row):  # text columns left-aligned, the count right-aligned
+            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+        rule = "-" * len(line(rows[0]))
+        nbytes = self.n_params * np.dtype(self.dtype).itemsize
+        text = [f"{type(self).__name__}: input (batch, {self.sizes[0]}), loss {self.loss}", rule, line(rows[0]), rule,
+                *map(line, rows[1:]), rule,
+                f"parameters: {self.n_params:,} ({nbytes:,} bytes); device {self.device}, dtype {self.dtype}, "
+                f"precision {self.precision}" + (f", dropout {self.dropout}" if self.dropout else "")]
+        if self.inputs is not None:
+            text.append(f"inputs: {len(self.inputs.columns)} columns ({', '.join(self.inputs.names[:8])}"
+                        f"{', ...' if len(self.inputs.columns) > 8 else ''}), scaling {self.inputs.scale}")
+        if self.target is not None:
+            text.append(f"target: {self.target.task}" + (f", classes {self.target.classes}"
+                                                          if self.target.task == "classification" else ""))
+        print_fn("\n".join(text))
 
     # ---- files -----------------------------------------------------------------------
     def save(self, path, optimizer=None, metadata=None):

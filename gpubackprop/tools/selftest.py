@@ -443,18 +443,38 @@ def check_model_gradients(be, rng, modes):
         errs = []
         for act in acts:
             for loss in ("cross_entropy", "mse"):
+                reference = _model(REFERENCE, "float64", sizes, activation=act, loss=loss)
                 X = rng.standard_normal((37, sizes[0]))
+                while act == "relu" and _near_a_kink(reference, X):
+                    X = rng.standard_normal((37, sizes[0]))
                 y = rng.integers(0, sizes[-1], 37) if loss == "cross_entropy" else rng.standard_normal((37, sizes[-1]))
                 got_loss, got = _model(be, mode, sizes, activation=act, loss=loss).loss_and_grad(X, y)
-                want_loss, want = _model(REFERENCE, "float64", sizes, activation=act, loss=loss).loss_and_grad(X, y)
+                want_loss, want = reference.loss_and_grad(X, y)
                 errs += [error(got_loss, want_loss), worst(got, want, normwise=True)]
         yield Check(f"model gradients ({', '.join(acts)} x cross_entropy, mse)", mode, max(errs), MODEL_BOUND[mode])
+
+
+def _near_a_kink(model, X, tol=1e-4):
+    """Whether a hidden pre-activation z of ``model`` (ReLU) on X lies within ``tol``
+    of 0, where float32's rounding can flip g'(z) and a whole gradient element with
+    it (about 1 draw in 300 did): such inputs are drawn again."""
+    a = np.asarray(X, np.float64)
+    for l in range(1, len(model.sizes) - 1):
+        z = a @ model.state_dict()[f"layers.{l - 1}.weight"].T + model.state_dict()[f"layers.{l - 1}.bias"]
+        if np.abs(z).min() < tol:
+            return True
+        a = np.maximum(z, 0.0)
+    return False
 
 
 def _fit(be, mode, X, y, graphs, loss):
     model = _model(be, mode, [9, 33, 3], seed=3, loss=loss, activation="gelu")
     start = model.state_dict()
-    opt = optim.Adam(3e-3) if loss == "cross_entropy" else optim.SGD(0.05, momentum=0.9, nesterov=True)
+    # Adam's eps at 1e-3: an element whose gradient sums to nearly 0 (an output bias over
+    # a balanced batch) moves by lr * m / sqrt(v) = lr * (rounding noise / itself) with
+    # the default 1e-8, so float32 and float64 moved it apart (2 runs in 400 failed);
+    # check_optimizers holds the update's arithmetic itself.
+    opt = optim.Adam(3e-3, eps=1e-3) if loss == "cross_entropy" else optim.SGD(0.05, momentum=0.9, nesterov=True)
     history = model.fit(X, y, epochs=2, batch_size=20, optimizer=opt, progress=False, graphs=graphs)
     change = {k: v.astype(np.float64) - start[k] for k, v in model.state_dict().items()}
     return history, model.state_dict(), change

@@ -25,6 +25,13 @@ MONITOR_MODES = ("auto", "min", "max")
 class Callback:
     """A base with every hook a no-op."""
 
+    @property
+    def monitored(self):
+        """The epoch log this callback watches ("val_loss", ...), None for none: fit
+        checks before the first epoch that the log will exist."""
+        monitor = getattr(self, "_monitor", None)
+        return monitor.monitor if monitor is not None else None
+
     def on_train_begin(self, model):
         pass
 
@@ -153,6 +160,10 @@ class ModelCheckpoint(Callback):
         self.path, self.save_best_only = str(path), save_best_only
         self._monitor = _Monitor(monitor, mode, 0.0)
         self.saved = []
+
+    @property
+    def monitored(self):
+        return self._monitor.monitor if self.save_best_only else None  # else it saves every epoch, watching nothing
 
     def on_epoch_end(self, model, epoch, logs):
         if self.save_best_only and not self._monitor.improved(logs):

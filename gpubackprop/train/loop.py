@@ -77,6 +77,11 @@ class FitSettings:
         s.optimizer = Adam() if s.optimizer is None else check_optimizer(s.optimizer)
         check_clip_norm(s.clip_norm)
         s.callbacks = list(s.callbacks or ())
+        for callback in s.callbacks:
+            watched = getattr(callback, "monitored", None)
+            if watched and watched.startswith("val_") and s.validation_data is None:
+                raise ValueError(f"{type(callback).__name__} monitors {watched!r}, which needs validation data: "
+                                 "pass validation_data=(X_val, y_val) to fit, or monitor a training metric")
         if (s.checkpoint_every is not None or s.resume or s.on_nonfinite == "restore") and s.checkpoint_dir is None:
             raise ValueError("checkpoint_every, resume and on_nonfinite='restore' need checkpoint_dir")
         recovery.check_policy(s.on_nonfinite)

@@ -361,3 +361,13 @@ def test_a_batch_beyond_the_free_memory_is_refused_before_allocating(rng):
     with pytest.raises(gb.OutOfMemoryError, match=r"batch of 100 rows: 0\.\d MiB needed, 0\.0 MiB free"):
         model.train_step(*random_batch(rng, [64, 256, 10], "cross_entropy", 100), gb.optim.SGD(0.1))
     assert allocations == []
+
+
+def test_summary_lists_layers_shapes_parameters_device_dtype_and_precision():
+    lines = []
+    gb.MLP([784, 128, 10], dtype="float64", dropout=0.1).summary(print_fn=lines.append)
+    text = lines[0]
+    assert "dense_1  (batch, 128)  relu" in text and text.count("dense_") == 2
+    assert "(batch, 10)   linear (softmax in the loss)" in text
+    assert "100,480" in text and "1,290" in text
+    assert "parameters: 101,770 (814,160 bytes); device cpu, dtype float64, precision float32, dropout 0.1" in text

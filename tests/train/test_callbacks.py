@@ -67,8 +67,9 @@ def test_early_stopping_waits_patience_epochs_and_restores_the_best(data):
 
 
 def test_early_stopping_names_what_it_can_monitor(data):
-    with pytest.raises(KeyError, match="cannot monitor 'val_loss'.*need validation_data"):
-        gb.MLP([5, 8, 3], seed=0).fit(*data, epochs=1, progress=False, callbacks=[cbs.EarlyStopping()])
+    with pytest.raises(KeyError, match=r"cannot monitor 'val_los': the epoch logs hold \['accuracy', 'loss', "):
+        gb.MLP([5, 8, 3], seed=0).fit(*data, epochs=1, progress=False, validation_data=data,
+                                      callbacks=[cbs.EarlyStopping("val_los")])
 
 
 def test_model_checkpoint_saves_each_epoch_or_only_the_best(data, tmp_path):
@@ -117,3 +118,14 @@ def test_clip_norm_scales_the_step_as_torch_clip_grad_norm(data):
         np.testing.assert_allclose(v, before[k] - lr * coef * grads[k], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="clip_norm must be a positive number"):
         model.fit(X, y, clip_norm=-1.0, progress=False)
+
+
+@pytest.mark.parametrize("make", [lambda: cbs.EarlyStopping("val_loss"),
+                                  lambda: cbs.ReduceLROnPlateau(monitor="val_accuracy")])
+def test_a_val_monitor_without_validation_data_fails_before_the_first_epoch(make, rng):
+    X, y = random_batch(rng, [4, 3, 2], "cross_entropy", 20)
+    model = gb.MLP([4, 3, 2], seed=0)
+    before = model.params.copy()
+    with pytest.raises(ValueError, match=r"monitors 'val_.*', which needs validation data: pass validation_data"):
+        model.fit(X, y, epochs=3, callbacks=[make()], progress=False)
+    np.testing.assert_array_equal(model.params, before)  # not an epoch trained
