@@ -76,7 +76,8 @@ class MLP(Network):
         with self.context():
             ws = self.load_batch(X, y)
             trainer = self._trainer(optimizer, clip_norm)
-            loss = float(trainer.step(ws))
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard speaks instead (fit's)
+                loss = float(trainer.step(ws))
             optimizer.sync_steps()  # fp16 or the guard may have skipped the step
             recovery.apply_policy(trainer, on_nonfinite)
             return loss

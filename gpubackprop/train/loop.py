@@ -132,7 +132,10 @@ class Loop:
         self.n = self._rows()
         self.trainer = Trainer(model, self.optimizer, s.clip_norm, graphs=s.graphs, parallel=self.comm.parallel)
         start = self._start()
-        with HeldInterrupt(s.checkpoint_dir is not None and not self.comm.parallel) as self.interrupt:
+        # NumPy's overflow warnings stay quiet: the divergence guard reports a step that
+        # went non-finite in fit's own words (on_nonfinite), and would say it twice.
+        with HeldInterrupt(s.checkpoint_dir is not None and not self.comm.parallel) as self.interrupt, \
+                np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self._epochs(start)
 
     def _rows(self):

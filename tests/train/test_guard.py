@@ -78,3 +78,15 @@ def test_an_update_that_overflows_by_itself_raises(device, rng):
     model = gb.MLP([6, 10, 3], seed=0, device=device)
     with pytest.raises(FloatingPointError, match="the update of step 1 made parameters non-finite.*too high"):
         model.fit(X, y, epochs=1, batch_size=16, optimizer=gb.optim.SGD(1e38), progress=False, on_nonfinite="skip")
+
+
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_a_diverging_fit_raises_our_error_without_numpys_warnings_beside_it(device, rng, recwarn):
+    X, y = rng.normal(size=(200, 5)) * 100, rng.integers(0, 3, 200)
+    model = gb.MLP([5, 64, 3], device=NumpyBackend() if device == "numpy" else device)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.fit(X, y, epochs=5, optimizer=gb.optim.SGD(1e6), progress=False)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        for _ in range(5):
+            model.train_step(X, y, gb.optim.SGD(1e6))
+    assert [str(w.message) for w in recwarn] == []
