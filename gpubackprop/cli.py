@@ -126,7 +126,8 @@ def add_predict(commands):
 
 def add_tools(commands):
     b = commands.add_parser("bench", help="draw a benchmark result file (bench/results/*.json) as a bar chart")
-    b.add_argument("results", help="a JSON file written by bench/step_bench.py or bench/cpu_table.py")
+    b.add_argument("results", help="a JSON file bench/ wrote (bench/results/*.json): steps, fit runs, pytest-benchmark, "
+                                   "allreduce or complexity")
     b.add_argument("--out", help="the PNG to write (default: the results path with .png)")
     e = commands.add_parser("explain", help="one training step of a small network with every intermediate shown "
                                             "(z, a, delta, dW, db, the loss and the updated weights)")
@@ -263,7 +264,8 @@ def _train(args, comm, print):
     metadata["held_out"] = _scores(model, rows[test_rows], y[test_rows])
     print(_held_out_line(metadata["held_out"], len(test_rows)))
     if comm.rank == 0:  # every rank holds the same model: rank 0 writes it
-        _write_run(out, model, optimizer, history, metadata, f"{args.dataset}: MLP {model.sizes} ({task})", print)
+        _write_run(out, model, optimizer, history, metadata, f"{args.dataset}: MLP {model.sizes} ({task})", print,
+                   "cross-entropy loss" if task == "classification" else "MSE (of the standardized target)")
     return 0
 
 
@@ -296,13 +298,13 @@ def _splits(args, y, task):
     return target or tabular.Target.fit(y, task, train=train_rows), train_rows, val_rows, test_rows
 
 
-def _write_run(out, model, optimizer, history, metadata, title, print):
+def _write_run(out, model, optimizer, history, metadata, title, print, loss):
     os.makedirs(out, exist_ok=True)
     model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
     atomic_write(os.path.join(out, "history.json"), json.dumps(history, indent=1).encode())
     written = ["model.safetensors", "history.json"]
     try:
-        plots.training_curves(history, os.path.join(out, "curves.png"), title=title)
+        plots.training_curves(history, os.path.join(out, "curves.png"), title=title, loss=loss)
         written.append("curves.png")
     except ImportError as e:
         print(f"note: no curves.png: {e}")
