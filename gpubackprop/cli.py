@@ -240,7 +240,7 @@ def _train(args, comm, print):
     print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
     out = args.out or os.path.join("runs", _run_name(args.dataset))
     metadata = {**layout, "scale": inputs.scale, "task": task, "seed": args.seed, "test_fraction": args.test_fraction,
-                "val_fraction": args.val_fraction, "epochs": args.epochs, "batch_size": args.batch_size}
+                "val_fraction": _val_fraction(args), "epochs": args.epochs, "batch_size": args.batch_size}
     checked = val_rows if val_rows is not None else test_rows  # what the curves' val_ lines show
     callbacks = [gb.callbacks.EarlyStopping("val_loss", args.early_stopping, restore_best_weights=True)] \
         if args.early_stopping else []
@@ -291,11 +291,15 @@ def _splits(args, y, task):
         return data.train_test_split(index, strata, fraction, args.seed)[:2]
 
     train_rows, test_rows = split(np.arange(len(y)), args.test_fraction)
-    val_fraction = args.val_fraction or (0.1 if args.early_stopping else 0.0)
     val_rows = None
-    if val_fraction:
-        train_rows, val_rows = split(train_rows, val_fraction)
+    if _val_fraction(args):
+        train_rows, val_rows = split(train_rows, _val_fraction(args))
     return target or tabular.Target.fit(y, task, train=train_rows), train_rows, val_rows, test_rows
+
+
+def _val_fraction(args):
+    """--val-fraction, 0.1 by default where --early-stopping needs a validation split."""
+    return args.val_fraction or (0.1 if args.early_stopping else 0.0)
 
 
 def _write_run(out, model, optimizer, history, metadata, title, print, loss):

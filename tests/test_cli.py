@@ -435,11 +435,20 @@ def test_a_users_day_train_interrupt_resume_predict_evaluate(tmp_path):
     assert re.search(r"^\s+setosa\s+50\s+0\s+0$", stdout, re.M)
 
 
-def test_a_regression_run_predicts_in_the_targets_units_in_a_new_process(tmp_path):
+def test_a_regression_day_interrupted_resumed_then_predicted_in_the_targets_units(tmp_path):
     path = diabetes_csv(tmp_path / "diabetes.csv")
-    rc, _, stderr = cli("train", "--dataset", str(path), "--hidden", "16", "--epochs", "5", "--device", "cpu",
-                        "--out", str(tmp_path / "run"), "--no-progress")
+    settings = ["--dataset", str(path), "--hidden", "16", "--epochs", "5", "--device", "cpu", "--no-progress",
+                "--checkpoint-every", "7"]
+    rc, _, stderr = cli("train", *settings, "--out", str(tmp_path / "whole"))
     assert rc == 0, stderr
+    rc, _, stderr = cli("30", "train", *settings, "--out", str(tmp_path / "run"), script=INTERRUPTING)
+    assert rc == 130 and "interrupted after step 30" in stderr, stderr
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "ckpt-0000000030.safetensors"
+    rc, _, stderr = cli("train", *settings, "--out", str(tmp_path / "run"), "--resume")
+    assert rc == 0, stderr
+    a, b = gb.load(tmp_path / "whole" / "model.safetensors"), gb.load(tmp_path / "run" / "model.safetensors")
+    for name, value in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[name], value, err_msg=name)
     rc, stdout, stderr = cli("predict", "--model", str(tmp_path / "run" / "model.safetensors"), "--data", str(path))
     assert rc == 0, stderr
     values = np.array([float(line.split(",")[1]) for line in stdout.splitlines()[1:]])
@@ -478,3 +487,18 @@ def test_an_unreadable_bench_file_is_named(tmp_path, capsys):
     path.write_text("{not json")
     assert main(["bench", str(path)]) == 2
     assert f"{path} is not a JSON result file" in capsys.readouterr().err
+
+
+def test_early_stopping_takes_a_validation_split_and_keeps_the_best_weights(tmp_path, capsys):
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--hidden", "8", "--epochs", "200",
+                    "--lr", "0.05", "--device", "cpu", "--early-stopping", "3")
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "96 for training, 24 held out" not in stdout
+    assert "86 for training, 10 for validation, 24 held out" in stdout  # --val-fraction 0.1 of the 96
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["val_loss"]) < 200  # stopped early
+    best = int(np.argmin(history["val_loss"]))
+    assert len(history["val_loss"]) - 1 - best >= 3  # patience epochs without a better one
+    meta = modelfile.load_metadata(out / "model.safetensors")
+    assert meta["val_fraction"] == 0.1 and meta["held_out"]["accuracy"] > 0.8
