@@ -242,24 +242,9 @@ def _train(args, comm, print):
     metadata = {**layout, "scale": inputs.scale, "task": task, "seed": args.seed, "test_fraction": args.test_fraction,
                 "val_fraction": _val_fraction(args), "epochs": args.epochs, "batch_size": args.batch_size}
     checked = val_rows if val_rows is not None else test_rows  # what the curves' val_ lines show
-    callbacks = [gb.callbacks.EarlyStopping("val_loss", args.early_stopping, restore_best_weights=True)] \
-        if args.early_stopping else []
-    checkpoints = os.path.join(out, "checkpoints")
-    try:
-        history = model.fit(rows[train_rows], y[train_rows], epochs=args.epochs, batch_size=args.batch_size,
-                            optimizer=optimizer, validation_data=(rows[checked], y[checked]),
-                            progress=not args.no_progress, comm=comm, callbacks=callbacks,
-                            checkpoint_dir=checkpoints, checkpoint_every=_checkpoint_every(args.checkpoint_every),
-                            resume=args.resume)
-    except KeyboardInterrupt as e:
-        if comm.rank == 0 and str(e):  # fit held Ctrl-C to the end of a step and checkpointed it
-            os.makedirs(out, exist_ok=True)
-            model.save(os.path.join(out, "model.safetensors"), optimizer=optimizer, metadata=metadata)
-            print(f"gpubackprop: {e}; the model so far is in {os.path.join(out, 'model.safetensors')}; "
-                  "train again with --resume to continue", file=sys.stderr)
-        elif comm.rank == 0:
-            print(f"gpubackprop: interrupted; the newest checkpoint is in {checkpoints} (--resume continues "
-                  "from it)", file=sys.stderr)
+    history = _fit(args, model, optimizer, (rows[train_rows], y[train_rows]), (rows[checked], y[checked]), comm,
+                   out, metadata)
+    if history is None:
         return 130
     metadata["held_out"] = _scores(model, rows[test_rows], y[test_rows])
     print(_held_out_line(metadata["held_out"], len(test_rows)))
@@ -267,6 +252,36 @@ def _train(args, comm, print):
         _write_run(out, model, optimizer, history, metadata, f"{args.dataset}: MLP {model.sizes} ({task})", print,
                    "cross-entropy loss" if task == "classification" else "MSE (of the standardized target)")
     return 0
+
+
+def _fit(args, model, optimizer, train, validation, comm, out, metadata):
+    """model.fit with <out>/checkpoints; on Ctrl-C, the model so far saved (rank 0) and None."""
+    checkpoints = os.path.join(out, "checkpoints")
+    if not args.resume and gb.train.checkpoint.checkpoints(checkpoints):
+        raise ValueError(f"{checkpoints} holds the checkpoints of an earlier run: --resume continues it; give "
+                         "another --out, or delete that folder, to start afresh")
+    callbacks = [gb.callbacks.EarlyStopping("val_loss", args.early_stopping, restore_best_weights=True)] \
+        if args.early_stopping else []
+    try:
+        return model.fit(*train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+                         validation_data=validation, progress=not args.no_progress, comm=comm, callbacks=callbacks,
+                         checkpoint_dir=checkpoints, checkpoint_every=_checkpoint_every(args.checkpoint_every),
+                         resume=args.resume)
+    except gb.train.StepInterrupt as e:  # fit held Ctrl-C to the end of a step, and checkpointed it
+        if comm.rank == 0:
+            os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, "model.safetensors")
+            model.save(path, optimizer=optimizer, metadata=metadata)
+            print(f"gpubackprop: interrupted after step {e.steps}"
+                  + ("; training had finished" if e.finished else f"; it is checkpointed in {e.directory}")
+                  + f"; the model so far is in {path}; train again with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt:  # at once: a second Ctrl-C, or a data-parallel run
+        found = gb.train.checkpoint.checkpoints(checkpoints)
+        if comm.rank == 0:
+            print("gpubackprop: interrupted; " + (f"the newest checkpoint is {found[-1]} (--resume continues from "
+                                                   "it)" if found else "no checkpoint was written yet"),
+                  file=sys.stderr)
+    return None
 
 
 def _task(args, y, print):
@@ -330,7 +345,8 @@ def _training_data(args):
     header = names is not None
     names = names if header else [str(i + 1) for i in range(table.shape[1])]
     label = data.label_index(args.dataset, args.label_column, names if header else None, table.shape[1])
-    dropped = {data.label_index(args.dataset, d, names if header else None, table.shape[1]) for d in args.drop}
+    dropped = {data.label_index(args.dataset, d, names if header else None, table.shape[1], "dropped")
+               for d in args.drop}
     if label in dropped:
         raise ValueError(f"--drop names the label column {names[label]!r}")
     keep = [j for j in range(table.shape[1]) if j != label and j not in dropped]
@@ -355,16 +371,21 @@ def _checkpoint_every(value):
     return steps
 
 
-def _scores(model, rows, y):
-    """The held-out metrics in the target's own terms."""
+def _scores(model, rows, y, confusion=False):
+    """The metrics in the target's own terms (and, with ``confusion``, a classifier's
+    confusion matrix: rows the true class, columns the predicted), from one forward pass."""
     target = model.target
     if target.task == "classification":
-        predicted = model.predict(rows)
-        truth = target.decode(target.encode(y))
-        proba = model.predict_proba(rows)
         ids = target.encode(y)
-        log_loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(ids)), ids], 1e-15, None))))
-        return {"accuracy": float(np.mean(predicted == truth)), "log_loss": log_loss}
+        proba = np.asarray(model.predict_proba(rows), np.float64)
+        predicted = proba.argmax(axis=1)
+        scores = {"accuracy": float(np.mean(predicted == ids)),
+                  "log_loss": float(-np.mean(np.log(np.clip(proba[np.arange(len(ids)), ids], 1e-15, None))))}
+        if confusion:
+            matrix = np.zeros((target.n_outputs, target.n_outputs), np.int64)
+            np.add.at(matrix, (ids, predicted), 1)
+            scores["confusion"] = matrix.tolist()
+        return scores
     predicted = np.asarray(model.predict(rows), np.float64)
     truth = target.decode(target.encode(y))
     error = predicted - truth
@@ -380,30 +401,45 @@ def _held_out_line(scores, n, what="held-out"):
 
 
 # ---- predict and evaluate ------------------------------------------------------------------
-def _model_and_rows(args):
-    """The model at --model and the feature rows of --data (matched by the training
-    file's column names where both have a header, else by position), and --data's
-    names and cells."""
+def _model_and_rows(args, with_labels=False):
+    """(model, feature rows, label cells or None, --data's names and cells): the model
+    at --model and --data's rows, matched to the model's input columns by name where
+    --data has a header naming them all, else by position (a file laid out as the
+    training file, or holding just the feature columns); ``with_labels`` (evaluate):
+    the label column too, --label-column or the one the model was trained on."""
     model = gb.load(args.model, device=args.device)
     if model.inputs is None or model.target is None:
-        raise ValueError(f"{args.model} was not written by `gpubackprop train` (it has no input transform and "
-                         "target encoding); use it from Python: gb.load(path).predict(X)")
-    layout = modelfile.load_metadata(args.model) or {}
+        raise ValueError(f"{args.model} has no input transform and target encoding (gpubackprop train writes them "
+                         "in its model files); use it from Python: gb.load(path).predict(X)")
+    layout = modelfile.load_metadata(args.model)
+    layout = layout if isinstance(layout, dict) else {}
     names, table = data.read_table(args.data, args.delimiter)
-    wanted = model.inputs.names
-    if names is not None and layout.get("header"):
-        missing = [n for n in wanted if n not in names]
-        if missing:
-            raise ValueError(f"{args.data} lacks the column(s) {missing} the model was trained on")
-        rows = table[:, [names.index(n) for n in wanted]]
-    elif table.shape[1] == len(wanted):
-        rows = table
-    elif table.shape[1] == len(layout.get("columns", ())):
-        rows = table[:, [layout["columns"].index(n) for n in wanted]]
+    width, wanted, trained = table.shape[1], model.inputs.names, layout.get("columns") or []
+    as_trained = names is None and width == len(trained)  # headerless, laid out as the training file
+    label = None
+    if with_labels:
+        if args.label_column is not None:
+            label = data.label_index(args.data, args.label_column, names, width)
+        elif names is not None and layout.get("label") in names:
+            label = names.index(layout["label"])
+        elif as_trained and layout.get("label") in trained:
+            label = trained.index(layout["label"])
+        else:
+            raise ValueError(f"give --label-column: {args.data} has no column the model knows as its labels"
+                             + (f" ({layout['label']!r})" if layout.get("label") else ""))
+    if names is not None and all(n in names for n in wanted):
+        features = [names.index(n) for n in wanted]
+    elif names is not None and layout.get("header"):
+        raise ValueError(f"{args.data} lacks the column(s) {[n for n in wanted if n not in names]} the model was "
+                         "trained on")
+    elif as_trained:
+        features = [trained.index(n) for n in wanted]
+    elif width - (label is not None) == len(wanted):
+        features = [j for j in range(width) if j != label]
     else:
-        raise ValueError(f"{args.data} has {table.shape[1]} columns; the model takes {len(wanted)} features "
-                         f"({', '.join(wanted)})" + (", in a file with a header row" if layout.get("header") else ""))
-    return model, rows, layout, names, table
+        raise ValueError(f"{args.data} has {width} columns; the model takes {len(wanted)} features "
+                         f"({', '.join(wanted)})" + (" and a label column" if label is not None else ""))
+    return model, table[:, features], None if label is None else table[:, label], names, table
 
 
 def predict(args):
@@ -441,24 +477,17 @@ def _cell(value):
 
 
 def evaluate(args):
-    model, rows, layout, names, table = _model_and_rows(args)
-    label = args.label_column if args.label_column is not None else layout.get("label")
-    if label is None:
-        raise ValueError("give --label-column: the model does not say which column held its labels")
-    column = data.label_index(args.data, label, names, table.shape[1])
-    scores = _scores(model, rows, table[:, column])
+    model, rows, labels, _, _ = _model_and_rows(args, with_labels=True)
+    scores = _scores(model, rows, labels, confusion=True)
     print(_held_out_line(scores, len(rows), what=os.path.basename(args.data)))
     if model.target.task == "classification":
         print(f"log-loss: {scores['log_loss']:.4f}")
-        classes = model.target.classes
-        truth, predicted = model.target.encode(table[:, column]), model.target.encode(model.predict(rows))
-        matrix = np.zeros((len(classes), len(classes)), np.int64)
-        np.add.at(matrix, (truth, predicted), 1)
-        width = max(5, *(len(str(c)) for c in classes))
+        classes = [str(c) for c in model.target.classes]
+        width = max(5, *map(len, classes))
         print("confusion matrix (rows: true class, columns: predicted)")
-        print(" " * width + "".join(f" {str(c):>{width}}" for c in classes))
-        for c, line in zip(classes, matrix):
-            print(f"{str(c):>{width}}" + "".join(f" {v:>{width}}" for v in line))
+        print(" " * width + "".join(f" {c:>{width}}" for c in classes))
+        for c, line in zip(classes, scores["confusion"]):
+            print(f"{c:>{width}}" + "".join(f" {v:>{width}}" for v in line))
     return 0
 
 

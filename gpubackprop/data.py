@@ -308,9 +308,10 @@ def _load_csv(path, label_column=None):
     return np.delete(table, col, axis=1), _labels(table[:, col])
 
 
-def label_index(path, label_column, names, width):
+def label_index(path, label_column, names, width, what="label"):
     """The label column's index in 0..width-1: the last one by default, else a header
-    name or an integer index (an int, or a string of one; negative counts from the end)."""
+    name or an integer index (an int, or a string of one; negative counts from the end).
+    ``what`` names the column in messages ("label", or "dropped" for --drop)."""
     if label_column is None:
         return width - 1
     index = label_column
@@ -321,7 +322,7 @@ def label_index(path, label_column, names, width):
         except ValueError:  # a name
             if names is None:
                 raise ValueError(
-                    f"{path} has no header row, so no column is named {label_column!r}; give the label "
+                    f"{path} has no header row, so no column is named {label_column!r}; give the {what} "
                     f"column's index instead (0 to {width - 1}, or -1 for the last)"
                 ) from None
             stripped = [n.strip() for n in names]
@@ -329,7 +330,7 @@ def label_index(path, label_column, names, width):
                 problem = "no column named" if text not in stripped else "more than one column named"
                 raise ValueError(
                     f"{path} has {problem} {label_column!r}; its header names {stripped} "
-                    "(give one of those, or the label column's index)"
+                    f"(give one of those, or the {what} column's index)"
                 ) from None
             return stripped.index(text)
     elif isinstance(label_column, bool) or not isinstance(label_column, (int, np.integer)):
@@ -338,7 +339,7 @@ def label_index(path, label_column, names, width):
         )
     if not -width <= index < width:
         raise ValueError(
-            f"label column {index} is out of range: {path} has {width} columns "
+            f"{what} column {index} is out of range: {path} has {width} columns "
             f"(indexes 0 to {width - 1}, or -{width} to -1 from the end)"
         )
     return int(index) % width

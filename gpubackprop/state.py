@@ -23,7 +23,15 @@ def cache_folder(*parts):
 
 
 def current_umask():
-    """The process's umask (read by setting it, then setting it back)."""
+    """The process's umask: from /proc where Linux shows it, else by setting it and
+    setting it back (a moment in which another thread's new file would get 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

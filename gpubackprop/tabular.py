@@ -33,7 +33,7 @@ MAX_CLASSES = 50  # an integer target with more distinct values than this is tak
 
 # ---- cells --------------------------------------------------------------------------------
 def is_missing(cell):
-    if cell is None:
+    if cell is None or type(cell).__name__ in ("NAType", "NaTType"):  # pandas' pd.NA and NaT, without pandas
         return True
     if isinstance(cell, str):
         return cell.strip().lower() in MISSING_TEXT
@@ -114,7 +114,7 @@ def columns_of(rows, names=None, width=None):
             if missing:
                 raise ValueError(f"the rows lack the column(s) {missing} the model was trained on "
                                  f"(they have {found})")
-            rows = rows[list(names)]
+            rows = rows.iloc[:, [found.index(n) for n in names]]  # by position: labels need not be strings
             found = list(names)
         return np.asarray(rows.to_numpy(dtype=object)), found
     array = np.asarray(rows)
@@ -253,6 +253,8 @@ def check_missing(table, inputs):
     for j, column in enumerate(inputs.columns):
         if column["fill"] is None:
             cells = table[:, j]
+            if cells.dtype.kind in "biu":
+                continue  # integers and booleans have no missing value
             n = int(np.isnan(cells).sum()) if cells.dtype.kind == "f" else sum(is_missing(c) for c in cells)
             if n:
                 counts[column["name"]] = n
@@ -345,16 +347,38 @@ class Target:
         return {"task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}
 
     @classmethod
+    def from_legacy(cls, metadata, config):
+        """The encoding of a classifier the first CLI format wrote (it took only class
+        ids 0..K-1, and kept "scale" and "held_out_accuracy" in its metadata), or None."""
+        if (isinstance(metadata, dict) and {"scale", "held_out_accuracy"} <= set(metadata)
+                and config["loss"] == "cross_entropy"):
+            return cls("classification", list(range(config["sizes"][-1])))
+        return None
+
+    @classmethod
     def from_json(cls, saved):
         return cls(saved["task"], saved.get("classes"), saved.get("mean", 0.0), saved.get("std", 1.0))
 
 
 def label_value(v):
-    """A class label as JSON keeps it: numbers (whole ones as int) or stripped text."""
-    number = as_number(v)
-    if number is None:
-        return str(v).strip()
-    return plain(number)
+    """A class label as JSON keeps it: an integer, a float, or text. Text is read as a
+    number only where it is that number's own spelling ("7", "0.5"; not "007"), and
+    integers stay integers (beyond 2**53 a float would merge neighbours)."""
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return plain(float(v))
+    text = str(v).strip()
+    for kind in (int, float):
+        try:
+            number = kind(text)
+        except ValueError:
+            continue
+        if repr(number) == text:
+            return plain(number)
+    return text
 
 
 def _numbers(values, what):

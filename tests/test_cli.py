@@ -400,7 +400,7 @@ def test_a_users_day_train_interrupt_resume_predict_evaluate(tmp_path):
     rc, _, stderr = cli("50", "train", "--dataset", str(path), "--epochs", "12", "--out", str(resumed),
                         "--no-progress", *TRAIN_IRIS, script=INTERRUPTING)
     assert rc == 130, stderr
-    assert "interrupted after step 50; its checkpoint is in" in stderr and "--resume to continue" in stderr
+    assert "interrupted after step 50; it is checkpointed in" in stderr and "--resume to continue" in stderr
     assert os.path.exists(resumed / "checkpoints" / "ckpt-0000000050.safetensors")
     partial = gb.load(resumed / "model.safetensors")  # the model so far predicts already
     assert partial.target.classes == ["setosa", "versicolor", "virginica"]
@@ -502,3 +502,56 @@ def test_early_stopping_takes_a_validation_split_and_keeps_the_best_weights(tmp_
     assert len(history["val_loss"]) - 1 - best >= 3  # patience epochs without a better one
     meta = modelfile.load_metadata(out / "model.safetensors")
     assert meta["val_fraction"] == 0.1 and meta["held_out"]["accuracy"] > 0.8
+
+
+def test_evaluate_finds_the_label_column_of_headerless_files_and_of_models_trained_in_python(tmp_path, capsys):
+    """Before: a headerless file's label (named "4", counted from 1) was read as index 4,
+    and a regression scored R^2 -12 on the wrong column without a word."""
+    path = blobs_csv(tmp_path / "blobs.csv", header=False)  # the label first
+    rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "0", "--hidden", "16", "--epochs", "20",
+                    "--batch-size", "8", "--lr", "0.01", "--device", "cpu")
+    held_out, _ = reported(capsys.readouterr().out)
+    model = str(out / "model.safetensors")
+    assert main(["evaluate", "--model", model, "--data", str(path)]) == 0
+    accuracy = float(re.search(r"blobs.csv accuracy: (\d\.\d{4})", capsys.readouterr().out).group(1))
+    assert accuracy > 0.9 and abs(accuracy - held_out) < 0.1
+    # a model trained in Python on a DataFrame: columns matched by name, in any order; the label by --label-column
+    pd = pytest.importorskip("pandas")
+    table = np.loadtxt(path, delimiter=",")
+    frame = pd.DataFrame(table[:, 1:], columns=["a", "b", "c"])
+    python_model = gb.MLP([3, 16, 3], seed=0)
+    python_model.inputs = gb.tabular.Inputs.fit(frame)
+    python_model.target = gb.tabular.Target.fit(table[:, 0], "classification")
+    python_model.fit(frame, table[:, 0], epochs=40, batch_size=8, optimizer=gb.optim.Adam(1e-2), progress=False)
+    python_model.save(tmp_path / "python.safetensors")
+    shuffled = tmp_path / "shuffled.csv"
+    frame.assign(species=table[:, 0].astype(int))[["c", "species", "b", "a"]].to_csv(shuffled, index=False)
+    assert main(["evaluate", "--model", str(tmp_path / "python.safetensors"), "--data", str(shuffled),
+                 "--label-column", "species"]) == 0
+    accuracy = float(re.search(r"shuffled.csv accuracy: (\d\.\d{4})", capsys.readouterr().out).group(1))
+    assert accuracy == pytest.approx(np.mean(python_model.predict(frame) == table[:, 0]), abs=1e-4)
+
+
+def test_training_again_into_a_run_folder_with_checkpoints_needs_resume_or_another_out(tmp_path, capsys):
+    """Before, the new run's checkpoints were pruned as the old run's outranked them, and
+    a later --resume continued the old run."""
+    path = blobs_csv(tmp_path / "blobs.csv")
+    flags = ["--dataset", str(path), "--label-column", "species", "--hidden", "4", "--device", "cpu"]
+    assert train(tmp_path, *flags, "--epochs", "3")[0] == 0
+    rc, _ = train(tmp_path, *flags, "--epochs", "1")
+    assert rc == 2 and "holds the checkpoints of an earlier run: --resume continues it" in capsys.readouterr().err
+
+
+def test_a_file_of_the_first_cli_format_predicts_and_evaluates_in_the_cli(tmp_path, capsys, rng):
+    X = rng.normal(size=(40, 3)) * 10 + 100
+    model = gb.MLP([3, 4, 2], seed=0, dtype="float64")
+    path = tmp_path / "old.safetensors"
+    modelfile.write(path, model.config(), model.state_dict(), metadata={
+        "scale": "standard", "standardize": {"mean": X.mean(0).tolist(), "std": X.std(0).tolist()},
+        "min_max": None, "held_out_accuracy": 0.5, "label_column": None})
+    data_path = tmp_path / "rows.csv"
+    np.savetxt(data_path, X, delimiter=",")
+    assert main(["predict", "--model", str(path), "--data", str(data_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "row,prediction" and [int(line.split(",")[1]) for line in lines[1:]] == \
+        list(model.predict((X - X.mean(0)) / X.std(0)))

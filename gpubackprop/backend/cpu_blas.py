@@ -41,6 +41,7 @@ CHOICE_VARIABLE = "GPUBACKPROP_CPU_BLAS"
 CHOICES = ("auto", "numpy", "mkl")
 MARGIN = 0.03  # MKL must be this much faster: a near tie keeps the library NumPy ships with
 MAX_ROWS = 4096  # measure on at most this many rows: the choice does not change beyond, memory would
+MIN_FLOPS = 1e7  # a step of fewer GEMM FLOPs is Python's time, not the BLAS's: NumPy's, unmeasured
 SETTLE_S, PASSES = 0.3, 3  # each library's passes: for this long, and at least this many
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS_LAYOUT, CBLAS_TRANSPOSE
 CBWR_AUTO = 2  # MKL_CBWR_AUTO: reproducible on this machine for a fixed thread count
@@ -279,7 +280,9 @@ def choose(sizes, batch, dtype, choices, environ=os.environ, library=mkl, measur
         return numpy_matmul
     if wanted == "mkl":
         return found.matmul
-    rows = min(batch, MAX_ROWS)
+    rows = min(1 << max(int(batch) - 1, 0).bit_length(), MAX_ROWS)  # the next power of 2: a few keys, not one per size
+    if 6 * rows * sum(a * b for a, b in zip(sizes, sizes[1:])) < MIN_FLOPS:
+        return numpy_matmul
     machine, key = Choices.machine(found.version), f"{np.dtype(dtype).name} {rows} x {list(sizes)}"
     name = choices.get(machine, key)
     if name is None:

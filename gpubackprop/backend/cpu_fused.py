@@ -36,6 +36,18 @@ def fused(x):
     return x.dtype in FUSED_DTYPES
 
 
+def fused_layer(act, dtype, dropout, z, forward=True):
+    """cpu_kernels' loops for a dense layer of ``act`` in ``dtype``, or None where the
+    layer's pass runs NumpyBackend's code: dropout, g' from z (``z``: the layer keeps
+    one), another dtype, or (``forward``) no loop of the forward pass (the tanh
+    family's backward is fused, its forward is not). One test for the layers and for
+    matmul_for, so that a model never mixes the two BLAS libraries."""
+    loops = cpu_kernels.DENSE.get(act.name)
+    if dropout or z or loops is None or (forward and loops.forward is None) or np.dtype(dtype) not in FUSED_DTYPES:
+        return None
+    return loops
+
+
 class FusedCpuBackend(NumpyBackend):
     """The CPU backend: NumpyBackend's primitives, fused where cpu_kernels has a loop."""
 
@@ -44,22 +56,22 @@ class FusedCpuBackend(NumpyBackend):
         self.blas_choices = cpu_blas.Choices()
 
     def matmul_for(self, sizes, act, batch, dtype, dropout):
-        loops = cpu_kernels.DENSE.get(act.name)
-        if dropout or loops is None or loops.forward is None or act.needs_z or np.dtype(dtype) not in FUSED_DTYPES:
-            return None  # some of its layers run NumpyBackend's code, whose products are NumPy's
+        if fused_layer(act, dtype, dropout, act.needs_z) is None:
+            return None  # its layers run NumpyBackend's code, whose products are NumPy's
         return cpu_blas.choose(sizes, batch, dtype, self.blas_choices)
 
     # ---- layers ---------------------------------------------------------------
     def dense_forward(self, layer, buf, dropout=None):
-        loops = cpu_kernels.DENSE.get(layer.act.name)
-        if dropout is not None or loops is None or loops.forward is None or buf.z is not None or not fused(buf.out):
+        loops = fused_layer(layer.act, buf.out.dtype, dropout is not None, buf.z is not None)
+        if loops is None:
             return super().dense_forward(layer, buf, dropout)
         (buf.matmul or cpu_blas.numpy_matmul)(buf.input, layer.W.T, buf.out)
         loops.forward(buf.out, layer.b, buf.out)
 
     def dense_backward(self, layer, buf, dropout=None):
-        grad, loops = buf.grad, cpu_kernels.DENSE.get(layer.act.name)
-        if dropout is not None or loops is None or buf.z is not None or not fused(grad):
+        grad, loops = buf.grad, fused_layer(layer.act, buf.grad.dtype, dropout is not None, buf.z is not None,
+                                            forward=False)
+        if loops is None:
             return super().dense_backward(layer, buf, dropout)
         matmul = buf.matmul or cpu_blas.numpy_matmul
         loops.backward(grad, buf.out, layer.db)

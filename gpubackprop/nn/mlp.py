@@ -216,6 +216,8 @@ class MLP(Network):
             model.inputs = tabular.Inputs.from_legacy(saved.user, model.sizes[0])
         if saved.target is not None:
             model.target = tabular.Target.from_json(saved.target)
+        else:
+            model.target = tabular.Target.from_legacy(saved.user, saved.config)
         return model
 
 

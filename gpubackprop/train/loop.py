@@ -136,7 +136,10 @@ class Loop:
         # went non-finite in fit's own words (on_nonfinite), and would say it twice.
         with HeldInterrupt(s.checkpoint_dir is not None and not self.comm.parallel) as self.interrupt, \
                 np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._epochs(start)
+            history = self._epochs(start)
+        if self.interrupt.pending:  # Ctrl-C after the last step (in validation, a callback): the run is whole
+            raise StepInterrupt(self.optimizer.steps, s.checkpoint_dir, finished=True)
+        return history
 
     def _rows(self):
         n = self.T.shape[0]
@@ -231,10 +234,10 @@ class Loop:
         if due or self.interrupt.pending:
             self._checkpoint(epoch, s)
         if self.interrupt.pending:
-            raise KeyboardInterrupt(f"interrupted after step {self.optimizer.steps}; its checkpoint is in "
-                                    f"{self.s.checkpoint_dir} (resume=True continues from it)")
+            raise StepInterrupt(self.optimizer.steps, self.s.checkpoint_dir)
 
     def _checkpoint(self, epoch, s):
+        self._check_nonfinite()  # a checkpoint never holds a step the guard would refuse
         self.optimizer.sync_steps()
         totals = self.totals(self.running)
         if self.comm.rank == 0:
@@ -270,10 +273,21 @@ def check_comm(comm, backend):
     return comm
 
 
+class StepInterrupt(KeyboardInterrupt):
+    """Ctrl-C, held to the end of a step (HeldInterrupt): ``steps`` done, every one in
+    the model and in the checkpoint in ``directory``."""
+
+    def __init__(self, steps, directory, finished=False):
+        self.steps, self.directory, self.finished = steps, directory, finished
+        super().__init__(f"interrupted after the last step ({steps}): training had finished" if finished else
+                         f"interrupted after step {steps}; its checkpoint is in {directory} (resume=True continues "
+                         "from it)")
+
+
 class HeldInterrupt:
     """Ctrl-C (SIGINT) during a fit that checkpoints is held until the step ends, so
     that the step is whole and its checkpoint can be written (then ``_batch`` raises
-    KeyboardInterrupt). Only in the main thread, where Python's own handler is set
+    StepInterrupt, a KeyboardInterrupt). Only in the main thread, where Python's own handler is set
     (a program with its own handler keeps it), and not data parallel (the ranks
     would have to agree on the step). A second Ctrl-C interrupts at once."""
 

@@ -105,26 +105,28 @@ def measured(mkl_seconds, calls):
 def test_mkl_is_chosen_only_where_it_wins_by_the_margin_and_the_choice_is_cached(mkl_seconds, chosen, tmp_path):
     calls, path = [], str(tmp_path / "cache" / "cpu_blas.json")
     kw = dict(environ={}, library=lambda: FakeMkl, measure=measured(mkl_seconds, calls))
-    matmul = cpu_blas.choose([7, 5, 3], 64, np.float32, cpu_blas.Choices(path), **kw)
+    matmul = cpu_blas.choose([300, 200, 100], 64, np.float32, cpu_blas.Choices(path), **kw)
     assert matmul is (FakeMkl.matmul if chosen == "mkl" else cpu_blas.numpy_matmul)
     assert calls == [(["numpy", "mkl"], 5)]  # two layers: 2 + 3 GEMMs
     # a new process (a new Choices) on this machine reads the file and measures nothing
-    again = cpu_blas.choose([7, 5, 3], 64, np.float32, cpu_blas.Choices(path), **kw)
+    again = cpu_blas.choose([300, 200, 100], 64, np.float32, cpu_blas.Choices(path), **kw)
     assert again is matmul and len(calls) == 1
     with open(path) as f:
-        assert list(json.load(f).values()) == [{"float32 64 x [7, 5, 3]": chosen}]
+        assert list(json.load(f).values()) == [{"float32 64 x [300, 200, 100]": chosen}]
     # another shape, dtype or batch is measured again
-    cpu_blas.choose([7, 5, 3], 128, np.float32, cpu_blas.Choices(path), **kw)
-    cpu_blas.choose([7, 5, 3], 64, np.float64, cpu_blas.Choices(path), **kw)
+    cpu_blas.choose([300, 200, 100], 128, np.float32, cpu_blas.Choices(path), **kw)
+    cpu_blas.choose([300, 200, 100], 64, np.float64, cpu_blas.Choices(path), **kw)
     assert len(calls) == 3
 
 
-def test_batches_beyond_max_rows_are_measured_once_on_max_rows(tmp_path):
+def test_batch_sizes_share_a_measurement_by_power_of_two_and_small_steps_are_not_measured(tmp_path):
     calls, choices = [], cpu_blas.Choices(str(tmp_path / "c.json"))
     kw = dict(environ={}, library=lambda: FakeMkl, measure=measured(0.5, calls))
-    for batch in (cpu_blas.MAX_ROWS, 3 * cpu_blas.MAX_ROWS):
-        cpu_blas.choose([4, 3], batch, np.float32, choices, **kw)
-    assert len(calls) == 1
+    for batch in (cpu_blas.MAX_ROWS, 3 * cpu_blas.MAX_ROWS, 65, 100, 128):
+        cpu_blas.choose([400, 300], batch, np.float32, choices, **kw)
+    assert len(calls) == 2  # MAX_ROWS, and 128 for 65..128: predicting on n rows is not a measurement per n
+    assert cpu_blas.choose([12, 9, 4], 64, np.float32, choices, **kw) is cpu_blas.numpy_matmul
+    assert len(calls) == 2  # a step of a few thousand FLOPs is Python's time: NumPy's, and no measurement
 
 
 def test_a_damaged_cache_or_a_read_only_folder_costs_only_a_measurement(tmp_path):
@@ -132,31 +134,31 @@ def test_a_damaged_cache_or_a_read_only_folder_costs_only_a_measurement(tmp_path
     kw = dict(environ={}, library=lambda: FakeMkl, measure=measured(0.5, calls))
     damaged = tmp_path / "cpu_blas.json"
     damaged.write_text("{not json")
-    assert cpu_blas.choose([4, 3], 8, np.float32, cpu_blas.Choices(str(damaged)), **kw) is FakeMkl.matmul
+    assert cpu_blas.choose([400, 300], 64, np.float32, cpu_blas.Choices(str(damaged)), **kw) is FakeMkl.matmul
     blocked = tmp_path / "a file" / "cpu_blas.json"  # its folder cannot be made: a file stands there
     (tmp_path / "a file").write_text("")
     choices = cpu_blas.Choices(str(blocked))
-    assert cpu_blas.choose([4, 3], 8, np.float32, choices, **kw) is FakeMkl.matmul
-    assert cpu_blas.choose([4, 3], 8, np.float32, choices, **kw) is FakeMkl.matmul  # kept in memory
+    assert cpu_blas.choose([400, 300], 64, np.float32, choices, **kw) is FakeMkl.matmul
+    assert cpu_blas.choose([400, 300], 64, np.float32, choices, **kw) is FakeMkl.matmul  # kept in memory
     assert len(calls) == 2
 
 
 def test_the_variable_overrides_the_measurement_and_names_the_extra_it_needs(tmp_path):
     choices, calls = cpu_blas.Choices(str(tmp_path / "c.json")), []
     kw = dict(library=lambda: FakeMkl, measure=measured(0.5, calls))
-    assert cpu_blas.choose([4, 3], 8, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": "numpy"},
+    assert cpu_blas.choose([400, 300], 64, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": "numpy"},
                            **kw) is cpu_blas.numpy_matmul
-    assert cpu_blas.choose([4, 3], 8, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": " MKL "},
+    assert cpu_blas.choose([400, 300], 64, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": " MKL "},
                            **kw) is FakeMkl.matmul
     assert calls == []
     with pytest.raises(RuntimeError, match=r"pip install 'gpubackprop\[mkl\]'"):
-        cpu_blas.choose([4, 3], 8, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": "mkl"},
+        cpu_blas.choose([400, 300], 64, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": "mkl"},
                         library=lambda: None)
     with pytest.raises(ValueError, match="GPUBACKPROP_CPU_BLAS='openblas': use one of auto, numpy, mkl"):
-        cpu_blas.choose([4, 3], 8, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": "openblas"}, **kw)
+        cpu_blas.choose([400, 300], 64, np.float32, choices, environ={"GPUBACKPROP_CPU_BLAS": "openblas"}, **kw)
     # without MKL, or for a dtype cblas has no GEMM of, NumPy's without a word
-    assert cpu_blas.choose([4, 3], 8, np.float32, choices, environ={}, library=lambda: None) is cpu_blas.numpy_matmul
-    assert cpu_blas.choose([4, 3], 8, np.longdouble, choices, environ={}, **kw) is cpu_blas.numpy_matmul
+    assert cpu_blas.choose([400, 300], 64, np.float32, choices, environ={}, library=lambda: None) is cpu_blas.numpy_matmul
+    assert cpu_blas.choose([400, 300], 64, np.longdouble, choices, environ={}, **kw) is cpu_blas.numpy_matmul
 
 
 def test_a_model_keeps_one_library_for_every_batch_size(monkeypatch):

@@ -161,3 +161,19 @@ def test_a_loop_numba_cannot_cache_is_compiled_per_process_instead():
     of failing the import. Code from a string has no cache location: the same refusal."""
     uncacheable = eval("lambda x: x + 1")  # noqa: S307 (a constant expression)
     assert cpu_kernels.compiled(uncacheable)(2) == 3
+
+
+def test_the_tanh_familys_backward_runs_its_loop_though_its_forward_is_numpys(monkeypatch, rng):
+    """A performance fact, held as a fact: before a refactor caught it, the test for
+    'fused' asked for a forward loop in the backward pass too."""
+    calls = []
+    loops = cpu_kernels.DENSE["tanh"]
+
+    def backward(*args):
+        calls.append(1)
+        return loops.backward(*args)
+
+    monkeypatch.setitem(cpu_kernels.DENSE, "tanh", loops._replace(backward=backward))
+    X, y = rng.standard_normal((40, 5)).astype(np.float32), rng.integers(0, 3, 40)
+    gb.MLP([5, 8, 3], activation="tanh", device=FUSED).fit(X, y, epochs=1, batch_size=20, progress=False)
+    assert len(calls) == 2  # two steps, one hidden tanh layer

@@ -187,3 +187,18 @@ def test_a_checkpoint_dir_alone_checkpoints_every_epoch_and_resumes_from_it(tmp_
     assert got == want
     assert_same_params(resumed.state_dict(), plain.state_dict())
     assert len(checkpoint.checkpoints(directory)) == 3  # one per epoch, all kept (keep_checkpoints=3)
+
+
+def test_ctrl_c_after_the_last_step_is_not_swallowed(tmp_path, rng):
+    import signal as signals
+
+    class CtrlCAtTheEnd(callbacks.Callback):
+        def on_epoch_end(self, model, epoch, logs):
+            if epoch == 1:
+                os.kill(os.getpid(), signals.SIGINT)  # during the last epoch's end: no step follows
+
+    X, y = random_batch(rng, [6, 12, 3], "cross_entropy", 40)
+    model = gb.MLP([6, 12, 3], seed=1)
+    with pytest.raises(gb.train.StepInterrupt, match=r"interrupted after the last step \(10\): training had finished"):
+        model.fit(X, y, epochs=2, batch_size=8, progress=False, checkpoint_dir=str(tmp_path),
+                  callbacks=[CtrlCAtTheEnd()])
