@@ -77,17 +77,18 @@ def column_numbers(cells, name):
 
 
 def column_kind(cells, name, first_row=1):
-    """"number" or "category" (every present cell text); a column of numbers with some
-    text cells is a typo, not categories: a ValueError naming the first (``first_row``:
-    the row number of cells[0])."""
-    if column_numbers(cells, name) is not None:
-        return "number"
+    """(kind, numbers): ("number", the cells as float64) or ("category", None) where
+    every present cell is text; a column of numbers with some text cells is a typo,
+    not categories: a ValueError naming the first (``first_row``: cells[0]'s row)."""
+    x = column_numbers(cells, name)
+    if x is not None:
+        return "number", x
     numbers = [as_number(c) for c in cells]
     if any(v is not None and not math.isnan(v) for v in numbers):
         row = next(i for i, v in enumerate(numbers) if v is None)
         raise ValueError(f"{describe(name)}, row {row + first_row}: {cells[row]!r} is not a number, "
                          "and the column's other cells are")
-    return "category"
+    return "category", None
 
 
 def describe(name):
@@ -160,7 +161,8 @@ class Inputs:
         columns, numbers = [], []
         for j, name in enumerate(names):
             cells = table[:, j]
-            if column_kind(cells, name) == "category":
+            kind, x = column_kind(cells, name)
+            if kind == "category":
                 present = [str(c).strip() for c in cells if not is_missing(c)]
                 categories, counts = np.unique(present, return_counts=True)
                 if len(categories) > max_categories:
@@ -170,7 +172,6 @@ class Inputs:
                 columns.append({"name": name, "kind": "category", "categories": [str(c) for c in categories],
                                 "fill": fill})
             else:
-                x = column_numbers(cells, name)
                 present = x[~np.isnan(x)]
                 fill = None
                 if impute != "none" and present.size:
