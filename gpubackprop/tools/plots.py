@@ -110,7 +110,8 @@ def _checked(labels, series):
 def benchmark_chart(result, path):
     """A grouped bar chart of samples/s per case (log scale), one bar per implementation;
     complexity_chart for a complexity_bench file."""
-    if isinstance(result.get("results"), dict) and "methods" in next(iter(result["results"].values()), {}):
+    if isinstance(result.get("results"), dict) and any(isinstance(r, dict) and "methods" in r
+                                                       for r in result["results"].values()):
         return complexity_chart(result, path)
     labels, series = benchmark_series(result)
     fig = figure((max(6.0, 1.6 * len(labels)), 4.5))
@@ -123,12 +124,17 @@ def benchmark_chart(result, path):
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("samples / s trained")
-    machine = result.get("machine", "")
-    ax.set_title(f"{result.get('device') or (machine.get('cpu', '') if isinstance(machine, dict) else machine)}, "
-                 f"{result.get('date', '')}"[:120])
+    ax.set_title(_where_and_when(result))
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     save_png(fig, path)
+
+
+def _where_and_when(result):
+    """A result file's device or machine (a dict with "cpu", or a line) and date, as a title."""
+    machine = result.get("machine", "")
+    where = result.get("device") or (machine.get("cpu", "") if isinstance(machine, dict) else machine)
+    return f"{where}, {result.get('date', '')}"[:120]
 
 
 def complexity_chart(result, path):
@@ -154,6 +160,5 @@ def complexity_chart(result, path):
         ax.set_title(device)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    machine = result.get("machine", "")
-    fig.suptitle(f"{machine.get('cpu', '') if isinstance(machine, dict) else machine}, {result.get('date', '')}"[:120])
+    fig.suptitle(_where_and_when(result))
     save_png(fig, path)
