@@ -117,6 +117,10 @@ def add_predict(commands):
         c.add_argument("--delimiter", help="the CSV's delimiter (default: sniffed from the file)")
         c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out", help="the CSV to write (default: standard output)")
+    x = commands.add_parser("export", help="a trained model as an ONNX file (needs gpubackprop[onnx])")
+    x.add_argument("--model", required=True, help="a model.safetensors")
+    x.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
+    x.add_argument("--opset", type=int, help="the ONNX opset (default 17)")
     p.add_argument("--proba", action="store_true", help="class probabilities, a column per class, not labels")
     p.add_argument("--id-column", metavar="NAME", help="a column of --data to copy beside each prediction "
                                                       "(default: the row number, from 1)")
@@ -162,8 +166,8 @@ def main(argv=None):
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return {"train": train, "predict": predict, "evaluate": evaluate, "bench": bench, "explain": explain,
-                "selftest": run_selftest, "info": lambda args: info()}[args.command](args)
+        return {"train": train, "predict": predict, "evaluate": evaluate, "export": export_onnx, "bench": bench,
+                "explain": explain, "selftest": run_selftest, "info": lambda args: info()}[args.command](args)
     except (OSError, ValueError, TypeError, ImportError, gb.DeviceUnavailableError) as e:
         print(f"gpubackprop: error: {e}", file=sys.stderr)
         return 2
@@ -488,6 +492,12 @@ def evaluate(args):
         print(" " * width + "".join(f" {c:>{width}}" for c in classes))
         for c, line in zip(classes, scores["confusion"]):
             print(f"{c:>{width}}" + "".join(f" {v:>{width}}" for v in line))
+    return 0
+
+
+def export_onnx(args):
+    gb.load(args.model).to_onnx(args.onnx, args.opset)
+    print(f"wrote {args.onnx}")
     return 0
 
 

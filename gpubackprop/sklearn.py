@@ -34,7 +34,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from . import optim
+from . import export, optim
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
 
@@ -156,6 +156,14 @@ class _BaseMLP(BaseEstimator):
         self.n_layers_ = n + 1
         self.n_outputs_ = self.model_.sizes[-1]
         self.out_activation_ = "softmax" if self._loss == "cross_entropy" else "identity"
+
+    def to_onnx(self, path=None, opset=None):
+        """The fitted estimator as an ONNX graph (gpubackprop.export): input ``X`` in
+        float64 (the estimator's dtype), outputs ``label`` and ``probabilities`` for a
+        classifier (as skl2onnx names them with zipmap=False), ``variable`` for a
+        regressor."""
+        check_is_fitted(self)
+        return export.to_onnx(self.model_, path, opset, getattr(self, "classes_", None))
 
     def _forward(self, X):
         check_is_fitted(self)

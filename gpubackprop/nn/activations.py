@@ -34,8 +34,8 @@ from typing import Callable, Optional
 import numpy as np
 
 LEAKY_SLOPE = 0.01
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_K = 0.044715
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_K = 0.044715
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,10 @@ def _sigmoid_bwd(xp, grad, a, z, scratch):
 def _gelu_t(xp, z, out):
     """out = t = tanh(c z (1 + k z^2))."""
     xp.multiply(z, z, out=out)
-    xp.multiply(out, _GELU_K, out=out)
+    xp.multiply(out, GELU_K, out=out)
     xp.add(out, 1.0, out=out)
     xp.multiply(out, z, out=out)
-    xp.multiply(out, _GELU_C, out=out)
+    xp.multiply(out, GELU_C, out=out)
     xp.tanh(out, out=out)
 
 
@@ -135,10 +135,10 @@ def _gelu_bwd(xp, grad, a, z, scratch):
     s, r = scratch
     _gelu_t(xp, z, s)
     xp.multiply(z, z, out=r)  # r = c/2 z (1 + 3k z^2)
-    xp.multiply(r, 3.0 * _GELU_K, out=r)
+    xp.multiply(r, 3.0 * GELU_K, out=r)
     xp.add(r, 1.0, out=r)
     xp.multiply(r, z, out=r)
-    xp.multiply(r, 0.5 * _GELU_C, out=r)
+    xp.multiply(r, 0.5 * GELU_C, out=r)
     xp.subtract(1.0, s, out=s)  # s = 1 - t
     xp.multiply(r, s, out=r)
     xp.add(r, 0.5, out=r)
@@ -172,7 +172,7 @@ def _ref_sigmoid(z):
 
 
 def _ref_gelu_t(z):
-    return np.tanh(_GELU_C * (z + _GELU_K * z**3))
+    return np.tanh(GELU_C * (z + GELU_K * z**3))
 
 
 ACTIVATIONS = {
@@ -192,9 +192,9 @@ ACTIVATIONS = {
                    lambda z: _ref_sigmoid(z) * (1.0 - _ref_sigmoid(z)), "a (1 - a)", ("Sigmoid", {})),
         Activation("gelu", 5, _gelu_fwd, _gelu_bwd, lambda z: 0.5 * z * (1.0 + _ref_gelu_t(z)),
                    lambda z: 0.5 * (1.0 + _ref_gelu_t(z))
-                   + 0.5 * z * (1.0 - _ref_gelu_t(z) ** 2) * _GELU_C * (1.0 + 3.0 * _GELU_K * z**2),
+                   + 0.5 * z * (1.0 - _ref_gelu_t(z) ** 2) * GELU_C * (1.0 + 3.0 * GELU_K * z**2),
                    "(1 + t) (1/2 + (1 - t) r)  (t, r: see gpubackprop.nn.activations)",
-                   ("GELU", {"approximate": "tanh"}), (("GELU_C", _GELU_C), ("GELU_K", _GELU_K)),
+                   ("GELU", {"approximate": "tanh"}), (("GELU_C", GELU_C), ("GELU_K", GELU_K)),
                    needs_z=True, n_scratch=2),
         Activation("silu", 6, _silu_fwd, _silu_bwd, lambda z: z * _ref_sigmoid(z),
                    lambda z: _ref_sigmoid(z) * (1.0 + z * (1.0 - _ref_sigmoid(z))),

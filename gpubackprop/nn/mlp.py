@@ -9,7 +9,7 @@ import weakref
 
 import numpy as np
 
-from .. import distributed, modelfile, tabular
+from .. import distributed, export, modelfile, tabular
 from ..train import recovery
 from ..train.loop import FitSettings, fit
 from ..train.trainer import Trainer
@@ -194,6 +194,12 @@ class MLP(Network):
             text.append(f"target: {self.target.task}" + (f", classes {self.target.classes}"
                                                           if self.target.task == "classification" else ""))
         print_fn("\n".join(text))
+
+    def to_onnx(self, path=None, opset=None):
+        """The model as an ONNX graph (its input transform and target scaling folded in;
+        outputs ``label`` and ``probabilities``, or ``variable``), written to ``path``
+        where given: see gpubackprop.export. Needs the onnx extra."""
+        return export.to_onnx(self, path, opset)
 
     # ---- files -----------------------------------------------------------------------
     def save(self, path, optimizer=None, metadata=None):
