@@ -35,6 +35,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from . import export, optim
+from .optim.lbfgs import minimize_lbfgs
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
 
@@ -48,7 +49,7 @@ class _BaseMLP(BaseEstimator):
                  batch_size="auto", learning_rate_init=0.001, max_iter=200, shuffle=True, random_state=None,
                  tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, device="cpu", dtype="float64"):
+                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype="float64"):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -69,6 +70,7 @@ class _BaseMLP(BaseEstimator):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
         self.device = device
         self.dtype = dtype
 
@@ -91,6 +93,8 @@ class _BaseMLP(BaseEstimator):
             self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
             self.validation_scores_ = [] if self.early_stopping else None
             self.best_validation_score_ = None
+        if self.solver == "lbfgs":
+            return self._fit_lbfgs(X, targets, incremental)
         batch = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
         if self._optimizer is None:
             self._optimizer = self._make_optimizer(batch)
@@ -113,12 +117,29 @@ class _BaseMLP(BaseEstimator):
         self._export()
         return self
 
+    def _fit_lbfgs(self, X, targets, incremental):
+        """Full-batch L-BFGS-B (gpubackprop.optim.lbfgs), as scikit-learn's solver='lbfgs'."""
+        if incremental:
+            raise ValueError("partial_fit is only available for stochastic optimizers: solver 'sgd' or 'adam'")
+        result = minimize_lbfgs(self.model_, X, targets, self.alpha, self.max_iter, self.max_fun, self.tol)
+        self.n_iter_ += int(result.nit)
+        self.t_ += len(X)
+        self.loss_ = float(result.fun)
+        if not result.success:
+            warnings.warn(f"{type(self).__name__}: lbfgs did not converge within max_iter={self.max_iter} "
+                          f"iterations or max_fun={self.max_fun} evaluations ({result.message}); raise them, "
+                          "or scale the data", ConvergenceWarning)
+        self._export()
+        return self
+
     def _check_params(self):
         problems = []
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.solver not in ("sgd", "adam"):
-            problems.append(f"solver must be 'sgd' or 'adam', got {self.solver!r}")
+        if self.solver not in ("sgd", "adam", "lbfgs"):
+            problems.append(f"solver must be 'sgd', 'adam' or 'lbfgs', got {self.solver!r}")
+        if not (isinstance(self.max_fun, (int, np.integer)) and self.max_fun >= 1):
+            problems.append(f"max_fun must be an integer >= 1, got {self.max_fun!r}")
         if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 1):
             problems.append(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, (int, np.integer)) and self.batch_size >= 1)):
