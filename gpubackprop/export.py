@@ -23,8 +23,8 @@ string input per column. Needs the ``onnx`` extra (``pip install 'gpubackprop[on
 import numpy as np
 
 from . import tabular
-from .state import atomic_write
 from .nn.activations import GELU_C, GELU_K, LEAKY_SLOPE
+from .state import atomic_write
 
 OPSET = 17  # onnxruntime 1.14 and later; everything below is in it
 HIDDEN = {  # activation name -> ONNX nodes (input name, output name, prefix) -> [NodeProto]
