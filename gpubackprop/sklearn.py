@@ -10,7 +10,9 @@ parameters, so it unpickles on any machine).
 Where the engine differs from scikit-learn's MLP:
 
     alpha     L2 penalty alpha / batch_size on every parameter, applied as weight
-              decay (scikit-learn exempts the biases)
+              decay (scikit-learn exempts the biases; solver="lbfgs" does too)
+    dtype     None: float32 data trains in float32, other data in float64, as
+              scikit-learn's MLP; "float32" / "float64" fix it
     binary    two softmax outputs rather than one logistic unit (same predictions)
     loss_curve_  the mean loss of each epoch's batches, without the penalty term
 
@@ -49,7 +51,7 @@ class _BaseMLP(BaseEstimator):
                  batch_size="auto", learning_rate_init=0.001, max_iter=200, shuffle=True, random_state=None,
                  tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype="float64"):
+                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -82,13 +84,14 @@ class _BaseMLP(BaseEstimator):
     def _fit(self, X, y, incremental, classes=None):
         self._check_params()
         first = not (incremental or self.warm_start) or not hasattr(self, "model_")
-        X, y = validate_data(self, X, y, reset=first, dtype=np.float64, multi_output=True, y_numeric=self._loss == "mse")
+        X, y = validate_data(self, X, y, reset=first, dtype=self._dtype(first), multi_output=True,
+                             y_numeric=self._loss == "mse")
         targets = self._encode_targets(y, first, classes)
         if first:
             sizes = [X.shape[1], *self._hidden(), targets.shape[1] if targets.ndim == 2 else len(self.classes_)]
             seed = check_random_state(self.random_state).randint(2**31)
             self.model_ = MLP(sizes, activation=ACTIVATIONS[self.activation], loss=self._loss,
-                              device=self.device, dtype=self.dtype, seed=int(seed))
+                              device=self.device, dtype=X.dtype.name, seed=int(seed))
             self._optimizer = None
             self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
             self.validation_scores_ = [] if self.early_stopping else None
@@ -131,6 +134,14 @@ class _BaseMLP(BaseEstimator):
                           "or scale the data", ConvergenceWarning)
         self._export()
         return self
+
+    def _dtype(self, first):
+        """What validate_data makes X: the fitted model's dtype; for a new model,
+        ``dtype``, or where it is None, X's own float32 or float64 (anything else
+        becomes float64), as scikit-learn's MLP keeps float32 data float32."""
+        if not first:
+            return np.dtype(self.model_.dtype)
+        return [np.float64, np.float32] if self.dtype is None else np.dtype(self.dtype)
 
     def _check_params(self):
         problems = []
@@ -180,7 +191,7 @@ class _BaseMLP(BaseEstimator):
 
     def to_onnx(self, path=None, opset=None):
         """The fitted estimator as an ONNX graph (gpubackprop.export): input ``X`` in
-        float64 (the estimator's dtype), outputs ``label`` and ``probabilities`` for a
+        the model's dtype, outputs ``label`` and ``probabilities`` for a
         classifier (as skl2onnx names them with zipmap=False), ``variable`` for a
         regressor."""
         check_is_fitted(self)
@@ -188,7 +199,7 @@ class _BaseMLP(BaseEstimator):
 
     def _forward(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, X, reset=False, dtype=self._dtype(first=False))
         return self.model_.forward(X)
 
     # ---- pickling: the parameters, not the device buffers ---------------------------------

@@ -93,3 +93,21 @@ def test_regressor_learns_a_smooth_function(rng):
         warnings.simplefilter("ignore", ConvergenceWarning)
         reg.fit(X[:300], y[:300])
     assert reg.predict(X[300:]).shape == (100,) and reg.score(X[300:], y[300:]) > 0.95
+
+
+@pytest.mark.parametrize("X_dtype, dtype, expected", [
+    (np.float32, None, "float32"), (np.float64, None, "float64"), (np.int64, None, "float64"),
+    (np.float32, "float64", "float64"), (np.float64, "float32", "float32"),
+])
+def test_the_compute_dtype_follows_the_input_unless_dtype_says(X_dtype, dtype, expected):
+    """As scikit-learn's MLP keeps float32 data float32 (before, the default made every
+    input float64)."""
+    rng = np.random.default_rng(0)
+    X, y = (rng.normal(size=(40, 3)) * 3).astype(X_dtype), rng.integers(0, 2, 40)
+    clf = MLPClassifier((4,), max_iter=2, random_state=0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X, y)
+        assert clf.model_.dtype == expected and clf.predict_proba(X).dtype == np.dtype(expected)
+        clf.set_params(warm_start=True).fit(X.astype(np.float64), y)  # a warm start keeps the model's dtype
+    assert clf.model_.dtype == expected
