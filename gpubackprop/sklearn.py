@@ -48,7 +48,8 @@ class _BaseMLP(BaseEstimator):
     _loss = None
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
-                 batch_size="auto", learning_rate_init=0.001, max_iter=200, shuffle=True, random_state=None,
+                 batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
+                 shuffle=True, random_state=None,
                  tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None):
@@ -57,7 +58,9 @@ class _BaseMLP(BaseEstimator):
         self.solver = solver
         self.alpha = alpha
         self.batch_size = batch_size
+        self.learning_rate = learning_rate
         self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
         self.max_iter = max_iter
         self.shuffle = shuffle
         self.random_state = random_state
@@ -107,7 +110,7 @@ class _BaseMLP(BaseEstimator):
             X, X_val, targets, t_val = train_test_split(X, targets, test_size=self.validation_fraction,
                                                         random_state=self.random_state, stratify=stratify)
             validation = (X_val, t_val)
-        stop = _StopRule(self, validation)
+        stop = _StopRule(self, validation, len(X))
         self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
                         optimizer=self._optimizer, shuffle=self.shuffle, progress=bool(self.verbose),
                         callbacks=[stop])
@@ -147,6 +150,8 @@ class _BaseMLP(BaseEstimator):
         problems = []
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.learning_rate not in ("constant", "invscaling", "adaptive"):
+            problems.append(f"learning_rate must be 'constant', 'invscaling' or 'adaptive', got {self.learning_rate!r}")
         if self.solver not in ("sgd", "adam", "lbfgs"):
             problems.append(f"solver must be 'sgd', 'adam' or 'lbfgs', got {self.solver!r}")
         if not (isinstance(self.max_fun, (int, np.integer)) and self.max_fun >= 1):
@@ -225,10 +230,15 @@ class _BaseMLP(BaseEstimator):
 class _StopRule:
     """scikit-learn's stopping: no improvement by tol for n_iter_no_change epochs,
     in the training loss, or with early_stopping in the validation score (and then
-    the best epoch's parameters are restored). Records loss_curve_ and n_iter_."""
+    the best epoch's parameters are restored). Records loss_curve_ and n_iter_.
 
-    def __init__(self, est, validation):
-        self.est, self.validation = est, validation
+    And, for solver="sgd", scikit-learn's learning_rate after each epoch:
+    "invscaling" sets lr = learning_rate_init / (t + 1)^power_t, t the samples seen
+    so far; "adaptive" divides lr by 5 where the epochs would stop training, and
+    stops only once lr is at most 1e-6."""
+
+    def __init__(self, est, validation, rows):
+        self.est, self.validation, self.rows = est, validation, rows
         self.best = np.inf if validation is None else -np.inf
         self.bad_epochs, self.epochs, self.stopped, self.best_state = 0, 0, False, None
 
@@ -248,8 +258,15 @@ class _StopRule:
                 self.best, self.best_state = score, model.state_dict()
                 est.best_validation_score_ = score
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        schedule = est.learning_rate if est.solver == "sgd" else "constant"
+        optimizer = model.optimizer
+        if schedule == "invscaling":
+            optimizer.lr = est.learning_rate_init / (est.t_ + self.rows * self.epochs + 1) ** est.power_t
         if self.bad_epochs >= est.n_iter_no_change:
-            self.stopped = model.stop_training = True
+            if schedule == "adaptive" and optimizer.lr > 1e-6:
+                optimizer.lr, self.bad_epochs = optimizer.lr / 5.0, 0
+            else:
+                self.stopped = model.stop_training = True
 
 
 def _can_stratify(targets):

@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
+import gpubackprop as gb  # noqa: E402
 from gpubackprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 
@@ -111,3 +112,45 @@ def test_the_compute_dtype_follows_the_input_unless_dtype_says(X_dtype, dtype, e
         assert clf.model_.dtype == expected and clf.predict_proba(X).dtype == np.dtype(expected)
         clf.set_params(warm_start=True).fit(X.astype(np.float64), y)  # a warm start keeps the model's dtype
     assert clf.model_.dtype == expected
+
+
+def _fit_quietly(est, X, y):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(X, y)
+
+
+def test_invscaling_sets_scikit_learns_rate_after_every_epoch():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 3)), rng.integers(0, 2, 50)
+    clf = _fit_quietly(MLPClassifier((4,), solver="sgd", learning_rate="invscaling", learning_rate_init=0.1,
+                                     power_t=0.25, max_iter=3, n_iter_no_change=100, random_state=0), X, y)
+    assert clf.n_iter_ == 3 and clf.t_ == 150
+    assert clf._optimizer.lr == pytest.approx(0.1 / (150 + 1) ** 0.25)  # scikit-learn's, after its 3rd epoch
+    adam = _fit_quietly(MLPClassifier((4,), learning_rate="invscaling", max_iter=3, random_state=0), X, y)
+    assert adam._optimizer.lr == 0.001  # learning_rate is sgd's, as in scikit-learn
+
+
+def test_adaptive_divides_the_rate_by_5_on_each_plateau_and_stops_below_1e_6(monkeypatch):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 3)), rng.integers(0, 2, 50)
+    rates = []
+
+    class Record:
+        def on_epoch_end(self, model, epoch, logs):
+            rates.append(model.optimizer.lr)
+
+    clf = MLPClassifier((4,), solver="sgd", learning_rate="adaptive", learning_rate_init=0.01, n_iter_no_change=2,
+                        tol=np.inf, max_iter=100, random_state=0)  # tol inf: no epoch ever improves enough
+    original = gb.MLP.fit
+    monkeypatch.setattr(gb.MLP, "fit", lambda self, *a, **k: original(self, *a, **{**k, "callbacks": [
+        *k["callbacks"], Record()]}))
+    clf.fit(X, y)
+    # each second epoch a plateau: lr / 5, until it is at most 1e-6 (0.01 / 5^6 = 6.4e-7); then it stops
+    assert rates[1::2] == pytest.approx([0.01 / 5 ** k for k in range(1, 7)] + [0.01 / 5 ** 6])
+    assert clf.n_iter_ == 14
+
+
+def test_a_learning_rate_scikit_learn_does_not_know_is_refused():
+    with pytest.raises(ValueError, match="learning_rate must be 'constant', 'invscaling' or 'adaptive'"):
+        MLPClassifier(learning_rate="cosine").fit([[0.0], [1.0]], [0, 1])
