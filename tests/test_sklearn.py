@@ -126,9 +126,9 @@ def test_invscaling_sets_scikit_learns_rate_after_every_epoch():
     clf = _fit_quietly(MLPClassifier((4,), solver="sgd", learning_rate="invscaling", learning_rate_init=0.1,
                                      power_t=0.25, max_iter=3, n_iter_no_change=100, random_state=0), X, y)
     assert clf.n_iter_ == 3 and clf.t_ == 150
-    assert clf._optimizer.lr == pytest.approx(0.1 / (150 + 1) ** 0.25)  # scikit-learn's, after its 3rd epoch
+    assert clf.model_.optimizer.lr == pytest.approx(0.1 / (150 + 1) ** 0.25)  # scikit-learn's, after its 3rd epoch
     adam = _fit_quietly(MLPClassifier((4,), learning_rate="invscaling", max_iter=3, random_state=0), X, y)
-    assert adam._optimizer.lr == 0.001  # learning_rate is sgd's, as in scikit-learn
+    assert adam.model_.optimizer.lr == 0.001  # learning_rate is sgd's, as in scikit-learn
 
 
 def test_adaptive_divides_the_rate_by_5_on_each_plateau_and_stops_below_1e_6(monkeypatch):
