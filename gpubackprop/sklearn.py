@@ -112,7 +112,7 @@ class _BaseMLP(BaseEstimator):
             validation = (X_val, t_val)
         stop = _StopRule(self, validation, len(X))
         self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
-                        optimizer=self._optimizer, shuffle=self.shuffle, progress=bool(self.verbose),
+                        optimizer=self._optimizer, shuffle=self.shuffle, progress=False,
                         callbacks=[stop])
         self.t_ += len(X) * stop.epochs
         if stop.best_state is not None:
@@ -162,8 +162,10 @@ class _BaseMLP(BaseEstimator):
             problems.append(f"batch_size must be 'auto' or an integer >= 1, got {self.batch_size!r}")
         if not 0 < self.validation_fraction < 1:
             problems.append(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
-        if not (isinstance(self.n_iter_no_change, (int, np.integer)) and self.n_iter_no_change >= 1):
-            problems.append(f"n_iter_no_change must be an integer >= 1, got {self.n_iter_no_change!r}")
+        if not (isinstance(self.n_iter_no_change, (int, np.integer)) and self.n_iter_no_change >= 1
+                or self.n_iter_no_change == np.inf):
+            problems.append(f"n_iter_no_change must be an integer >= 1 or np.inf (never stop on a plateau), "
+                            f"got {self.n_iter_no_change!r}")
         if self.alpha < 0 or self.tol < 0:
             problems.append("alpha and tol must be >= 0")
         self._hidden()  # raises for bad sizes
@@ -258,6 +260,10 @@ class _StopRule:
                 self.best, self.best_state = score, model.state_dict()
                 est.best_validation_score_ = score
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if est.verbose:  # scikit-learn's lines
+            print(f"Iteration {est.n_iter_}, loss = {logs['loss']:.8f}")
+            if self.validation is not None:
+                print(f"Validation score: {est.validation_scores_[-1]:f}")
         schedule = est.learning_rate if est.solver == "sgd" else "constant"
         optimizer = model.optimizer
         if schedule == "invscaling":

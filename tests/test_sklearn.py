@@ -154,3 +154,14 @@ def test_adaptive_divides_the_rate_by_5_on_each_plateau_and_stops_below_1e_6(mon
 def test_a_learning_rate_scikit_learn_does_not_know_is_refused():
     with pytest.raises(ValueError, match="learning_rate must be 'constant', 'invscaling' or 'adaptive'"):
         MLPClassifier(learning_rate="cosine").fit([[0.0], [1.0]], [0, 1])
+
+
+def test_verbose_prints_scikit_learns_iteration_lines_and_n_iter_no_change_may_be_inf(capsys):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 3)), rng.integers(0, 2, 50)
+    clf = _fit_quietly(MLPClassifier((4,), max_iter=3, tol=np.inf, n_iter_no_change=np.inf, verbose=True,
+                                     random_state=0), X, y)
+    lines = capsys.readouterr().out.splitlines()
+    assert clf.n_iter_ == 3  # tol inf: no epoch improves, and an infinite patience never stops
+    assert [line.split(",")[0] for line in lines] == ["Iteration 1", "Iteration 2", "Iteration 3"]
+    assert lines[-1] == f"Iteration 3, loss = {clf.loss_curve_[-1]:.8f}"
