@@ -343,11 +343,11 @@ def _training_data(args):
             if value:
                 raise ValueError(f"{flag} is for CSV files; {args.dataset} is not one")
         X, y = data.load_dataset(args.dataset, labels=args.labels, label_column=args.label_column)
-        names = [str(i + 1) for i in range(X.shape[1])]
+        names = tabular.numbered_names(X.shape[1])
         return X, y, {"dataset": args.dataset, "columns": names, "label": None, "features": names, "header": False}
     names, table = data.read_table(args.dataset, args.delimiter)
     header = names is not None
-    names = names if header else [str(i + 1) for i in range(table.shape[1])]
+    names = names if header else tabular.numbered_names(table.shape[1])
     label = data.label_index(args.dataset, args.label_column, names if header else None, table.shape[1])
     dropped = {data.label_index(args.dataset, d, names if header else None, table.shape[1], "dropped")
                for d in args.drop}

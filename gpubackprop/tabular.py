@@ -91,6 +91,13 @@ def column_kind(cells, name, first_row=1):
     return "category", None
 
 
+def numbered_names(n):
+    """The names of a headerless table's n columns: their numbers, from 1. One
+    convention for training, the model file and predict / evaluate, which match a
+    headerless file's columns to the model's by these names."""
+    return [str(i + 1) for i in range(n)]
+
+
 def describe(name):
     """How messages name a column: by its number where the file has no header."""
     return f"column {name}" if name.isdigit() else f"column {name!r}"
@@ -126,7 +133,7 @@ def columns_of(rows, names=None, width=None):
     if width is not None and array.shape[1] != width:
         raise ValueError(f"rows have {array.shape[1]} columns; the model was trained on {width}"
                          + (f" ({', '.join(names)})" if names else ""))
-    return array, names if names is not None else [str(i + 1) for i in range(array.shape[1])]
+    return array, names if names is not None else numbered_names(array.shape[1])
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ class Inputs:
         stats = {"standard": ("standardize", "mean", "std"), "minmax": ("min_max", "low", "span")}.get(scale)
         if stats is None or not isinstance(metadata.get(stats[0]), dict):
             return None
-        columns = [{"name": str(i + 1), "kind": "number", "fill": None} for i in range(width)]
+        columns = [{"name": name, "kind": "number", "fill": None} for name in numbered_names(width)]
         kept = metadata[stats[0]]
         return cls(columns, scale, kept[stats[1]], kept[stats[2]])
 
