@@ -2,7 +2,7 @@
 
 A file holds the tensors of ``model.state_dict()`` (layers.{i}.weight / .bias),
 optionally the optimizer's flat state buffers as ``optimizer.<name>``, and string
-metadata: ``config`` (sizes, activation, loss, dtype, precision, dropout as
+metadata: ``config`` (sizes, activation, loss, dtype, precision, dropout, huber_delta as
 JSON), ``optimizer`` (type, hyperparameters, steps), ``user`` (the caller's
 JSON), and where the model has them, ``inputs`` and ``target``: the input transform
 and target encoding that make the file a whole predictor of raw rows
@@ -19,7 +19,7 @@ FORMAT = "gpubackprop.mlp"
 VERSION = "1"
 _OPT = "optimizer."
 _CONFIG_REQUIRED = {"sizes", "activation", "loss", "dtype"}
-_CONFIG_DEFAULTS = {"precision": "float32", "dropout": 0.0}  # arrived after version 1's first files
+_CONFIG_DEFAULTS = {"precision": "float32", "dropout": 0.0, "huber_delta": 1.0}  # arrived after version 1's first files
 
 
 class ModelFile(NamedTuple):
@@ -57,7 +57,7 @@ def read(path):
     config = _json(meta, "config", path)
     if not isinstance(config, dict) or not _CONFIG_REQUIRED <= set(config) <= _CONFIG_REQUIRED | set(_CONFIG_DEFAULTS):
         raise ValueError(f"{path}: metadata 'config' must hold sizes, activation, loss and dtype "
-                         "(and optionally precision, dropout)")
+                         "(and optionally precision, dropout, huber_delta)")
     config = {**_CONFIG_DEFAULTS, **config}
     optimizer = None
     if "optimizer" in meta:

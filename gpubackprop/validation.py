@@ -95,40 +95,73 @@ def check_X_on_disk(X, n_features, chunk_bytes=16 << 20):
     return X
 
 
-def check_targets(y, n, loss, n_out, dtype, backend):
-    """y as dense (n, n_out) targets of ``dtype`` on ``backend``.
+TARGET_RANGES = {  # the targets' kind (gpubackprop.nn.losses) -> (test, what it needs)
+    "binary": (lambda xp, a: bool(((a >= 0) & (a <= 1)).all()), "values in [0, 1] (0/1 labels or probabilities)"),
+    "counts": (lambda xp, a: bool((a >= 0).all()), "counts >= 0"),
+}
 
-    cross_entropy takes integer labels in [0, n_out) (one-hot encoded here) or rows
-    of class probabilities; mse takes (n, n_out) values, or (n,) when n_out is 1.
+
+def check_targets(y, n, loss, n_out, dtype, backend):
+    """y as dense (n, n_out) targets of ``dtype`` on ``backend``, for ``loss`` (a
+    gpubackprop.nn.losses.Loss).
+
+    A "classes" loss (cross entropy) takes integer labels in [0, n_out) (one-hot
+    encoded here) or rows of class probabilities; the others take (n, n_out)
+    values, or (n,) when n_out is 1: in [0, 1] for "binary", >= 0 for "counts".
     """
     arr = _as_numeric("y", y, backend)
     xp = backend.xp
     if arr.shape[:1] != (n,):
         raise ValueError(f"X has {n} samples but y has {arr.shape[0] if arr.ndim else 0}")
-    if loss == "cross_entropy" and arr.ndim == 1:
-        labels = arr
-        if labels.dtype.kind == "f":
-            _check_finite("y", labels, xp)
-            if not bool((labels == xp.floor(labels)).all()):
-                raise ValueError("y holds non-integer class labels; pass integer labels or (n, classes) probability rows")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= n_out:
-            raise ValueError(
-                f"label {lo if lo < 0 else hi} is out of range for {n_out} classes (labels must be in 0..{n_out - 1})"
-            )
-        labels = backend.asarray(labels, dtype=np.int64)
-        onehot = backend.zeros((n, n_out), dtype)
-        onehot[xp.arange(n), labels] = 1.0
-        return onehot
-    if loss == "mse" and arr.ndim == 1 and n_out == 1:
+    classes = loss.targets == "classes"
+    if classes and arr.ndim == 1:
+        return _one_hot(arr, n, n_out, dtype, backend)
+    if not classes and arr.ndim == 1 and n_out == 1:
         arr = arr.reshape(n, 1)
     if arr.ndim != 2 or arr.shape[1] != n_out:
-        want = "(n,) integer labels or (n, %d) probability rows" % n_out if loss == "cross_entropy" else f"(n, {n_out})"
+        want = "(n,) integer labels or (n, %d) probability rows" % n_out if classes else f"(n, {n_out})"
         raise ValueError(f"y has shape {arr.shape}; the model's output needs {want}")
     arr = backend.asarray(arr, dtype=dtype)
     _check_finite("y", arr, xp)
-    if loss == "cross_entropy":
+    if classes:
         tol = 1e-3 if np.dtype(dtype) == np.float32 else 1e-6
         if bool((arr < 0).any()) or not bool(xp.allclose(arr.sum(axis=1), 1.0, atol=tol, rtol=0)):
             raise ValueError("y's rows must be probabilities: non-negative, each summing to 1")
+    elif loss.targets in TARGET_RANGES:
+        test, need = TARGET_RANGES[loss.targets]
+        if not test(xp, arr):
+            raise ValueError(f"{loss.name} needs targets y of {need}; y holds values from {float(arr.min())} "
+                             f"to {float(arr.max())}")
+    return arr
+
+
+def _one_hot(labels, n, n_out, dtype, backend):
+    xp = backend.xp
+    if labels.dtype.kind == "f":
+        _check_finite("y", labels, xp)
+        if not bool((labels == xp.floor(labels)).all()):
+            raise ValueError("y holds non-integer class labels; pass integer labels or (n, classes) probability rows")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n_out:
+        raise ValueError(
+            f"label {lo if lo < 0 else hi} is out of range for {n_out} classes (labels must be in 0..{n_out - 1})"
+        )
+    labels = backend.asarray(labels, dtype=np.int64)
+    onehot = backend.zeros((n, n_out), dtype)
+    onehot[xp.arange(n), labels] = 1.0
+    return onehot
+
+
+def check_sample_weight(sample_weight, n, dtype, backend):
+    """Sample weights as a (n,) array of ``dtype`` on ``backend``: finite, >= 0, not all 0."""
+    arr = _as_numeric("sample_weight", sample_weight, backend)
+    if arr.ndim == 0 or arr.shape != (n,):
+        raise ValueError(f"sample_weight must hold one weight per row: shape ({n},), got {arr.shape}")
+    arr = backend.asarray(arr, dtype=dtype)
+    _check_finite("sample_weight", arr, backend.xp)
+    if bool((arr < 0).any()):
+        raise ValueError(f"sample_weight holds {int((arr < 0).sum())} negative weight(s): a negative weight rewards "
+                         "a larger loss; weights must be >= 0 (0 leaves a row out)")
+    if not bool((arr > 0).any()):
+        raise ValueError("sample_weight is 0 for every row: there is nothing to train on")
     return arr

@@ -42,6 +42,10 @@ __device__ __forceinline__ float c_log(float x) { return logf(x); }
 __device__ __forceinline__ double c_log(double x) { return log(x); }
 __device__ __forceinline__ float c_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double c_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float c_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double c_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float c_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double c_abs(double x) { return fabs(x); }
 
 // ---- activations (the table, maths and codes are in gpubackprop/nn/activations.py;
 // tests/nn/test_activations.py holds this enum and these constants to it) ------------
@@ -159,11 +163,12 @@ template <typename C> __device__ __forceinline__ void sum_warps(C& a, C& b) {
 
 // Two sums over a 1-D grid, each of one value per warp (every lane of a warp
 // holds it); the last block stores *out = a_total * scale and, when running is
-// given, adds to the running totals: running[0] += *out * rows (as rounded to
-// T, the same bits the caller sees) and running[1] += b_total. partials holds
-// 2 * gridDim.x values.
+// given, adds to the running totals: running[0] += *out * count (as rounded to
+// T, the same bits the caller sees; count: the rows, or their weights' sum) and
+// running[1] += b_total. partials holds 2 * gridDim.x values.
 template <typename C, typename T>
-__device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, C scale, double* running, int rows) {
+__device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, C scale, double* running,
+                              double count) {
     sum_warps(a, b);
     if (threadIdx.x == 0) {
         partials[blockIdx.x] = a;
@@ -182,7 +187,7 @@ __device__ void sum_over_grid(C a, C b, C* partials, unsigned* counter, T* out, 
     if (threadIdx.x == 0) {
         st(out, sa * scale);
         if (running) {
-            running[0] += (double)ld(out) * rows;
+            running[0] += (double)ld(out) * count;
             running[1] += (double)sb;
         }
     }

@@ -1,13 +1,16 @@
 import numpy as np
 
+from gpubackprop.tools.selftest import loss_targets
+
 
 def random_batch(rng, sizes, loss, n):
-    """A batch of n samples for a network of ``sizes`` with loss ``loss``."""
+    """A batch of n samples for a network of ``sizes`` with loss ``loss``: integer
+    labels for cross entropy, else targets of the kind the loss takes."""
     X = rng.standard_normal((n, sizes[0]))
     if loss == "cross_entropy":
         y = rng.integers(0, sizes[-1], n)
     else:
-        y = rng.standard_normal((n, sizes[-1]))
+        y = loss_targets(loss, rng, (n, sizes[-1]))
     return X, y
 
 

@@ -5,6 +5,7 @@ import pytest
 
 import gpubackprop as gb
 from gpubackprop.nn.activations import ACTIVATIONS
+from gpubackprop.nn.losses import LOSSES
 
 from .helpers import random_batch
 
@@ -38,20 +39,42 @@ def _sequential_names(model):
             for i, kind in [(int(name.split(".")[1]), name.split(".")[2])]}
 
 
-def torch_loss(model, out, y):
-    if model.loss == "cross_entropy":
-        return torch.nn.functional.cross_entropy(out, torch.from_numpy(y))
-    return torch.nn.functional.mse_loss(out, torch.from_numpy(y))
+def torch_loss(model, out, y, sample_weight=None):
+    """PyTorch's loss of the loss table's row (huber with the model's delta); with
+    sample weights, the weighted mean of its per-row losses (reduction="none")."""
+    module, kwargs = model.criterion.torch
+    if model.loss == "huber":
+        kwargs = dict(kwargs, delta=model.criterion.delta)
+    if sample_weight is None:
+        return getattr(torch.nn, module)(**kwargs)(out, torch.from_numpy(y))
+    per_element = getattr(torch.nn, module)(reduction="none", **kwargs)(out, torch.from_numpy(y))
+    rows = per_element if per_element.ndim == 1 else per_element.mean(dim=1)
+    w = torch.from_numpy(np.asarray(sample_weight, np.float64))
+    return (rows * w).sum() / w.sum()
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_gradients_match_autograd(act, loss, rng):
-    model = gb.MLP([9, 8, 7, 4], activation=act, loss=loss, dtype="float64", seed=1)
+    model = gb.MLP([9, 8, 7, 4], activation=act, loss=loss, dtype="float64", seed=1,
+                   **({"huber_delta": 0.3} if loss == "huber" else {}))  # 0.3: both of huber's parts in play
+    assert_matches_autograd(model, *random_batch(rng, model.sizes, loss, 13))
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_weighted_gradients_match_autograd(loss, rng):
+    """sample_weight: the weighted mean of PyTorch's per-row losses, zero weights included."""
+    model = gb.MLP([9, 8, 4], activation="tanh", loss=loss, dtype="float64", seed=1)
     X, y = random_batch(rng, model.sizes, loss, 13)
-    value, grads = model.loss_and_grad(X, y)
+    w = rng.random(13) * 3
+    w[[2, 5]] = 0.0
+    assert_matches_autograd(model, X, y, w)
+
+
+def assert_matches_autograd(model, X, y, sample_weight=None):
+    value, grads = model.loss_and_grad(X, y, sample_weight)
     net = torch_twin(model)
-    t_loss = torch_loss(model, net(torch.from_numpy(X)), y)
+    t_loss = torch_loss(model, net(torch.from_numpy(X)), y, sample_weight)
     t_loss.backward()
     assert value == pytest.approx(t_loss.item(), rel=1e-12)
     for name, p in net.named_parameters():

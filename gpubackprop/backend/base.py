@@ -7,7 +7,6 @@ step after the first of its batch size allocates nothing either.
 import contextlib
 from typing import NamedTuple
 
-from ..nn import losses
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -57,9 +56,8 @@ class LossBuffers(NamedTuple):
     delta: object  # receives dL/dz
     out: object  # 0-d: the batch's mean loss
     row: object  # (B,) scratch in z's dtype
-    pred: object  # (B,) int64 scratch
-    label: object  # (B,) int64 scratch
-    hit: object  # (B,) bool scratch
+    weight: object = None  # (B,) sample weights in the compute type (gpubackprop.nn.losses); None: unweighted
+    weight_sum: object = None  # 0-d: their sum
 
 
 class Backend:
@@ -98,6 +96,10 @@ class Backend:
         """out[i] = src[index[i]]: a batch cut from a data set kept on this device."""
         raise NotImplementedError
 
+    def sum(self, x, out):
+        """out (0-d) = the sum of x: a batch's sample weights, for the loss."""
+        self.xp.sum(x, out=out)
+
     def context(self):
         """A context manager that makes this device current while it is open."""
         raise NotImplementedError
@@ -133,16 +135,13 @@ class Backend:
         grad_prev = delta W."""
         raise NotImplementedError
 
-    def loss(self, name, buf, running=None, loss_scale=None):
-        """The loss called ``name`` of logits buf.z against buf.target, a batch mean,
-        into the 0-d buf.out; buf.delta = dL/dz. Unless None, the float64 ``running``
-        pair gains [loss * batch, rows whose argmax z is argmax y (cross entropy)].
-        ``loss_scale`` (mixed precision only): delta is multiplied by loss_scale[0]."""
+    def loss(self, loss, buf, running=None, loss_scale=None):
+        """``loss`` (a gpubackprop.nn.losses.Loss) of logits buf.z against buf.target, the
+        batch's (weighted) mean, into the 0-d buf.out; buf.delta = dL/dz. Unless None,
+        the float64 ``running`` pair gains [loss * rows (or * the weights' sum), hits
+        (losses.hits, each times its row's weight)]. ``loss_scale`` (mixed precision
+        only): delta is multiplied by loss_scale[0]."""
         raise NotImplementedError
-
-    def softmax(self, z, out, row):
-        """out = softmax(z) row-wise (``row``: a (B,) scratch); for predict_proba."""
-        losses.softmax(self.xp, z, out, row)
 
     def optimizer_update(self, rule, update, h):
         """One update of optimizer class ``rule`` (gpubackprop.optim: it holds the maths,

@@ -74,18 +74,18 @@ class NumpyBackend(Backend):
         mask = keep_mask(spec, like.shape, int(spec.steps[0]))
         return mask.astype(like.dtype) * like.dtype.type(spec.scale)
 
-    def loss(self, name, buf, running=None, loss_scale=None):
+    def loss(self, loss, buf, running=None, loss_scale=None):
         if loss_scale is not None:
             raise NotImplementedError("the NumPy backend computes in float32 / float64 only, without loss scaling")
-        xp, z = self.xp, buf.z
-        buf.out[...] = losses.get_loss(name)(xp, z, buf.target, buf.delta, buf.row)
+        xp, z, weight = self.xp, buf.z, buf.weight
+        loss.numpy(xp, z, buf.target, buf.delta, buf.row, loss.delta)
+        buf.out[...] = losses.finish(xp, loss, buf.delta, buf.row,
+                                     losses.row_scales(xp, z.shape[0], weight, buf.weight_sum))
         if running is not None:
-            running[0] += float(buf.out) * z.shape[0]
-            if name == "cross_entropy":
-                xp.argmax(z, axis=1, out=buf.pred)
-                xp.argmax(buf.target, axis=1, out=buf.label)
-                xp.equal(buf.pred, buf.label, out=buf.hit)
-                running[1] += xp.count_nonzero(buf.hit)
+            running[0] += float(buf.out) * (z.shape[0] if weight is None else float(buf.weight_sum))
+            hits = losses.hits(xp, loss, z, buf.target)
+            if hits is not None:
+                running[1] += int(hits.sum()) if weight is None else float(xp.vdot(weight, hits.astype(weight.dtype)))
 
     def clip_by_global_norm(self, g, max_norm):
         coef = max_norm / (math.sqrt(float(self.xp.vdot(g, g))) + 1e-6)

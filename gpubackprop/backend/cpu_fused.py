@@ -79,12 +79,12 @@ class FusedCpuBackend(NumpyBackend):
         if buf.grad_prev is not None:
             matmul(grad, layer.W, buf.grad_prev)
 
-    def loss(self, name, buf, running=None, loss_scale=None):
+    def loss(self, loss, buf, running=None, loss_scale=None):
         z = buf.z
-        if loss_scale is not None or name not in ("cross_entropy", "mse") or not fused(z):
-            return super().loss(name, buf, running, loss_scale)
+        if loss_scale is not None or buf.weight is not None or loss.name not in ("cross_entropy", "mse") or not fused(z):
+            return super().loss(loss, buf, running, loss_scale)
         rows, c = z.shape[0], z.dtype.type
-        if name == "cross_entropy":
+        if loss.name == "cross_entropy":
             hits = cpu_kernels.shift_logits(z, buf.target, buf.delta, buf.row)
             np.exp(buf.delta, out=buf.delta)
             value = cpu_kernels.normalize_exponentials(buf.delta, buf.target, buf.row, c(1.0 / rows))

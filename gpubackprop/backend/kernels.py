@@ -19,7 +19,7 @@ Per primitive, with the kernel that does it:
                      (and the dropped copy, in training with dropout)
     dense_backward   act_backward_bias_grad: delta = g * mask * g'(a), db = sum_rows
                      delta (one launch), then dW = delta^T a_prev, grad_prev = delta W
-    loss             softmax_cross_entropy / mean_squared_error: delta_L and the
+    loss             softmax_cross_entropy / elementwise_loss: delta_L and the
                      loss, summed on the device, in one launch (which also adds
                      the epoch's running loss and hit count)
     optimizer_update one launch over the flat parameter buffer of the rule's
@@ -69,7 +69,8 @@ def _per_activation(template, dtypes):
 SOURCES = {
     "bias_activation.cu": _per_activation("bias_act_forward", CTYPES),
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
-    "loss.cu": [instance(k, t) for k in ("softmax_cross_entropy", "mean_squared_error") for t in CTYPES],
+    "loss.cu": [instance("softmax_cross_entropy", t) for t in CTYPES]
+    + [instance("elementwise_loss", t, loss.code) for t in CTYPES for loss in losses.LOSSES.values() if loss.elementwise],
     "optimizers.cu": [instance(k, t) for k in dict.fromkeys(r.kernel for r in OPTIMIZERS.values())
                       for t in ("float32", "float64")],
     "nonfinite.cu": [instance("flag_nonfinite", t) for t in ("float32", "float64")] + ["count_nonfinite"],
@@ -160,6 +161,9 @@ class KernelBackend(Backend):
     def gather_rows(self, src, index, out):
         self._issue(functools.partial(self._ops_xp.take, src, index, axis=0, out=out))
 
+    def sum(self, x, out):
+        self._issue(functools.partial(self._ops_xp.sum, x, out=out))
+
     def _issue(self, op):
         if self._recording is None:
             op()
@@ -247,25 +251,21 @@ class KernelBackend(Backend):
         if buf.grad_prev is not None:
             self._matmul(grad, layer.W, buf.grad_prev)
 
-    def loss(self, name, buf, running=None, loss_scale=None):
-        losses.get_loss(name)  # the error for an unknown name
+    def loss(self, loss, buf, running=None, loss_scale=None):
         z = buf.z
         rows, cols = z.shape
         c = self._compute(z.dtype)
-        if name == "cross_entropy":
+        head = (z, buf.target, buf.delta, np.int32(rows), np.int32(cols), c(1.0 / rows))
+        if loss.elementwise:
+            grid = self._grid_1d(z.size)
+            template, ints, args = "elementwise_loss", (loss.code,), head + (c(1.0 / cols), c(loss.delta))
+        else:
             warps = self.BLOCK // 32
             grid = (max(1, min(-(-rows // warps), self.max_blocks)),)
-            args = (z, buf.target, buf.delta, np.int32(rows), np.int32(cols), c(1.0 / rows))
-            tail = (running, loss_scale)
-            template = "softmax_cross_entropy"
-        else:
-            n = z.size
-            grid = self._grid_1d(n)
-            args = (z, buf.target, buf.delta, np.int64(n), c(2.0 / n), c(1.0 / n))
-            tail = (running, np.int32(rows), loss_scale)
-            template = "mean_squared_error"
-        self._launch(template, z.dtype, (), grid, (self.BLOCK,),
-                     args + (self._scratch(z.dtype, 2 * grid[0]), self._counter(1), buf.out) + tail)
+            template, ints, args = "softmax_cross_entropy", (), head
+        self._launch(template, z.dtype, ints, grid, (self.BLOCK,),
+                     args + (buf.weight, buf.weight_sum, self._scratch(z.dtype, 2 * grid[0]), self._counter(1), buf.out,
+                             running, loss_scale))
 
     # ---- optimizers (maths in gpubackprop.optim) -----------------------------------------
     def optimizer_update(self, rule, update, h):

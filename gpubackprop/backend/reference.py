@@ -8,6 +8,7 @@ buffers reused in place) rather than repeating them.
 import numpy as np
 
 from ..nn.activations import get_activation
+from ..nn.losses import get_loss
 
 
 def activation(name, z):
@@ -20,16 +21,15 @@ def activation_grad(name, z):
     return get_activation(name).reference_grad(z)
 
 
-def loss_and_delta(name, z, y):
-    """(L, dL/dz) for logits z (B, C) and dense targets y (B, C)."""
-    B = z.shape[0]
-    if name == "cross_entropy":
-        lse = np.log(np.sum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)) + z.max(axis=1)
-        log_q = z - lse[:, None]
-        return -np.sum(y * log_q) / B, (np.exp(log_q) - y) / B
-    if name == "mse":
-        return np.mean((z - y) ** 2), 2.0 * (z - y) / z.size
-    raise ValueError(name)
+def loss_and_delta(name, z, y, weight=None, huber_delta=1.0):
+    """(L, dL/dz) for logits z (B, C), dense targets y (B, C) and, where given, the rows'
+    sample weights: the loss table's float64 reference, averaged as losses.py says."""
+    loss = get_loss(name, huber_delta)
+    f, g = loss.reference(z, y, loss.delta)
+    if loss.elementwise:  # the row's loss is the mean over its elements
+        f, g = f.mean(axis=1), g / z.shape[1]
+    s = np.full(z.shape[0], 1.0 / z.shape[0]) if weight is None else np.asarray(weight, float) / np.sum(weight)
+    return s @ f, g * s[:, None]
 
 
 def backprop(weights, biases, X, y, activation_name, loss_name):

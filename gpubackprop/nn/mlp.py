@@ -13,6 +13,8 @@ from .. import distributed, export, modelfile, tabular
 from ..train import recovery
 from ..train.loop import FitSettings, fit
 from ..train.trainer import Trainer
+from . import inputs
+from .losses import HUBER_DELTA
 from .network import Network
 
 
@@ -22,8 +24,11 @@ class MLP(Network):
     sizes       layer widths, input first: [784, 256, 256, 10]
     activation  hidden activation: a name in gpubackprop.nn.activations.ACTIVATIONS
                 (the table lists them with their g and g'); the output layer is linear
-    loss        "cross_entropy" (softmax + mean negative log-likelihood) or
-                "mse" (mean over all elements of (y_hat - y)^2)
+    loss        a name in gpubackprop.nn.losses.LOSSES (the table lists their maths):
+                "cross_entropy" (softmax + mean negative log-likelihood; classes),
+                "binary_cross_entropy" (a sigmoid per output; binary and multilabel
+                targets), "mse", "huber" (with ``huber_delta``), "mae" (regression),
+                "poisson" (counts; the output is the log of the mean count)
     device      "cpu", "cuda", "cuda:N" or "auto"
     dtype       "float32" or "float64"
     precision   "float32" (exact), "tf32" (float32 GEMMs on tensor cores), or mixed
@@ -32,6 +37,7 @@ class MLP(Network):
     seed        makes initialisation, shuffling and dropout reproducible
     dropout     the rate p at which hidden activations are dropped in training
                 (inverted dropout; see gpubackprop.nn.dropout)
+    huber_delta huber's threshold between its squared and absolute parts (default 1)
 
     Weights start He-normal (std sqrt(2 / n_in)) for the ReLU family and
     Glorot-uniform (limit sqrt(6 / (n_in + n_out))) otherwise; biases at zero.
@@ -44,8 +50,8 @@ class MLP(Network):
     """
 
     def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None,
-                 precision="float32", dropout=0.0):
-        super().__init__(sizes, activation, loss, device, dtype, seed, precision, dropout)
+                 precision="float32", dropout=0.0, huber_delta=HUBER_DELTA):
+        super().__init__(sizes, activation, loss, device, dtype, seed, precision, dropout, huber_delta)
         self.stop_training = False  # a callback sets it to end fit after the epoch
         self.optimizer = None  # the last fit's
         self.comm = distributed.SingleProcess()  # the running fit's communicator (callbacks read its rank)
@@ -53,10 +59,10 @@ class MLP(Network):
         self.inputs = None  # a tabular.Inputs: raw rows -> features
         self.target = None  # a tabular.Target: labels <-> what the network learns
 
-    def loss_and_grad(self, X, y):
+    def loss_and_grad(self, X, y, sample_weight=None):
         """(loss, gradients under state_dict's names): one forward and backward pass, no update."""
         with self.context():
-            ws = self.load_batch(X, y)
+            ws = self.load_batch(X, y, sample_weight)
             self.forward_pass(ws)
             loss = float(self.compute_loss(ws))
             self.backward_pass(ws)
@@ -65,8 +71,8 @@ class MLP(Network):
                 self.scaler.found_inf.fill(0)
             return loss, self.grad_dict()
 
-    def train_step(self, X, y, optimizer, clip_norm=None, on_nonfinite="raise"):
-        """One step of ``fit`` on the batch (X, y): forward, backward, the divergence guard,
+    def train_step(self, X, y, optimizer, clip_norm=None, on_nonfinite="raise", sample_weight=None):
+        """One step of ``fit`` on the batch (X, y) (weighted by ``sample_weight``): forward, backward, the divergence guard,
         clipping at ``clip_norm``, the update; returns the loss. A step whose gradients
         hold Inf or NaN is skipped; then ``on_nonfinite`` "raise" (FloatingPointError
         naming the tensors) or "skip" (a warning), as in fit."""
@@ -74,7 +80,7 @@ class MLP(Network):
             raise ValueError(f"train_step's on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r} "
                              "('restore' needs fit's checkpoints)")
         with self.context():
-            ws = self.load_batch(X, y)
+            ws = self.load_batch(X, y, sample_weight)
             trainer = self._trainer(optimizer, clip_norm)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard speaks instead (fit's)
                 loss = float(trainer.step(ws))
@@ -102,7 +108,15 @@ class MLP(Network):
         optimizer=None, shuffle=True, validation_data=None, progress=True,
         callbacks=None, graphs=True, clip_norm=None, checkpoint_dir=None,
         checkpoint_every=None, keep_checkpoints=3, resume=False,
-        on_nonfinite="raise", comm=None.
+        on_nonfinite="raise", comm=None, sample_weight=None, class_weight=None.
+
+        ``sample_weight`` (one weight >= 0 per row) makes every batch's loss the
+        weighted mean of its rows' losses, as scikit-learn defines it (a row of
+        weight 0 counts as if it were not there); ``class_weight`` ("balanced", or a
+        dict {label: weight} over the labels y holds) multiplies each row's weight
+        by its class's, for cross entropy. ``validation_data`` may carry weights
+        too: (X_val, y_val, sample_weight_val). The history's metrics are then
+        weighted means as well.
 
         The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
         entropy) or "mse", averaged over the epoch's batches as they were trained,
@@ -138,17 +152,32 @@ class MLP(Network):
         """
         settings.update(epochs=epochs, batch_size=batch_size, optimizer=optimizer)
         if settings.get("validation_data") is not None:
-            settings["validation_data"] = self.encoded(*settings["validation_data"])
+            X_val, y_val, *w_val = settings["validation_data"]
+            settings["validation_data"] = (*self.encoded(X_val, y_val), *w_val)
+        if settings.get("class_weight") is not None:
+            settings["sample_weight"] = self.row_weights(y, settings.get("sample_weight"), settings["class_weight"])
+            settings["class_weight"] = None
         return fit(self, *self.encoded(X, y), FitSettings.of(settings))
 
     fit.__signature__ = FitSettings.signature(fit)  # help(MLP.fit) lists every setting
 
-    def evaluate(self, X, y):
-        """{"loss", "accuracy"} for cross entropy, {"loss", "mse"} for mse, over all of X
-        (with a regression ``target``, in its standardized units)."""
+    def evaluate(self, X, y, sample_weight=None):
+        """The loss and its metric over all of X (``Network.metrics``: {"loss",
+        "accuracy"} for cross entropy, {"loss", "mse"} for mse, ...), weighted means
+        with ``sample_weight``; with a regression ``target``, in its standardized units."""
         with self.context():
             X, T = self.prepare(*self.encoded(X, y))
-            return self.metrics(self.backend.to_host(self.totals(X, T)), X.shape[0])
+            W = self.prepare_weights(sample_weight, X.shape[0])
+            count = X.shape[0] if W is None else float(W.sum())
+            return self.metrics(self.backend.to_host(self.totals(X, T, W)), count)
+
+    def row_weights(self, y, sample_weight, class_weight):
+        """sample_weight (or ones) times each row's class weight (inputs.class_weights), for cross entropy."""
+        if self.criterion.targets != "classes":
+            raise ValueError(f"class_weight weighs classes, for cross_entropy; this model's loss is {self.loss}: "
+                             "pass sample_weight instead")
+        weights = inputs.class_weights(y, class_weight)
+        return weights if sample_weight is None else weights * np.asarray(sample_weight, np.float64)
 
     def encoded(self, X, y):
         """(X, y) through ``inputs`` and ``target`` where the model has them."""
@@ -172,8 +201,8 @@ class MLP(Network):
         rows = [("layer", "output shape", "activation", "parameters")]
         for l in range(1, len(self.sizes)):
             last = l == len(self.sizes) - 1
-            act = ("linear (softmax in the loss)" if self.loss == "cross_entropy" else "linear") if last else \
-                self.activation
+            act = {"softmax": "linear (softmax in the loss)", "sigmoid": "linear (sigmoid in the loss)",
+                   "exp": "linear (log of the mean)"}.get(self.criterion.output, "linear") if last else self.activation
             rows.append((f"dense_{l}", f"(batch, {self.sizes[l]})", act,
                          f"{self.sizes[l - 1] * self.sizes[l] + self.sizes[l]:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -13,6 +13,7 @@ gradcheck), the benchmarks and the tests use, as tiny-cuda-nn's Network
 ``forward_impl`` / ``backward_impl`` with a context:
 
     ws = net.load_batch(X, y)           # checked, copied to the device, in a Workspace
+                                        # (sample_weight=w: the loss is their weighted mean)
     net.forward_pass(ws)                # ws.a[l] (and ws.z[l] where g' needs z)
     net.compute_loss(ws)                # ws.loss, and ws.delta[L] = dL/dz_L
     net.backward_pass(ws)               # net.grads: dL/dW_l, dL/db_l; ws.delta[l] = delta_l
@@ -31,7 +32,7 @@ from ..optim import precision as precision_modes
 from . import inputs
 from .activations import get_activation
 from .dropout import Dropout
-from .losses import LOSSES
+from .losses import HUBER_DELTA, get_loss, output
 from .parameters import Parameters, initial_values, parameter_count
 from .workspace import Workspaces
 
@@ -45,12 +46,11 @@ class Network:
     gpubackprop.MLP adds training and files). Arguments as MLP's."""
 
     def __init__(self, sizes, activation="relu", loss="cross_entropy", device="cpu", dtype="float32", seed=None,
-                 precision="float32", dropout=0.0):
+                 precision="float32", dropout=0.0, huber_delta=HUBER_DELTA):
         self.sizes = validation.check_sizes(sizes)
         self.act = get_activation(activation)
         self.activation = activation
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+        self.criterion = get_loss(loss, huber_delta)  # the Loss: its maths, outputs, metric and targets
         self.loss = loss
         self.backend = get_backend(device)
         self.dtype = _check_dtype(dtype, self.backend)
@@ -140,13 +140,19 @@ class Network:
         """X and the target rows T checked and copied to the device, in the compute dtype."""
         return inputs.prepare(self, X, y)
 
-    def load_batch(self, X, y):
-        """A workspace holding the batch (X, y), checked and copied to the device."""
+    def prepare_weights(self, sample_weight, n):
+        """Sample weights for n rows checked and copied to the device (None for None)."""
+        return inputs.weights(self, sample_weight, n)
+
+    def load_batch(self, X, y, sample_weight=None):
+        """A workspace holding the batch (X, y), and its rows' weights, checked and copied to the device."""
         X, T = self.prepare(X, y)
+        W = self.prepare_weights(sample_weight, X.shape[0])
         ws = self.workspace(X.shape[0])
         ws.first_row = 0
         self.backend.xp.copyto(ws.a[0], X)
         self.backend.xp.copyto(ws.target, T)
+        ws.set_weights(self.backend, W)
         return ws
 
     def dropout_for(self, ws, l, steps):
@@ -163,9 +169,9 @@ class Network:
 
     def compute_loss(self, ws, running=None):
         """ws.loss (a device scalar, returned) and ws.delta[L] = dL/dz_L (times the loss
-        scale in fp16); ``running`` gains [loss * batch, hits]."""
+        scale in fp16); ``running`` gains [loss * batch (or * its weights' sum), hits]."""
         scale = None if self.scaler is None else self.scaler.scale
-        self.backend.loss(self.loss, ws.loss_buffers(), running, loss_scale=scale)
+        self.backend.loss(self.criterion, ws.loss_buffers(), running, loss_scale=scale)
         return ws.loss
 
     def backward_pass(self, ws, steps=None):
@@ -175,72 +181,86 @@ class Network:
                                         self.dropout_for(ws, l, steps))
 
     # ---- inference ----------------------------------------------------------------
-    def _chunks(self, X, T=None):
-        """Forward passes over X in chunks; yields (workspace, rows)."""
+    def _chunks(self, X, T=None, W=None):
+        """Forward passes over X in chunks (with targets T and weights W where given,
+        for the loss); yields (workspace, rows)."""
         for start in range(0, X.shape[0], EVAL_BATCH):
             rows = slice(start, start + EVAL_BATCH)
             ws = self.workspace(X[rows].shape[0])
             self.backend.xp.copyto(ws.a[0], X[rows])
             if T is not None:
                 self.backend.xp.copyto(ws.target, T[rows])
+            ws.set_weights(self.backend, None if W is None else W[rows])
             self.forward_pass(ws)
             yield ws, rows
 
     def _outputs(self, X, kind):
-        """Run X forward and collect "logits", "proba" or "labels" on the device."""
+        """Run X forward and collect "logits", "outputs" (the loss's output of them:
+        probabilities, e^z) or "labels" (argmax; for sigmoid outputs z > 0, per column) on the device."""
         be, xp = self.backend, self.backend.xp
         Xd = inputs.to_compute(self, validation.check_X(X, self.sizes[0], self.dtype, be), "X")
-        out = be.empty((Xd.shape[0],) if kind == "labels" else (Xd.shape[0], self.sizes[-1]),
-                      np.int64 if kind == "labels" else self.dtype)
-        row = be.empty((min(Xd.shape[0], EVAL_BATCH),), self.dtype) if kind == "proba" else None
+        argmax = kind == "labels" and self.criterion.output == "softmax"
+        out = be.empty((Xd.shape[0],) if argmax else (Xd.shape[0], self.sizes[-1]),
+                       np.int64 if kind == "labels" else self.dtype)
+        row = be.empty((min(Xd.shape[0], EVAL_BATCH),), self.dtype)
         for ws, rows in self._chunks(Xd):
-            if kind == "labels":
+            if argmax:
                 xp.argmax(ws.a[-1], axis=1, out=ws.pred)
                 out[rows] = ws.pred
-            elif kind == "proba":  # in the model's dtype, from the logits
+            elif kind == "labels":
+                out[rows] = ws.a[-1] > 0
+            else:  # in the model's dtype, from the logits
                 out[rows] = ws.a[-1]
-                be.softmax(out[rows], out[rows], row[:ws.batch])
-            else:
-                out[rows] = ws.a[-1]
+                if kind == "outputs":
+                    output(xp, self.criterion, out[rows], out[rows], row[:ws.batch])
         return interop.like(X, out, be)
 
     def forward(self, X):
-        """The network's raw outputs (logits for cross entropy), no softmax."""
+        """The network's raw outputs z_L: logits for the classification losses, the log
+        of the mean count for poisson; no softmax, sigmoid or exp."""
         with self.context():
             return self._outputs(X, "logits")
 
     def predict(self, X):
-        """Class labels (cross_entropy) or outputs (mse) for the rows of X."""
+        """Class labels (cross_entropy), 0/1 per output (binary_cross_entropy), the mean
+        count e^z (poisson) or the outputs (mse, huber, mae) for the rows of X."""
         with self.context():
-            return self._outputs(X, "labels" if self.loss == "cross_entropy" else "logits")
+            return self._outputs(X, "labels" if self.criterion.classifies else "outputs")
 
     def predict_proba(self, X):
-        """Softmax class probabilities, (n, classes)."""
-        if self.loss != "cross_entropy":
-            raise ValueError("predict_proba needs a cross_entropy model; use predict for an mse model")
+        """Class probabilities, (n, classes): softmax (cross_entropy) or, per output,
+        sigmoid (binary_cross_entropy)."""
+        if not self.criterion.classifies:
+            raise ValueError(f"predict_proba needs a classification loss (cross_entropy, binary_cross_entropy); "
+                             f"this model's is {self.loss}: use predict")
         with self.context():
-            return self._outputs(X, "proba")
+            return self._outputs(X, "outputs")
 
-    def totals(self, X, T):
-        """[loss sum, hits] over prepared rows (X, T), on the device (float64)."""
+    def totals(self, X, T, W=None):
+        """[loss sum, hits] over prepared rows (X, T), weighted by W where given, on the device (float64)."""
         running = self.backend.zeros((2,), np.float64)
-        for ws, _ in self._chunks(X, T):
+        for ws, _ in self._chunks(X, T, W):
             self.compute_loss(ws, running)
         return running
 
-    def metrics(self, totals, n):
-        """The metrics from the host's [loss sum, hits] over n samples."""
-        total_loss, correct = totals
-        logs = {"loss": float(total_loss) / n}
-        if self.loss == "cross_entropy":
-            logs["accuracy"] = int(correct) / n
-        else:
-            logs["mse"] = logs["loss"]
+    def metrics(self, totals, count):
+        """The metrics from the host's [loss sum, hits] over ``count`` rows (or, weighted,
+        the rows' weights' sum): the loss, and the loss's metric (accuracy over rows,
+        binary_accuracy over every output, or a copy of the loss under its name)."""
+        total_loss, hits = totals
+        logs = {"loss": float(total_loss) / count}
+        metric = self.criterion.metric
+        if metric == "accuracy":
+            logs[metric] = float(hits) / count
+        elif metric == "binary_accuracy":
+            logs[metric] = float(hits) / (count * self.sizes[-1])
+        elif metric:
+            logs[metric] = logs["loss"]
         return logs
 
     def config(self):
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss, "dtype": self.dtype,
-                "precision": self.precision, "dropout": self.dropout}
+                "precision": self.precision, "dropout": self.dropout, "huber_delta": self.criterion.delta}
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "

@@ -27,6 +27,8 @@ class Workspace:
     target     the targets; loss the batch's loss (0-d); index the rows this batch
                is gathered from; first_row where it starts in the global batch (data
                parallel: a rank's shard; dropout masks are drawn by that position)
+    weight     the rows' sample weights and weight_sum their sum, in weight_dtype;
+               read by the loss only while ``weighted`` (set by whoever fills the batch)
     """
 
     def __init__(self, backend, sizes, act, batch, dtype, dropout=False, matmul=None):
@@ -51,14 +53,15 @@ class Workspace:
         self.ones = backend.xp.ones((batch,), dtype)
         self.matmul = matmul
         self.pred = empty((batch,), np.int64)
-        self.label = empty((batch,), np.int64)
-        self.hit = empty((batch,), np.bool_)
         self.index = empty((batch,), np.int64)
         self.loss = empty((), dtype)
+        self.weight = empty((batch,), weight_dtype(dtype))
+        self.weight_sum = empty((), weight_dtype(dtype))
+        self.weighted = False
         # The primitives' views, made once: a step builds no tuples per layer.
         self._layers = {train: [None] + [self._views(l, train) for l in range(1, L + 1)] for train in (False, True)}
-        self._loss = LossBuffers(self.a[-1], self.target, self.delta[-1], self.loss, self.row, self.pred, self.label,
-                                 self.hit)
+        unweighted = LossBuffers(self.a[-1], self.target, self.delta[-1], self.loss, self.row)
+        self._loss = {False: unweighted, True: unweighted._replace(weight=self.weight, weight_sum=self.weight_sum)}
 
     @staticmethod
     def nbytes(sizes, act, batch, itemsize, dropout=False, scratch=True):
@@ -67,14 +70,23 @@ class Workspace:
         hidden = sum(sizes[1:-1])
         per_hidden = act.needs_z + act.n_scratch * bool(scratch) + bool(dropout)
         floats = batch * (sum(sizes) + sum(sizes[1:]) + hidden * per_hidden + sizes[-1] + 2) + 1
-        return floats * itemsize + batch * (8 + 8 + 1 + 8)
+        return floats * itemsize + (batch + 1) * max(itemsize, 4) + batch * (8 + 8)
 
     def layer(self, l, train):
         """Layer l's DenseBuffers; ``train``: its input is the dropped copy where there is one."""
         return self._layers[train][l]
 
     def loss_buffers(self):
-        return self._loss
+        return self._loss[self.weighted]
+
+    def set_weights(self, backend, weights=None):
+        """The batch's sample weights (a device vector of ``batch`` values, already in
+        ``weight``), or None: unweighted. Sums them for the loss."""
+        self.weighted = weights is not None
+        if self.weighted:
+            if weights is not self.weight:  # else gathered there already
+                backend.xp.copyto(self.weight, weights)
+            backend.sum(self.weight, self.weight_sum)
 
     def _views(self, l, train):
         source = self.dropped[l - 1] if train and self.dropped[l - 1] is not None else self.a[l - 1]
@@ -126,6 +138,12 @@ class Workspaces:
         except MemoryError:
             raise out_of_memory(backend, f"the buffers of a batch of {batch} rows", need,
                                 "use a smaller batch_size") from None
+
+
+def weight_dtype(dtype):
+    """The dtype of sample weights for a batch of ``dtype``: never 16-bit, which would
+    round them and could overflow their sum."""
+    return np.dtype(dtype) if np.dtype(dtype).itemsize >= 4 else np.dtype(np.float32)
 
 
 def out_of_memory(backend, what, need, fix):

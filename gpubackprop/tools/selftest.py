@@ -29,8 +29,10 @@ import numpy as np
 from .. import optim
 from ..backend import Dense, DenseBuffers, LossBuffers, get_backend
 from ..backend.cpu import NumpyBackend
+from ..nn import losses
 from ..nn.activations import ACTIVATIONS
 from ..nn.mlp import MLP
+from ..nn.workspace import weight_dtype
 from ..nn.parameters import aligned_layout
 from ..optim import precision as precision_modes
 from ..version import __version__
@@ -170,16 +172,40 @@ def layer_inputs(rng, B, n_in, n_out):
                 b=rng.standard_normal(n_out), grad=rng.standard_normal((B, n_out)))
 
 
-def run_loss(be, name, z, y, dtype, running=(0.0, 0.0)):
-    """(loss, delta, running + [loss * B, rows predicted right]) on ``be``."""
+def run_loss(be, name, z, y, dtype, running=(0.0, 0.0), weight=None, huber_delta=losses.HUBER_DELTA):
+    """(loss, delta, running + [loss * B (or * the weights' sum), hits]) on ``be``,
+    with the rows' sample ``weight`` where given (summed on ``be``)."""
     B = z.shape[0]
     with be.context():
         z, y = be.asarray(np.asarray(z).astype(dtype)), be.asarray(np.asarray(y).astype(dtype))
         delta, loss = poisoned(be, z.shape, dtype), poisoned(be, (), dtype)
         totals = be.asarray(np.array(running, np.float64))
-        be.loss(name, LossBuffers(z, y, delta, loss, poisoned(be, (B,), dtype), be.empty((B,), np.int64),
-                                  be.empty((B,), np.int64), be.empty((B,), bool)), totals)
+        w = w_sum = None
+        if weight is not None:
+            w, w_sum = be.asarray(np.asarray(weight).astype(weight_dtype(dtype))), poisoned(be, (), weight_dtype(dtype))
+            be.sum(w, w_sum)
+        be.loss(losses.get_loss(name, huber_delta),
+                LossBuffers(z, y, delta, loss, poisoned(be, (B,), dtype), w, w_sum), totals)
         return float(be.to_host(loss)), be.to_host(delta), be.to_host(totals)
+
+
+def loss_targets(name, rng, shape, z=None):
+    """Random targets a loss takes: probability rows (half of them one-hot at argmax z,
+    sure hits), values in [0, 1] with exact 0s and 1s (a third of the rows [z > 0],
+    sure hits), counts, or values."""
+    targets = losses.LOSSES[name].targets
+    if targets == "classes":
+        y = rng.random(shape)
+        if z is not None:
+            y[::2] = np.eye(shape[1])[z[::2].argmax(axis=1)]
+        return y / y.sum(axis=1, keepdims=True)
+    if targets == "binary":
+        y = rng.random(shape)
+        y[::3] = y[::3] > 0.5 if z is None else z[::3] > 0
+        return y
+    if targets == "counts":
+        return rng.poisson(2.0, shape).astype(float)
+    return rng.standard_normal(shape)
 
 
 # ---- the checks: each yields Check rows ---------------------------------------------
@@ -238,28 +264,27 @@ def dense_backward_from(act, a, a_prev, W, b, grad):
 
 
 def check_losses(be, rng, modes, shapes):
-    """Loss, delta_L and the running loss against float64; the running hit count
-    exactly (both sides take the argmax of the same rounded logits, ties to the
-    first column)."""
+    """Every loss's value, delta_L and running loss against float64, unweighted and
+    with sample weights (some 0); the running hit count exactly (both sides compare
+    the same rounded logits, argmax ties to the first column)."""
     for mode in modes:
         dtype = storage(mode)
-        for name in ("cross_entropy", "mse"):
+        for name, loss in losses.LOSSES.items():
             errs, wrong_hits = [], 0
             for B, _, C in shapes:
-                for scale in (3.0, 300.0):  # 300: logits far past exp's range
-                    if scale > 100 and mode == "fp16":
-                        continue  # beyond float16's range: fit refuses such data
+                for scale, weighted in ((3.0, False), (300.0, False), (3.0, True)):  # 300: far past exp's range
+                    if scale > 100 and (mode == "fp16" or loss.output == "exp"):
+                        continue  # beyond float16's range (fit refuses such data); e^300 is Inf
                     z = rounded(rng.standard_normal((B, C)) * scale, dtype)
-                    y = rng.random((B, C))
-                    y[::2] = np.eye(C)[z[::2].argmax(axis=1)]  # every other row a sure hit
-                    y = rounded(y / y.sum(axis=1, keepdims=True), dtype)
-                    lg, dg, rg = run_loss(be, name, z, y, dtype, running=(2.5, 7.0))
-                    lw, dw, rw = run_loss(REFERENCE, name, z, y, np.float64, running=(2.5, 7.0))
+                    y = rounded(loss_targets(name, rng, (B, C), z), dtype)
+                    w = rng.integers(0, 4, B) * 0.5 if weighted else None
+                    lg, dg, rg = run_loss(be, name, z, y, dtype, (2.5, 7.0), w)
+                    lw, dw, rw = run_loss(REFERENCE, name, z, y, np.float64, (2.5, 7.0), w)
                     errs += [error(lg, lw, mode in NORMWISE), error(dg, dw, mode in NORMWISE),
                              error(rg[0], rw[0], mode in NORMWISE)]
-                    wrong_hits += int(rg[1] != rw[1] or (name == "cross_entropy") == (rw[1] == 7.0))
+                    wrong_hits += int(rg[1] != rw[1] or (not loss.classifies and rw[1] != 7.0))
             yield Check(f"loss {name} (loss, delta, running sum)", mode, max(errs), BOUND[mode])
-            counted = "counted exactly" if name == "cross_entropy" else "not counted"
+            counted = "counted exactly" if loss.classifies else "not counted"
             yield Check(f"loss {name} running hits ({counted})", mode, float(wrong_hits), 0.0,
                         "" if not wrong_hits else f"{wrong_hits} batches counted other hits than NumPy")
 
@@ -396,7 +421,7 @@ def check_small_primitives(be, rng, modes):
             be.gather_rows(be.asarray(src.astype(dtype)), be.asarray(index), out)
             gathered = be.to_host(out)
             prob, row = poisoned(be, z.shape, dtype), poisoned(be, (333,), dtype)
-            be.softmax(be.asarray(z.astype(dtype)), prob, row)
+            losses.softmax(be.xp, be.asarray(z.astype(dtype)), prob, row)
             prob = be.to_host(prob)
         want = np.exp(z - z.max(axis=1, keepdims=True))
         yield Check("gather_rows", mode, error(gathered, src[index]), 0.0)

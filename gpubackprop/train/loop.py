@@ -49,6 +49,8 @@ class FitSettings:
     resume: bool = False
     on_nonfinite: str = "raise"
     comm: Any = None
+    sample_weight: Any = None
+    class_weight: Any = None
 
     @classmethod
     def of(cls, settings):
@@ -127,9 +129,11 @@ class Loop:
             self.X = None
         else:
             self.X, self.T = model.prepare(X, y)
-        self.val = model.prepare(*s.validation_data) if s.validation_data is not None else None
+        self.val = validation_set(model, s.validation_data)
         model.comm = self.comm
         self.n = self._rows()
+        self.W = model.prepare_weights(s.sample_weight, self.n)
+        self.W_host = None if self.W is None else model.backend.to_host(self.W).astype(np.float64)
         self.trainer = Trainer(model, self.optimizer, s.clip_norm, graphs=s.graphs, parallel=self.comm.parallel)
         start = self._start()
         # NumPy's overflow warnings stay quiet: the divergence guard reports a step that
@@ -203,7 +207,7 @@ class Loop:
                 self._batch(epoch, s, start_row, order, order_host)
         self._check_nonfinite()
         self.optimizer.sync_steps()
-        logs = model.metrics(self.totals(self.running), self.n)
+        logs = model.metrics(self.totals(self.running), self._count(order_host, self.n))
         if self.val is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(*self.val).items()})
         for k, v in logs.items():
@@ -222,11 +226,16 @@ class Loop:
                 mine = order_host[start_row + lo:start_row + hi]
                 rows_read = inputs.to_compute(model, np.asarray(self.X_disk[mine], model.dtype), "X")
                 be.xp.copyto(ws.a[0], be.asarray(rows_read))
-        reduce = functools.partial(comm.allreduce_mean, weight=(hi - lo) / rows) if comm.parallel else None
-        self.trainer.step(ws, self.running, reduce, X=self.X, T=self.T)
+        reduce = None
+        if comm.parallel:  # this shard's share of the global batch: its rows, or its weights
+            share = self._count(order_host[start_row + lo:start_row + hi], hi - lo)
+            whole = self._count(order_host[start_row:start_row + rows], rows)
+            reduce = functools.partial(comm.allreduce_mean, weight=share / whole if whole > 0 else 0.0)
+        self.trainer.step(ws, self.running, reduce, X=self.X, T=self.T, W=self.W)
         logs = {"batch_size": rows}
         if s % SYNC_EVERY == SYNC_EVERY - 1:
-            logs["loss"] = self.totals(self.running)[0] / min(self.n, start_row + rows)
+            seen = min(self.n, start_row + rows)
+            logs["loss"] = self.totals(self.running)[0] / self._count(order_host[:seen], seen)
             self._check_nonfinite()
         call(self.callbacks, "on_batch_end", model, s, logs)
         every = self.s.checkpoint_every
@@ -258,10 +267,26 @@ class Loop:
         self.comm.allreduce_sum(totals)
         return totals
 
-    def evaluate(self, X, T):
-        """Loss and metric over (X, T); each rank evaluates its shard of the rows."""
+    def _count(self, rows, n):
+        """What the running totals of the data set's ``rows`` (n of them) are divided by:
+        n, or with sample weights their sum."""
+        return n if self.W_host is None else float(self.W_host[rows].sum())
+
+    def evaluate(self, X, T, W=None):
+        """Loss and metric over (X, T) (weighted by W where given); each rank evaluates its shard of the rows."""
         lo, hi = distributed.shard(X.shape[0], self.comm.rank, self.comm.size)
-        return self.model.metrics(self.totals(self.model.totals(X[lo:hi], T[lo:hi])), X.shape[0])
+        totals = self.totals(self.model.totals(X[lo:hi], T[lo:hi], None if W is None else W[lo:hi]))
+        return self.model.metrics(totals, X.shape[0] if W is None else float(W.sum()))
+
+
+def validation_set(model, data):
+    """fit's validation_data, (X, y) or (X, y, sample_weight), on the device: (X, T, W or None)."""
+    if data is None:
+        return None
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        raise ValueError("validation_data must be (X_val, y_val) or (X_val, y_val, sample_weight_val)")
+    X, T = model.prepare(data[0], data[1])
+    return X, T, model.prepare_weights(data[2] if len(data) == 3 else None, X.shape[0])
 
 
 def check_comm(comm, backend):

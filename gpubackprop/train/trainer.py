@@ -40,11 +40,12 @@ class Trainer:
             raise out_of_memory(backend, f"the state of {optimizer!r}", optimizer.state_bytes(network),
                                 "use SGD without momentum, or a smaller model") from None
 
-    def step(self, ws, running=None, reduce=None, X=None, T=None):
+    def step(self, ws, running=None, reduce=None, X=None, T=None, W=None):
         """One step on the batch in ``ws`` (None: this rank's share of the global batch
         is empty; its gradients count as zero). Given the data set's rows X and targets
-        T on the device, the batch's rows ws.index are gathered from them first (a
-        capture records that too). ``running`` gains [loss * batch, hits];
+        T (and sample weights W, else unweighted) on the device, the batch's rows
+        ws.index are gathered from them first (a capture records that too). ``running``
+        gains [loss * batch (or * its weights' sum), hits];
         ``reduce(grads)`` makes the global batch's gradients. Returns the loss, a
         device scalar (None without ws)."""
         net, optimizer = self.network, self.optimizer
@@ -52,15 +53,17 @@ class Trainer:
 
         def run():
             if ws is not None:
-                for source, rows in ((X, ws.a[0]), (T, ws.target)):
+                for source, rows in ((X, ws.a[0]), (T, ws.target), (W, ws.weight)):
                     if source is not None:
                         net.backend.gather_rows(source, ws.index, rows)
+                if T is not None:  # a batch of the data set: weighted as the data set is
+                    ws.set_weights(net.backend, None if W is None else ws.weight)
             self._run(ws, running, reduce)
 
         if self.graphs is None:
             run()
         else:
-            buffers = (*optimizer.buffers(), ws, running, *net.buffers(), self.guard, X, T)
+            buffers = (*optimizer.buffers(), ws, running, *net.buffers(), self.guard, X, T, W)
             constants = (optimizer.constants(), self.clip_norm, net.precision)
             self.graphs.run(run, buffers, constants, on_replay=self._count)
         return None if ws is None else ws.loss

@@ -9,6 +9,7 @@ import pytest
 import gpubackprop as gb
 from gpubackprop import backend as backends
 from gpubackprop.backend import Dense, DenseBuffers, NumpyBackend, cpu_backend, get_backend
+from gpubackprop.nn import losses
 from gpubackprop.nn.activations import ACTIVATIONS
 from gpubackprop.optim import OPTIMIZERS, Update
 
@@ -89,7 +90,7 @@ def test_fused_losses_agree_with_numpy_and_count_the_same_hits(loss, dtype, rng)
     out = []
     for be in (NUMPY, FUSED):
         delta, value, running = poisoned((B, C), dtype), poisoned((), dtype), np.array([0.5, 1.0])
-        be.loss(loss, loss_buffers(z, y, delta, value), running)
+        be.loss(losses.get_loss(loss), loss_buffers(z, y, delta, value), running)
         out.append((value, delta, running))
     tol = 1e-6 if dtype == np.float32 else 1e-14
     (v0, d0, r0), (v1, d1, r1) = out
@@ -136,7 +137,7 @@ def test_nan_logits_count_hits_as_numpy_does(rng):
     for be in (NUMPY, FUSED):
         running = np.zeros(2)
         with np.errstate(invalid="ignore"):
-            be.loss("cross_entropy", loss_buffers(z, y, poisoned(z.shape, np.float32), poisoned((), np.float32)),
+            be.loss(losses.get_loss("cross_entropy"), loss_buffers(z, y, poisoned(z.shape, np.float32), poisoned((), np.float32)),
                     running)
         hits.append(running[1])
     assert hits[1] == hits[0] == (z.argmax(1) == y.argmax(1)).sum()

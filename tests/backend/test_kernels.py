@@ -22,7 +22,9 @@ from gpubackprop.backend import kernels as kb
 from gpubackprop.backend.cpu import NumpyBackend
 from gpubackprop.nn.parameters import names
 from gpubackprop.nn.workspace import Workspace
-from gpubackprop.tools.selftest import OPTIMIZERS, dense_layer, layer_inputs, optimizer_steps, poisoned, run_loss
+from gpubackprop.nn.losses import LOSSES
+from gpubackprop.tools.selftest import (OPTIMIZERS, dense_layer, layer_inputs, loss_targets, optimizer_steps, poisoned,
+                                        run_loss)
 
 from ..helpers import random_batch
 
@@ -71,6 +73,37 @@ def test_loss_matches_numpy(kernel_backend, loss, scale, B, C, dtype, rng):
     close(dk, dc, TOL[dtype], "delta")
     close(rk[0], rc[0], TOL[dtype], "running loss")
     assert rk[1] == rc[1] and (loss == "mse") == (rk[1] == 7.0)  # hits counted for cross entropy only
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,C", [(1, 1), (37, 10), (300, 70), (257, 19)])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_matches_numpy_with_and_without_weights(kernel_backend, loss, weighted, B, C, dtype, rng):
+    """Every loss of the table, with sample weights (a third of them 0) and without;
+    huber with a delta that puts elements on both of its sides; the running hits
+    (weighted) exactly where the loss counts them."""
+    z = rng.standard_normal((B, C)) * 3
+    y = loss_targets(loss, rng, (B, C), z)
+    w = rng.integers(0, 3, B) * 0.75 if weighted else None
+    if weighted:
+        w[0] = 1.5  # never all 0: a batch of weight 0 has its own test
+    runs = [run_loss(be, loss, z, y, dtype, (2.5, 7.0), w, huber_delta=0.7) for be in (kernel_backend, CPU)]
+    (lk, dk, rk), (lc, dc, rc) = runs
+    close(lk, lc, TOL[dtype], "loss")
+    close(dk, dc, TOL[dtype], "delta")
+    close(rk[0], rc[0], TOL[dtype], "running loss")
+    close(rk[1], rc[1], TOL[dtype], "running hits")
+    assert (rk[1] == 7.0) == (not LOSSES[loss].classifies)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_a_batch_whose_weights_are_all_zero_has_zero_loss_and_gradient(kernel_backend, loss, rng):
+    z = rng.standard_normal((9, 4))
+    y = loss_targets(loss, rng, (9, 4), z)
+    for be in (kernel_backend, CPU):
+        value, delta, running = run_loss(be, loss, z, y, np.float64, (2.5, 7.0), np.zeros(9))
+        assert value == 0.0 and not delta.any() and list(running) == [2.5, 7.0]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -135,16 +168,37 @@ def test_low_precision_kernels(kernel_backend, name, low, rng):
 
 
 # ---- whole models ------------------------------------------------------------------
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_model_gradients_match_cpu(kernel_backend, act, loss, rng):
     sizes = [33, 17, 65, 5]  # odd sizes, none a multiple of a block
     X, y = random_batch(rng, sizes, loss, 37)
+    w = rng.random(37) * (rng.random(37) > 0.3) if act == "tanh" else None  # weighted, with zeros, once per loss
     (lk, gk), (lc, gc) = (gb.MLP(sizes, activation=act, loss=loss, dtype="float64", seed=0, device=be)
-                          .loss_and_grad(X, y) for be in (kernel_backend, CPU))
+                          .loss_and_grad(X, y, w) for be in (kernel_backend, CPU))
     close(lk, lc, 1e-12, "loss")
     for k in gc:
         close(gk[k], gc[k], 1e-10, k)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy", "poisson"])
+def test_weighted_fit_graphed_equals_eager_and_tracks_the_cpu(kernel_backend, loss, rng):
+    """Sample weights gathered with each batch inside the captured step: replays weigh
+    every new batch by its own rows, as eager steps and the NumPy backend do."""
+    X, y = random_batch(rng, [9, 33, 3], loss, 203)
+    w = rng.random(203) * 2 * (rng.random(203) > 0.2)
+    runs = []
+    for be, graphs in ((kernel_backend, True), (kernel_backend, False), (CPU, False)):
+        m = gb.MLP([9, 33, 3], loss=loss, seed=3, device=be)
+        runs.append((m.fit(X, y, epochs=3, batch_size=20, optimizer=optim.Adam(3e-3), progress=False, graphs=graphs,
+                           sample_weight=w, validation_data=(X[:40], y[:40], w[:40])), m.state_dict()))
+    (hg, pg), (he, pe), (hc, pc) = runs
+    assert hg == he
+    for k in pe:
+        np.testing.assert_array_equal(pg[k], pe[k], err_msg=k)
+        np.testing.assert_allclose(pe[k], pc[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    for k in hc:
+        np.testing.assert_allclose(he[k], hc[k], rtol=1e-4, err_msg=k)
 
 
 def test_hundred_steps_match_cpu_losses(kernel_backend, rng):

@@ -14,7 +14,7 @@ from gpubackprop.backend.cpu import NumpyBackend
 from ..helpers import assert_same_params, dense_targets, params_of, random_batch
 
 ACTS = sorted(ACTIVATIONS)
-LOSSES = ["cross_entropy", "mse"]
+LOSSES = sorted(gb.nn.losses.LOSSES)
 ARCHS = [[3, 2], [1, 1, 1], [4, 1, 3], [5, 7, 6, 3], [2, 9, 1, 8, 4, 2], [6, 5, 4, 3, 2, 4, 3]]  # depth 1..6
 
 
@@ -175,7 +175,7 @@ def test_outputs_and_shapes(rng):
     np.testing.assert_array_equal(clf.predict(X), clf.forward(X).argmax(axis=1))
     reg = gb.MLP([4, 6, 2], loss="mse", seed=0)
     assert reg.predict(X).shape == (9, 2)
-    with pytest.raises(ValueError, match="predict_proba needs a cross_entropy model"):
+    with pytest.raises(ValueError, match="predict_proba needs a classification loss"):
         reg.predict_proba(X)
     # More rows than one evaluation chunk.
     big = rng.standard_normal((5000, 4))
@@ -371,3 +371,98 @@ def test_summary_lists_layers_shapes_parameters_device_dtype_and_precision():
     assert "(batch, 10)   linear (softmax in the loss)" in text
     assert "100,480" in text and "1,290" in text
     assert "parameters: 101,770 (814,160 bytes); device cpu, dtype float64, precision float32, dropout 0.1" in text
+
+
+# ---- losses beyond cross entropy and mse; sample weights ---------------------------------------
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradcheck_with_sample_weights(loss, rng):
+    model = gb.MLP([4, 6, 3], activation="tanh", loss=loss, dtype="float64", seed=1)
+    X, y = random_batch(rng, model.sizes, loss, 9)
+    w = rng.random(9) * 2
+    w[3] = 0.0
+    assert gb.gradcheck(model, X, y, sample_weight=w) <= 1e-7
+
+
+@pytest.mark.parametrize("opt", [gb.optim.SGD(0.1, momentum=0.9), gb.optim.Adam(1e-2)], ids=repr)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_full_batch_training_with_zero_weights_equals_training_without_those_rows(loss, opt, rng):
+    """scikit-learn's definition of a weight: 0 removes the row. Full batches, float64, the CPU."""
+    X, y = random_batch(rng, [5, 8, 3], loss, 40)
+    w = np.ones(40)
+    w[rng.choice(40, 12, replace=False)] = 0.0
+    keep = w > 0
+    runs = []
+    for X_, y_, w_ in ((X, y, w), (X[keep], y[keep], None)):
+        model = gb.MLP([5, 8, 3], loss=loss, dtype="float64", seed=2)
+        history = model.fit(X_, y_, epochs=6, batch_size=len(X_), optimizer=gb.optim.from_state_dict(opt.state_dict()),
+                            progress=False, sample_weight=w_)
+        runs.append((model.state_dict(), history))
+    (weighted, h_weighted), (dropped, h_dropped) = runs
+    for k in dropped:
+        np.testing.assert_allclose(weighted[k], dropped[k], rtol=0, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(h_weighted["loss"], h_dropped["loss"], rtol=1e-12)
+
+
+def test_sample_weights_in_mini_batches_weigh_each_batch_by_its_rows(rng):
+    """Integer weights act as repeated rows within a batch: a batch's loss is sum w l / sum w."""
+    X, y = random_batch(rng, [4, 6, 3], "cross_entropy", 6)
+    w = np.array([1.0, 2.0, 0.0, 3.0, 1.0, 1.0])
+    model = gb.MLP([4, 6, 3], dtype="float64", seed=0)
+    repeated = np.repeat(np.arange(6), w.astype(int))
+    weighted, grads = model.loss_and_grad(X, y, sample_weight=w)
+    plain, plain_grads = model.loss_and_grad(X[repeated], y[repeated])
+    assert weighted == pytest.approx(plain, rel=1e-14)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], plain_grads[k], rtol=1e-12, atol=1e-15)
+    evaluated = model.evaluate(X, y, sample_weight=w)
+    assert evaluated == pytest.approx(model.evaluate(X[repeated], y[repeated]), rel=1e-12)
+
+
+def test_class_weight_is_sample_weight_by_class(rng):
+    X, y = random_batch(rng, [4, 6, 3], "cross_entropy", 30)
+    runs = []
+    for kw in ({"class_weight": {0: 3.0, 2: 0.5}}, {"sample_weight": np.array([3.0, 1.0, 0.5])[y]}):
+        model = gb.MLP([4, 6, 3], dtype="float64", seed=0)
+        runs.append((model.fit(X, y, epochs=2, batch_size=8, progress=False, **kw), params_of(model)))
+    assert runs[0][0] == runs[1][0]
+    assert_same_params(runs[0][1], runs[1][1])
+    with pytest.raises(ValueError, match="class_weight weighs classes, for cross_entropy"):
+        gb.MLP([4, 6, 3], loss="mse").fit(X, np.eye(3)[y], class_weight="balanced", progress=False)
+
+
+def test_binary_cross_entropy_predicts_labels_and_probabilities_per_output(rng):
+    """Multilabel: one sigmoid per output; predict is [z > 0] per output, predict_proba sigmoid(z)."""
+    X = rng.standard_normal((300, 5))
+    Y = np.stack([X[:, 0] > 0, X[:, 1] + X[:, 2] > 0, X[:, 3] < 0.5], axis=1).astype(int)
+    model = gb.MLP([5, 16, 3], loss="binary_cross_entropy", seed=0)
+    history = model.fit(X, Y, epochs=40, batch_size=32, optimizer=gb.optim.Adam(1e-2), progress=False)
+    z = model.forward(X)
+    np.testing.assert_array_equal(model.predict(X), (z > 0).astype(np.int64))
+    np.testing.assert_allclose(model.predict_proba(X), 1 / (1 + np.exp(-z)), rtol=1e-5)
+    assert history["binary_accuracy"][-1] > 0.9 and model.evaluate(X, Y)["binary_accuracy"] == pytest.approx(
+        (model.predict(X) == Y).mean())
+
+
+def test_poisson_predicts_the_mean_count(rng):
+    X = rng.standard_normal((400, 3))
+    y = rng.poisson(np.exp(0.5 * X[:, 0] - 0.3 * X[:, 1]))
+    model = gb.MLP([3, 8, 1], loss="poisson", dtype="float64", seed=0)
+    model.fit(X, y, epochs=60, batch_size=50, optimizer=gb.optim.Adam(1e-2), progress=False)
+    np.testing.assert_allclose(model.predict(X), np.exp(model.forward(X)), rtol=1e-12)
+    rate = np.exp(0.5 * X[:, 0] - 0.3 * X[:, 1])
+    assert np.corrcoef(model.predict(X)[:, 0], rate)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("loss,y,message", [
+    ("binary_cross_entropy", [[0.0], [1.5]], r"binary_cross_entropy needs targets y of values in \[0, 1\]"),
+    ("poisson", [[1.0], [-2.0]], "poisson needs targets y of counts >= 0"),
+])
+def test_targets_out_of_a_losses_range_are_refused(loss, y, message):
+    with pytest.raises(ValueError, match=message):
+        gb.MLP([2, 1], loss=loss).fit(np.ones((2, 2)), np.array(y), progress=False)
+
+
+def test_huber_delta_is_kept_in_the_file(tmp_path):
+    model = gb.MLP([2, 3, 1], loss="huber", huber_delta=0.25, seed=0)
+    model.save(tmp_path / "m.safetensors")
+    assert gb.load(tmp_path / "m.safetensors").criterion.delta == 0.25
