@@ -12,8 +12,10 @@ Missing numbers are filled as the model was trained to fill them (Where(IsNaN(x)
 fill, x)) before the first Gemm. Outputs are named as scikit-learn's converted
 models name them (skl2onnx with zipmap=False): a classifier gives ``label`` (the
 original class values: int64, float or string) and ``probabilities`` (softmax,
-columns in ``model.target.classes`` order, or 0..K-1); a regressor gives
-``variable`` (n, outputs). The batch dimension is dynamic; float32 models export
+columns in ``model.target.classes`` order, or 0..K-1); a binary_cross_entropy
+model (binary or multilabel) gives ``label`` (n, outputs) of 0 / 1 and
+``probabilities`` (a sigmoid per output); a regressor gives ``variable`` (n,
+outputs): e^z for poisson, the mean count. The batch dimension is dynamic; float32 models export
 float32, float64 models float64.
 
 Text (category) columns are not exported: their one-hot encoding would need a
@@ -85,6 +87,9 @@ def to_onnx(model, path=None, opset=None, classes=None):
             x = "X_filled"
     target = model.target
     if target is not None and target.task == "regression":  # fold y * std + mean into the last layer
+        if model.criterion.output != "identity" and (np.any(target.mean != 0) or np.any(target.std != 1)):
+            raise ValueError(f"a {model.loss} model's outputs pass through {model.criterion.output}, so a scaled "
+                             "target cannot be folded into its last layer; train it on unscaled targets")
         weights[-1], biases[-1] = weights[-1] * target.std, biases[-1] * target.std + target.mean
     constants = {"gelu": (("one", 1.0), ("half", 0.5), ("gelu_c", GELU_C), ("gelu_k", GELU_K)),
                  "leaky_relu": (("slope", LEAKY_SLOPE),)}.get(model.activation, ()) if layers > 1 else ()
@@ -113,9 +118,17 @@ def to_onnx(model, path=None, opset=None, classes=None):
 
 def _outputs(helper, numpy_helper, model, logits, elem, nodes, inits, classes):
     """The graph's outputs from the last layer's ``logits``: label and probabilities, or variable."""
-    if model.loss != "cross_entropy":
-        nodes.append(helper.make_node("Identity", [logits], ["variable"]))
-        return [helper.make_tensor_value_info("variable", elem, ["N", model.sizes[-1]])]
+    output, width = model.criterion.output, model.sizes[-1]
+    if output in ("identity", "exp"):
+        nodes.append(helper.make_node("Identity" if output == "identity" else "Exp", [logits], ["variable"]))
+        return [helper.make_tensor_value_info("variable", elem, ["N", width])]
+    if output == "sigmoid":  # per output: label [z > 0] (int64, as predict gives it) and sigmoid(z)
+        inits.append(numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(elem)), "zero"))
+        nodes += [helper.make_node("Sigmoid", [logits], ["probabilities"]),
+                  helper.make_node("Greater", [logits, "zero"], ["positive"]),
+                  helper.make_node("Cast", ["positive"], ["label"], to=helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))]
+        return [helper.make_tensor_value_info("label", helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)), ["N", width]),
+                helper.make_tensor_value_info("probabilities", elem, ["N", width])]
     nodes += [helper.make_node("Softmax", [logits], ["probabilities"], axis=1),
               helper.make_node("ArgMax", [logits], ["label_id"], axis=1, keepdims=0)]
     if classes is None:
