@@ -69,3 +69,21 @@ def test_lbfgs_warns_when_stopped_by_max_iter_and_refuses_partial_fit(rng):
         MLPRegressor((8,), solver="lbfgs").partial_fit(X, y.astype(float))
     with pytest.raises(ValueError, match="max_fun must be an integer >= 1"):
         MLPClassifier(solver="lbfgs", max_fun=0).fit(X, y)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "poisson"])
+def test_zero_sample_weights_leave_rows_out_penalty_included(loss, rng):
+    """The weighted loss and scikit-learn's alpha / (2 sum w) penalty: weights 0 and 1 train
+    as the rows of weight 1 alone (the same evaluations, so the same steps)."""
+    X = rng.normal(size=(60, 4))
+    y = rng.integers(0, 3, 60) if loss == "cross_entropy" else rng.poisson(2.0, (60, 3)).astype(float)
+    w = (rng.random(60) > 0.3).astype(float)
+    keep = w > 0
+    runs = []
+    for args in ((X, y, w), (X[keep], y[keep], None)):
+        model = gb.MLP([4, 6, 3], activation="tanh", loss=loss, dtype="float64", seed=0)
+        runs.append((minimize_lbfgs(model, *args[:2], alpha=0.3, max_iter=30, sample_weight=args[2]), model.state_dict()))
+    (weighted, p_weighted), (dropped, p_dropped) = runs
+    assert weighted.nit == dropped.nit and weighted.fun == pytest.approx(dropped.fun, rel=1e-10)
+    for k in p_dropped:
+        np.testing.assert_allclose(p_weighted[k], p_dropped[k], rtol=1e-7, atol=1e-9, err_msg=k)
