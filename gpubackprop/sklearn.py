@@ -21,6 +21,8 @@ Where the engine differs from scikit-learn's MLP:
     clf.score(X_test, y_test)
 """
 
+import functools
+import types
 import warnings
 
 import numpy as np
@@ -86,50 +88,69 @@ class _BaseMLP(BaseEstimator):
 
     def _fit(self, X, y, incremental, classes=None):
         self._check_params()
+        if incremental:
+            _check_partial_fit(self)
         first = not (incremental or self.warm_start) or not hasattr(self, "model_")
         X, y = validate_data(self, X, y, reset=first, dtype=self._dtype(first), multi_output=True,
                              y_numeric=self._loss == "mse")
         targets = self._encode_targets(y, first, classes)
         if first:
-            sizes = [X.shape[1], *self._hidden(), targets.shape[1] if targets.ndim == 2 else len(self.classes_)]
-            seed = check_random_state(self.random_state).randint(2**31)
-            self.model_ = MLP(sizes, activation=ACTIVATIONS[self.activation], loss=self._loss,
-                              device=self.device, dtype=X.dtype.name, seed=int(seed))
-            self._optimizer = None
-            self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
-            self.validation_scores_ = [] if self.early_stopping else None
-            self.best_validation_score_ = None
+            self._initialize(X, targets)
         if self.solver == "lbfgs":
-            return self._fit_lbfgs(X, targets, incremental)
+            return self._fit_lbfgs(X, targets)
+        return self._fit_stochastic(X, targets, incremental)
+
+    def _initialize(self, X, targets):
+        sizes = [X.shape[1], *self._hidden(), targets.shape[1] if targets.ndim == 2 else len(self.classes_)]
+        seed = check_random_state(self.random_state).randint(2**31)
+        self.model_ = MLP(sizes, activation=ACTIVATIONS[self.activation], loss=self._loss,
+                          device=self.device, dtype=X.dtype.name, seed=int(seed))
+        self._optimizer = None
+        self.n_iter_, self.t_ = 0, 0
+        for name in _STOCHASTIC_ATTRIBUTES:  # a refit's: lbfgs has none, and sgd / adam start them anew
+            self.__dict__.pop(name, None)
+
+    def _fit_stochastic(self, X, targets, incremental):
+        """Epochs of sgd / adam, as scikit-learn's _fit_stochastic: n_iter_ counts
+        this call's epochs, t_ every sample seen since the model was made."""
+        if not hasattr(self, "loss_curve_"):  # a new model, or a warm start after lbfgs
+            self.loss_curve_, self.best_loss_ = [], np.inf
+            self.validation_scores_ = self.best_validation_score_ = None
+        if self.early_stopping:
+            self.best_loss_ = None  # the validation score measures instead, as in scikit-learn
+            if self.validation_scores_ is None:
+                self.validation_scores_ = []
         batch = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
         if self._optimizer is None:
             self._optimizer = self._make_optimizer(batch)
         validation = None
-        if self.early_stopping and not incremental:
+        if self.early_stopping:
             stratify = targets if self._loss == "cross_entropy" and _can_stratify(targets) else None
             X, X_val, targets, t_val = train_test_split(X, targets, test_size=self.validation_fraction,
                                                         random_state=self.random_state, stratify=stratify)
             validation = (X_val, t_val)
         stop = _StopRule(self, validation, len(X))
+        self.n_iter_ = 0
         self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
                         optimizer=self._optimizer, shuffle=self.shuffle, progress=False,
                         callbacks=[stop])
         self.t_ += len(X) * stop.epochs
         if stop.best_state is not None:
             self.model_.load_state_dict(stop.best_state)
-        if not incremental and not stop.stopped:
-            warnings.warn(f"{type(self).__name__}: reached max_iter={self.max_iter} without the loss "
-                          "settling (raise max_iter, or tol)", ConvergenceWarning)
+        if not incremental and not stop.stopped:  # as scikit-learn: every fit that max_iter ends, never partial_fit
+            # scikit-learn's words first: a filter on them (filterwarnings matches the start) catches ours too
+            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                          f"optimization hasn't converged yet. {type(self).__name__} stopped before its loss "
+                          "settled: raise max_iter (or tol)", ConvergenceWarning)
         self._export()
         return self
 
-    def _fit_lbfgs(self, X, targets, incremental):
-        """Full-batch L-BFGS-B (gpubackprop.optim.lbfgs), as scikit-learn's solver='lbfgs'."""
-        if incremental:
-            raise ValueError("partial_fit is only available for stochastic optimizers: solver 'sgd' or 'adam'")
+    def _fit_lbfgs(self, X, targets):
+        """Full-batch L-BFGS-B (gpubackprop.optim.lbfgs), as scikit-learn's solver='lbfgs':
+        n_iter_ its iterations in this call; t_ untouched (it counts the stochastic
+        solvers' samples), and no loss_curve_ or best_loss_."""
         result = minimize_lbfgs(self.model_, X, targets, self.alpha, self.max_iter, self.max_fun, self.tol)
-        self.n_iter_ += int(result.nit)
-        self.t_ += len(X)
+        self.n_iter_ = int(result.nit)
         self.loss_ = float(result.fun)
         if not result.success:
             warnings.warn(f"{type(self).__name__}: lbfgs did not converge within max_iter={self.max_iter} "
@@ -260,6 +281,9 @@ class _StopRule:
                 self.best, self.best_state = score, model.state_dict()
                 est.best_validation_score_ = score
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        est.loss_ = logs["loss"]
+        if self.validation is None:  # since the model was made, across warm starts and partial_fit, as scikit-learn
+            est.best_loss_ = min(np.inf if est.best_loss_ is None else est.best_loss_, logs["loss"])
         if est.verbose:  # scikit-learn's lines
             print(f"Iteration {est.n_iter_}, loss = {logs['loss']:.8f}")
             if self.validation is not None:
@@ -275,6 +299,42 @@ class _StopRule:
                 self.stopped = model.stop_training = True
 
 
+_STOCHASTIC_ATTRIBUTES = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_")
+
+
+class _PartialFitIf:
+    """partial_fit, there only where it can run, as scikit-learn's available_if makes
+    it: hasattr(est, "partial_fit") is False for solver='lbfgs' (as scikit-learn's)
+    and for early_stopping=True (scikit-learn's has it and raises), since
+    meta-estimators and scikit-learn's own checks look before they call."""
+
+    def __init__(self, method):
+        self.method = method
+        functools.update_wrapper(self, method)
+
+    def __get__(self, est, owner=None):
+        if est is None:  # the class's: its docstring; a call still meets _check_partial_fit in _fit
+            return self.method
+        _check_partial_fit(est)
+        return types.MethodType(self.method, est)
+
+
+class _NoPartialFit(AttributeError, ValueError):
+    """AttributeError, so that hasattr reads the refusal as scikit-learn's available_if
+    does; ValueError, as scikit-learn raises for early_stopping and as the bad
+    parameter setting it is."""
+
+
+def _check_partial_fit(est):
+    if est.solver == "lbfgs":
+        raise _NoPartialFit(f"partial_fit is only available for stochastic optimizers. {est.solver} is not "
+                            "stochastic: use fit, or solver='sgd' or 'adam' to train in chunks")
+    if est.early_stopping:
+        raise _NoPartialFit("partial_fit does not support early_stopping=True, as scikit-learn's MLP: a call "
+                            "trains one epoch on the rows it is given, with none held out; set "
+                            "early_stopping=False, or train with fit")
+
+
 def _can_stratify(targets):
     labels = targets.argmax(1)
     counts = np.bincount(labels)
@@ -286,10 +346,18 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     _loss = "cross_entropy"
 
+    @_PartialFitIf
     def partial_fit(self, X, y, classes=None):
-        """One epoch over (X, y); the first call needs ``classes``, every label there may be."""
-        if not hasattr(self, "model_") and classes is None:
-            raise ValueError("classes must be passed on the first call to partial_fit")
+        """One epoch over (X, y); the first call needs ``classes``, every label there
+        may be, and later calls may repeat it but not change it (as scikit-learn)."""
+        if not hasattr(self, "model_"):
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit: every label the "
+                                 "data may hold, e.g. np.unique(y_all)")
+        elif classes is not None and not np.array_equal(self.classes_, np.unique(classes)):
+            raise ValueError(f"`classes={classes!r}` is not the same as on last call to partial_fit, was: "
+                             f"{self.classes_!r}. The classes are fixed by the first fit or partial_fit; "
+                             "refit from scratch to change them")
         return self._fit(X, y, incremental=True, classes=classes)
 
     def _encode_targets(self, y, first, classes=None):
@@ -302,7 +370,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                                  f"but the data contains only one class: {self.classes_[0]!r}")
         index = np.searchsorted(self.classes_, y)
         if np.any(index >= len(self.classes_)) or np.any(self.classes_[np.minimum(index, len(self.classes_) - 1)] != y):
-            raise ValueError(f"y has labels not in classes_ {self.classes_.tolist()}")
+            raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' has "
+                             f"{np.unique(y)}. The classes are fixed by the first fit, or by classes= on the first "
+                             "partial_fit: pass every label there, or refit from scratch (warm_start=False)")
         return np.eye(len(self.classes_))[index]
 
     def _validation_score(self, X, targets):
@@ -331,6 +401,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _loss = "mse"
 
+    @_PartialFitIf
     def partial_fit(self, X, y):
         """One epoch over (X, y), continuing from the current parameters."""
         return self._fit(X, y, incremental=True)

@@ -3,6 +3,7 @@ scikit-learn's machinery (Pipeline, GridSearchCV, clone, pickle), on digits agai
 scikit-learn's MLPClassifier."""
 
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
 from sklearn.neural_network import MLPClassifier as SkMLPClassifier  # noqa: E402
+from sklearn.neural_network import MLPRegressor as SkMLPRegressor  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
@@ -83,7 +85,8 @@ def test_partial_fit_needs_classes_first_and_then_learns(digits):
         clf.partial_fit(X_train, y_train)
     for _ in range(20):
         clf.partial_fit(X_train, y_train, classes=np.arange(10))
-    assert clf.n_iter_ == 20 and clf.score(X_test, y_test) > 0.9
+    # n_iter_ is the last call's epochs and t_ every sample seen, as scikit-learn keeps them
+    assert clf.n_iter_ == 1 and clf.t_ == 20 * len(X_train) and clf.score(X_test, y_test) > 0.9
 
 
 def test_regressor_learns_a_smooth_function(rng):
@@ -165,3 +168,122 @@ def test_verbose_prints_scikit_learns_iteration_lines_and_n_iter_no_change_may_b
     assert clf.n_iter_ == 3  # tol inf: no epoch improves, and an infinite patience never stops
     assert [line.split(",")[0] for line in lines] == ["Iteration 1", "Iteration 2", "Iteration 3"]
     assert lines[-1] == f"Iteration 3, loss = {clf.loss_curve_[-1]:.8f}"
+
+
+# ---- fitted attributes, warnings and partial_fit's errors against scikit-learn's MLP ---------------------
+
+def _problem(kind, rows=60):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(rows, 4))
+    if kind == "regression":
+        return X, X[:, :2] @ [1.0, -2.0] + 0.1 * rng.normal(size=rows)
+    return X, np.arange(rows) % (2 if kind == "binary" else 3)
+
+
+def _fit_both(settings, kind, X, y):
+    """Ours and scikit-learn's fitted alike on (X, y), with the warnings each gave."""
+    Ours, Theirs = (MLPRegressor, SkMLPRegressor) if kind == "regression" else (MLPClassifier, SkMLPClassifier)
+    fitted = []
+    for Est in (Ours, Theirs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fitted.append((Est(hidden_layer_sizes=(5,), max_iter=5, random_state=0, **settings).fit(X, y),
+                           [w.category for w in caught]))
+    return fitted
+
+
+def _public_fitted(est):
+    return {name for name in vars(est) if name.endswith("_") and not name.startswith("_")}
+
+
+SOLVERS = [dict(), dict(solver="sgd"), dict(early_stopping=True), dict(solver="lbfgs")]
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "regression"])
+@pytest.mark.parametrize("settings", SOLVERS, ids=["adam", "sgd", "early_stopping", "lbfgs"])
+def test_fitted_attributes_are_scikit_learns(settings, kind):
+    X, y = _problem(kind)
+    (ours, our_warnings), (theirs, their_warnings) = _fit_both(settings, kind, X, y)
+    # the same names (ours adds the engine's model_), so lbfgs has no loss_curve_ or best_loss_ in either
+    assert _public_fitted(ours) - {"model_"} == _public_fitted(theirs)
+    # max_iter=5 ends every fit here: both warn, stochastic and lbfgs alike
+    assert ConvergenceWarning in our_warnings and ConvergenceWarning in their_warnings
+    for name in ("n_iter_", "t_", "n_layers_", "n_outputs_", "out_activation_"):
+        assert getattr(ours, name) == getattr(theirs, name) and type(getattr(ours, name)) is type(
+            getattr(theirs, name)), name  # t_: samples the stochastic solvers saw; 0 for lbfgs, as theirs
+    assert isinstance(ours.loss_, float) and ours.loss_ > 0
+    if settings.get("solver") == "lbfgs":
+        return
+    assert ours.loss_ == ours.loss_curve_[-1]  # the last epoch's, as theirs
+    if settings.get("early_stopping"):
+        assert ours.best_loss_ is None is theirs.best_loss_
+        assert isinstance(ours.best_validation_score_, float) and len(ours.validation_scores_) == 5
+    else:
+        assert ours.best_loss_ == min(ours.loss_curve_) and theirs.best_loss_ == min(theirs.loss_curve_)
+        assert ours.validation_scores_ is None is theirs.validation_scores_
+
+
+@pytest.mark.parametrize("settings", SOLVERS[:3], ids=["adam", "sgd", "early_stopping"])
+def test_warm_start_and_partial_fit_keep_the_attributes_as_scikit_learn(settings):
+    X, y = _problem("multiclass")
+    for est, _ in _fit_both(settings, "multiclass", X, y):
+        est.set_params(warm_start=True)
+        with pytest.warns(ConvergenceWarning):  # a warm start that max_iter ends warns again
+            est.fit(X, y)
+        # n_iter_ counts this fit's epochs, t_ and loss_curve_ go on from the first fit's
+        assert est.n_iter_ == 5 and len(est.loss_curve_) == 10
+        assert est.t_ == 10 * (len(X) - (6 if settings.get("early_stopping") else 0))
+        if not settings.get("early_stopping"):
+            assert est.best_loss_ == min(est.loss_curve_)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # partial_fit never warns of max_iter
+                est.partial_fit(X, y)
+            assert est.n_iter_ == 1 and est.t_ == 11 * len(X) and est.loss_ == est.loss_curve_[-1]
+
+
+def test_a_warm_lbfgs_fit_warns_again_and_counts_its_own_iterations():
+    X, y = _problem("regression")
+    for est, _ in _fit_both(dict(solver="lbfgs"), "regression", X, y):
+        with pytest.warns(ConvergenceWarning):
+            est.set_params(warm_start=True).fit(X, y)
+        assert est.n_iter_ == 5 and est.t_ == 0 and not hasattr(est, "loss_curve_")
+
+
+def test_binary_problems_have_two_softmax_outputs_where_scikit_learn_has_one_logistic_unit():
+    X, y = _problem("binary")
+    (ours, _), (theirs, _) = _fit_both({}, "binary", X, y)
+    assert (ours.n_outputs_, ours.out_activation_) == (2, "softmax")  # our design: see the module docstring
+    assert (theirs.n_outputs_, theirs.out_activation_) == (1, "logistic")
+    assert ours.n_outputs_ == ours.coefs_[-1].shape[1] and ours.predict_proba(X).shape == theirs.predict_proba(X).shape
+
+
+def test_partial_fit_is_there_only_where_it_can_run():
+    X, y = _problem("multiclass")
+    for Est in (MLPClassifier, SkMLPClassifier):
+        assert not hasattr(Est(solver="lbfgs"), "partial_fit") and hasattr(Est(solver="sgd"), "partial_fit")
+    # scikit-learn's MLPRegressor leaves it there by a slip (available_if(lambda est: est._check_solver),
+    # never called) and then runs a whole lbfgs fit; ours refuses it as their classifier does
+    assert not hasattr(MLPRegressor(solver="lbfgs"), "partial_fit")
+    # scikit-learn's is there with early_stopping and raises; ours is not there, so that meta-estimators and
+    # scikit-learn's checks (which look before they call) pass it by, and raises the same ValueError
+    assert not hasattr(MLPClassifier(early_stopping=True), "partial_fit")
+    assert not hasattr(MLPRegressor(early_stopping=True), "partial_fit")
+    for error in (AttributeError, ValueError):
+        with pytest.raises(error, match="partial_fit is only available for stochastic optimizers. lbfgs is not"):
+            MLPClassifier(solver="lbfgs").partial_fit(X, y, classes=[0, 1, 2])
+
+
+@pytest.mark.parametrize("Est", [MLPClassifier, SkMLPClassifier], ids=["ours", "scikit-learn"])
+def test_partial_fit_refuses_what_scikit_learns_refuses(Est):
+    X, y = _problem("multiclass")
+    with pytest.raises(ValueError, match="classes must be passed on the first call to partial_fit"):
+        Est().partial_fit(X, y)
+    with pytest.raises(ValueError, match=re.escape("`y` has classes not in `self.classes_`")):
+        Est().partial_fit(X, y, classes=[0, 1])  # a label (2) outside the first call's classes
+    est = Est(hidden_layer_sizes=(5,)).partial_fit(X, y, classes=[0, 1, 2, 3])
+    est.partial_fit(X, y, classes=[3, 2, 1, 0])  # the same classes again, in any order, is fine
+    with pytest.raises(ValueError, match="is not the same as on last call to partial_fit"):
+        est.partial_fit(X, y, classes=[0, 1, 2])
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        Est(early_stopping=True).partial_fit(X, y, classes=[0, 1, 2])
+
