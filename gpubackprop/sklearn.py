@@ -22,10 +22,12 @@ Where the engine differs from scikit-learn's MLP:
 """
 
 import functools
+import os
 import types
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -42,8 +44,19 @@ from . import export, optim
 from .optim.lbfgs import minimize_lbfgs
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
+from .nn.network import EVAL_BATCH
 
 ACTIVATIONS = {"logistic": "sigmoid", **{name: name for name in OURS}}  # scikit-learn's names, and ours
+
+# The engine trains on dense arrays, so fit densifies a sparse X whole; one whose
+# dense copy would pass this many bytes is refused (ValueError) rather than left to
+# exhaust the machine. None: a quarter of the physical memory, since training needs
+# about as much again (the early-stopping split, shuffled batches, the device copy);
+# 4 GiB where the system does not say (os.sysconf is POSIX's). partial_fit applies
+# it to each chunk it is given.
+SPARSE_FIT_MAX_BYTES = None
+# predict / predict_proba / score densify a sparse X this many bytes of rows at a time.
+SPARSE_PREDICT_CHUNK_BYTES = 64 * 2**20
 
 
 class _BaseMLP(BaseEstimator):
@@ -92,7 +105,8 @@ class _BaseMLP(BaseEstimator):
             _check_partial_fit(self)
         first = not (incremental or self.warm_start) or not hasattr(self, "model_")
         X, y = validate_data(self, X, y, reset=first, dtype=self._dtype(first), multi_output=True,
-                             y_numeric=self._loss == "mse")
+                             y_numeric=self._loss == "mse", accept_sparse=["csr", "csc"])
+        X = _densified(X, incremental)
         targets = self._encode_targets(y, first, classes)
         if first:
             self._initialize(X, targets)
@@ -226,9 +240,18 @@ class _BaseMLP(BaseEstimator):
         return export.to_onnx(self.model_, path, opset, getattr(self, "classes_", None))
 
     def _forward(self, X):
+        """The network's outputs for X; a sparse X densified a chunk of rows at a time."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=self._dtype(first=False))
-        return self.model_.forward(X)
+        X = validate_data(self, X, reset=False, dtype=self._dtype(first=False), accept_sparse="csr")
+        if not sp.issparse(X):
+            return self.model_.forward(X)
+        rows = _chunk_rows(X)
+        return np.concatenate([self.model_.forward(X[i:i + rows].toarray()) for i in range(0, X.shape[0], rows)])
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
 
     # ---- pickling: the parameters, not the device buffers ---------------------------------
     def __getstate__(self):
@@ -300,6 +323,50 @@ class _StopRule:
 
 
 _STOCHASTIC_ATTRIBUTES = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_")
+
+
+def _fit_limit():
+    """SPARSE_FIT_MAX_BYTES, or where it is None a quarter of the physical memory."""
+    if SPARSE_FIT_MAX_BYTES is not None:
+        return SPARSE_FIT_MAX_BYTES
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        return 4 * 2**30
+
+
+def _densified(X, incremental):
+    """X for the engine, which trains on dense arrays: a sparse X as its dense copy,
+    where that fits within _fit_limit()."""
+    if not sp.issparse(X):
+        return X
+    need, limit = X.shape[0] * X.shape[1] * X.dtype.itemsize, _fit_limit()
+    if need > limit:
+        where = "smaller row chunks to partial_fit" if incremental else "its rows to partial_fit in chunks"
+        raise ValueError(f"X is sparse ({X.shape[0]} x {X.shape[1]}, {X.dtype}) and the engine trains on dense "
+                         f"arrays: its dense copy would take {_size(need)}, over the {_size(limit)} that "
+                         "gpubackprop.sklearn.SPARSE_FIT_MAX_BYTES allows (None: a quarter of this machine's "
+                         f"memory). Reduce the features (feature selection, TruncatedSVD), pass {where} (each "
+                         "call densifies only its own), or raise SPARSE_FIT_MAX_BYTES where the memory is there")
+    return X.toarray()
+
+
+def _size(n):
+    """n bytes in the largest binary unit that keeps it at least 1."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _chunk_rows(X):
+    """Rows of a sparse X to densify at a time for predict: SPARSE_PREDICT_CHUNK_BYTES'
+    worth, rounded down to a multiple of the engine's own inference chunk (EVAL_BATCH)
+    where that is at least one, so that the engine forwards the same row blocks as for
+    the whole dense X and the predictions agree bit for bit."""
+    rows = max(1, SPARSE_PREDICT_CHUNK_BYTES // (X.shape[1] * X.dtype.itemsize))
+    return rows - rows % EVAL_BATCH if rows >= EVAL_BATCH else rows
 
 
 class _PartialFitIf:

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.sparse
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
@@ -21,6 +22,7 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
+import gpubackprop.sklearn as gbs  # noqa: E402
 from gpubackprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 
@@ -286,4 +288,61 @@ def test_partial_fit_refuses_what_scikit_learns_refuses(Est):
         est.partial_fit(X, y, classes=[0, 1, 2])
     with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
         Est(early_stopping=True).partial_fit(X, y, classes=[0, 1, 2])
+
+
+# ---- sparse X ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+@pytest.mark.parametrize("settings", [dict(), dict(solver="lbfgs"), dict(early_stopping=True, dtype="float32")],
+                         ids=["adam", "lbfgs", "early_stopping-float32"])
+@pytest.mark.parametrize("Est", [MLPClassifier, MLPRegressor])
+def test_sparse_X_fits_and_predicts_as_its_dense_copy_bit_for_bit(Est, settings, fmt, monkeypatch):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5000, 4)) * (rng.random((5000, 4)) < 0.3)  # 70% zeros
+    y = (X[:, 0] + X[:, 1] > 0).astype(int) if Est is MLPClassifier else X[:, 0] - 2 * X[:, 1]
+    fit, rest = slice(0, 200), slice(200, None)
+    dense_est, sparse_est = (_fit_quietly(Est((8,), max_iter=5, random_state=0, **settings), data, y[fit])
+                             for data in (X[fit], scipy.sparse.coo_matrix(X[fit]).asformat(fmt)))
+    for ours, theirs in zip(dense_est.coefs_ + dense_est.intercepts_, sparse_est.coefs_ + sparse_est.intercepts_):
+        np.testing.assert_array_equal(ours, theirs)
+    # predict densifies 2048 rows at a time here (the engine's own chunk): 3 chunks, the last one short
+    monkeypatch.setattr(gbs, "SPARSE_PREDICT_CHUNK_BYTES", 2048 * 4 * np.dtype(dense_est.model_.dtype).itemsize)
+    methods = ["predict", "predict_proba", "predict_log_proba"] if Est is MLPClassifier else ["predict"]
+    sparse = scipy.sparse.coo_matrix(X[rest]).asformat(fmt)
+    for method in methods:
+        np.testing.assert_array_equal(getattr(sparse_est, method)(sparse), getattr(dense_est, method)(X[rest]))
+    assert sparse_est.score(sparse, y[rest]) == dense_est.score(X[rest], y[rest])
+
+
+def test_partial_fit_takes_sparse_chunks_as_their_dense_copies():
+    X, y = _problem("multiclass", rows=90)
+    dense, sparse = MLPClassifier((5,), random_state=0), MLPClassifier((5,), random_state=0)
+    for rows in (slice(0, 30), slice(30, 60), slice(60, 90)):
+        dense.partial_fit(X[rows], y[rows], classes=[0, 1, 2])
+        sparse.partial_fit(scipy.sparse.csr_matrix(X[rows]), y[rows], classes=[0, 1, 2])
+    np.testing.assert_array_equal(dense.coefs_[0], sparse.coefs_[0])
+
+
+def test_a_sparse_X_too_large_to_densify_is_refused_with_the_way_out(monkeypatch):
+    X, y = _problem("multiclass", rows=100)  # dense: 100 x 4 float64 = 3200 bytes
+    sparse = scipy.sparse.csr_matrix(X)
+    monkeypatch.setattr(gbs, "SPARSE_FIT_MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"dense copy would take 3\.1 KiB, over the 1000 bytes .*SPARSE_FIT_MAX_BYTES"
+                                         r".* Reduce the features .* partial_fit in chunks"):
+        MLPClassifier((5,), max_iter=2).fit(sparse, y)
+    with pytest.raises(ValueError, match="smaller row chunks to partial_fit"):
+        MLPClassifier((5,)).partial_fit(sparse, y, classes=[0, 1, 2])
+    clf = MLPClassifier((5,), random_state=0)
+    for start in range(0, 100, 25):  # 25 rows: 800 bytes dense, within the bound
+        clf.partial_fit(sparse[start:start + 25], y[start:start + 25], classes=[0, 1, 2])
+    assert clf.predict(sparse).shape == (100,)  # predict densifies in chunks, whatever the bound on fit
+
+
+def test_the_default_bound_lets_a_small_sparse_set_through(monkeypatch):
+    X, y = _problem("multiclass", rows=20)
+    monkeypatch.setattr(gbs, "SPARSE_FIT_MAX_BYTES", None)
+    _fit_quietly(MLPClassifier((3,), max_iter=1), scipy.sparse.csr_matrix(X), y)  # tiny: well within it
+    monkeypatch.setattr(gbs, "SPARSE_FIT_MAX_BYTES", 0)
+    with pytest.raises(ValueError, match="over the 0 bytes"):
+        MLPClassifier((3,), max_iter=1).fit(scipy.sparse.csr_matrix(X), y)
 
