@@ -85,12 +85,7 @@ def to_onnx(model, path=None, opset=None, classes=None):
             nodes += [helper.make_node("IsNaN", ["X"], ["missing"]),
                       helper.make_node("Where", ["missing", "fill", "X"], ["X_filled"])]
             x = "X_filled"
-    target = model.target
-    if target is not None and target.task == "regression":  # fold y * std + mean into the last layer
-        if model.criterion.output != "identity" and (np.any(target.mean != 0) or np.any(target.std != 1)):
-            raise ValueError(f"a {model.loss} model's outputs pass through {model.criterion.output}, so a scaled "
-                             "target cannot be folded into its last layer; train it on unscaled targets")
-        weights[-1], biases[-1] = weights[-1] * target.std, biases[-1] * target.std + target.mean
+    _fold_target(model, weights, biases)
     constants = {"gelu": (("one", 1.0), ("half", 0.5), ("gelu_c", GELU_C), ("gelu_k", GELU_K)),
                  "leaky_relu": (("slope", LEAKY_SLOPE),)}.get(model.activation, ()) if layers > 1 else ()
     for name, value in constants:
@@ -114,6 +109,17 @@ def to_onnx(model, path=None, opset=None, classes=None):
     if path is not None:
         atomic_write(path, proto.SerializeToString())
     return proto
+
+
+def _fold_target(model, weights, biases):
+    """A regression target's y * std + mean, folded into the last layer (in place)."""
+    target = model.target
+    if target is None or target.task != "regression":
+        return
+    if model.criterion.output != "identity" and (np.any(target.mean != 0) or np.any(target.std != 1)):
+        raise ValueError(f"a {model.loss} model's outputs pass through {model.criterion.output}, so a scaled "
+                         "target cannot be folded into its last layer; train it on unscaled targets")
+    weights[-1], biases[-1] = weights[-1] * target.std, biases[-1] * target.std + target.mean
 
 
 def _outputs(helper, numpy_helper, model, logits, elem, nodes, inits, classes):

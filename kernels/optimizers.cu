@@ -85,3 +85,11 @@ __global__ void adam_update(T* __restrict__ p, const T* __restrict__ g, T* __res
     }
     count_step(steps, t, arrivals);
 }
+
+// y += a x over n elements: the L2 gradient a W added to one layer's weights alone,
+// the biases spared (Optimizer.step, decay_biases=False), before the update.
+template <typename T>
+__global__ void add_scaled(T* __restrict__ y, const T* __restrict__ x, long long n, typename Compute<T>::type a) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x)
+        st(y + i, ld(y + i) + a * ld(x + i));
+}

@@ -105,3 +105,22 @@ def test_training_steps_match_torch_optim(name, hyper, dtype, tol, rng):
         assert loss == pytest.approx(t_loss.item(), rel=tol, abs=tol)
     for key, value in _sequential_names(model).items():
         np.testing.assert_allclose(value, net.state_dict()[key].numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name,hyper", [("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.05)),
+                                        ("Adam", dict(lr=1e-2, weight_decay=0.05))])
+def test_decay_biases_false_is_torchs_parameter_group_without_decay_on_biases(name, hyper, rng):
+    model = gb.MLP([6, 10, 5, 3], activation="tanh", dtype="float64", seed=2)
+    net = torch_twin(model)
+    ours = getattr(gb.optim, name)(**hyper, decay_biases=False)
+    weights = [p for n, p in net.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    theirs = getattr(torch.optim, name)([{"params": weights}, {"params": biases, "weight_decay": 0.0}], **hyper)
+    for step in range(5):
+        X, y = random_batch(rng, model.sizes, "cross_entropy", 16)
+        model.train_step(X, y, ours)
+        theirs.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(y)).backward()
+        theirs.step()
+    for key, value in _sequential_names(model).items():
+        np.testing.assert_allclose(value, net.state_dict()[key].numpy(), rtol=1e-10, atol=1e-12)

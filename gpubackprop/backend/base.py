@@ -159,6 +159,10 @@ class Backend:
         first workspace (``batch`` rows) is made; None: the backend's own products."""
         return None
 
+    def add_scaled(self, y, x, a):
+        """y += a x over two flat buffers' views: the L2 gradient of the weights alone."""
+        raise NotImplementedError
+
     def update_scratch(self, rule, dtype):
         """How many parameter-sized temporaries ``optimizer_update`` of ``rule`` needs
         for parameters of ``dtype``: the rule's own count where the update is NumPy's

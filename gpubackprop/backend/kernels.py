@@ -71,7 +71,7 @@ SOURCES = {
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
     "loss.cu": [instance("softmax_cross_entropy", t) for t in CTYPES]
     + [instance("elementwise_loss", t, loss.code) for t in CTYPES for loss in losses.LOSSES.values() if loss.elementwise],
-    "optimizers.cu": [instance(k, t) for k in dict.fromkeys(r.kernel for r in OPTIMIZERS.values())
+    "optimizers.cu": [instance(k, t) for k in [*dict.fromkeys(r.kernel for r in OPTIMIZERS.values()), "add_scaled"]
                       for t in ("float32", "float64")],
     "nonfinite.cu": [instance("flag_nonfinite", t) for t in ("float32", "float64")] + ["count_nonfinite"],
     "clipping.cu": [instance(k, t) for k in ("sum_of_squares", "clip_to_norm") for t in ("float32", "float64")],
@@ -285,6 +285,10 @@ class KernelBackend(Backend):
         self._launch("sum_of_squares", g.dtype, (), grid, (self.BLOCK,),
                      (g, np.int64(g.size), self._scratch(g.dtype, 2 * grid[0]), self._counter(1), norm_sq))
         self._launch("clip_to_norm", g.dtype, (), grid, (self.BLOCK,), (g, np.int64(g.size), norm_sq, compute(max_norm)))
+
+    def add_scaled(self, y, x, a):
+        self._launch("add_scaled", y.dtype, (), self._grid_1d(y.size), (self.BLOCK,),
+                     (y, x, np.int64(y.size), self._compute(y.dtype)(a)))
 
     def flag_nonfinite(self, g, flag):
         self._launch("flag_nonfinite", g.dtype, (), self._grid_1d(g.size), (self.BLOCK,), (g, np.int64(g.size), flag))

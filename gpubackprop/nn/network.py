@@ -33,7 +33,7 @@ from . import inputs
 from .activations import get_activation
 from .dropout import Dropout
 from .losses import HUBER_DELTA, get_loss, output
-from .parameters import Parameters, initial_values, parameter_count
+from .parameters import Parameters, initial_values, layout, parameter_count
 from .workspace import Workspaces
 
 DTYPES = ("float32", "float64")
@@ -87,6 +87,11 @@ class Network:
     def params(self):
         """The flat parameter buffer (on the device)."""
         return self.parameters.flat
+
+    @property
+    def weight_slices(self):
+        """Where each W_l lies in the flat buffers (the biases lie between them)."""
+        return tuple(w for w, _, _, _ in layout(self.sizes))
 
     @property
     def grads(self):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .base import Optimizer, check
+from .base import Optimizer, check, check_flag
 
 
 class AdamSettings(NamedTuple):
@@ -26,6 +26,7 @@ class AdamSettings(NamedTuple):
     eps: float
     weight_decay: float
     decoupled: bool
+    decay_biases: bool = True  # Optimizer.step spares the biases itself (add_scaled) where False
 
 
 class Adam(Optimizer):
@@ -35,7 +36,10 @@ class Adam(Optimizer):
     decoupled = False
     examples = (dict(lr=1e-2), dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2))
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, params=None):
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, params=None, decay_biases=True):
+        if self.decoupled and not decay_biases:
+            raise ValueError("decay_biases=False spares the biases an L2 penalty (SGD, Adam); AdamW's decoupled "
+                             "decay applies to every parameter")
         try:
             beta1, beta2 = betas
         except (TypeError, ValueError):
@@ -46,11 +50,13 @@ class Adam(Optimizer):
             betas=(check("beta1", beta1, high=1.0, high_open=True), check("beta2", beta2, high=1.0, high_open=True)),
             eps=check("eps", eps),
             weight_decay=check("weight_decay", weight_decay),
+            **({} if self.decoupled else {"decay_biases": check_flag("decay_biases", decay_biases)}),
         )
 
     def settings(self):
         h = self.hyperparams
-        return AdamSettings(h["lr"], h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled)
+        return AdamSettings(h["lr"], h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled,
+                            h.get("decay_biases", True))
 
 
     @staticmethod

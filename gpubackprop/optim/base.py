@@ -33,11 +33,19 @@ class Update(NamedTuple):
 
 class Flat(NamedTuple):
     """What an optimizer binds to: a backend and a flat parameter buffer with its
-    gradient twin. A Network is one too (``backend``, ``params``, ``grads``)."""
+    gradient twin, and where the weights lie in it (slices; None: unknown). A Network
+    is one too (``backend``, ``params``, ``grads``, ``weight_slices``)."""
 
     backend: object
     params: object
     grads: object
+    weight_slices: object = None
+
+
+def check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check(name, value, low=0.0, high=math.inf, low_open=False, high_open=False):
@@ -117,7 +125,7 @@ class Optimizer:
             self.scratch = tuple(backend.empty(params.shape, params.dtype) for _ in range(n))
         if self.device_steps is None or not backend.is_native(self.device_steps):
             self.device_steps = backend.asarray(np.array([self.steps], np.uint32))
-        self.bound = Flat(backend, params, model.grads)
+        self.bound = Flat(backend, params, model.grads, getattr(model, "weight_slices", None))
         self._buffers = (params, model.grads, tuple(self.state[n] for n in self.state_names), self.scratch,
                          self.device_steps)  # an Update's, but found_inf: made here, not per step
         return self
@@ -148,7 +156,15 @@ class Optimizer:
                                "model.fit(..., optimizer=...) / model.train_step(X, y, optimizer)")
         self.steps += 1
         update = Update(*self._buffers, found_inf, params_flag)
-        self.bound.backend.optimizer_update(type(self), update, self.settings())
+        h = self.settings()
+        if h.weight_decay and not h.decay_biases:  # the L2 gradient wd W for the weights alone, then no decay
+            if self.bound.weight_slices is None:
+                raise RuntimeError("decay_biases=False needs an optimizer bound to a model, whose layout says where "
+                                   "its biases are")
+            for w in self.bound.weight_slices:
+                self.bound.backend.add_scaled(update.g[w], update.p[w], h.weight_decay)
+            h = h._replace(weight_decay=0.0)
+        self.bound.backend.optimizer_update(type(self), update, h)
 
     def sync_steps(self):
         """The host's step count from the device's (a host sync: once per epoch)."""
@@ -164,7 +180,10 @@ class Optimizer:
         return repr(self.hyperparams)
 
     def settings(self):
-        """The hyperparameters as the backend primitive takes them."""
+        """The hyperparameters as the backend primitive takes them (a NamedTuple with
+        ``weight_decay`` and ``decay_biases``: False spares the biases the L2 penalty,
+        which ``step`` then adds to the weights' gradients itself, as scikit-learn's
+        MLP spares them)."""
         raise NotImplementedError
 
     def state_dict(self):

@@ -14,13 +14,11 @@ on a GPU, one copy of theta to the device and one of the gradient back per evalu
 
 import numpy as np
 
-from ..nn.parameters import layout
 
-
-def weight_mask(sizes):
-    """True where the flat buffer holds a weight (not a bias)."""
-    mask = np.zeros(sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:])), bool)
-    for w, _, _, _ in layout(sizes):
+def weight_mask(model):
+    """True where the model's flat buffer holds a weight (not a bias)."""
+    mask = np.zeros(model.n_params, bool)
+    for w in model.weight_slices:
         mask[w] = True
     return mask
 
@@ -35,7 +33,7 @@ def minimize_lbfgs(model, X, y, alpha=0.0, max_iter=200, max_fun=15000, tol=1e-4
         raise ImportError("solver='lbfgs' needs scipy: pip install 'gpubackprop[sklearn]'") from None
     if model.precision != "float32":
         raise ValueError(f"L-BFGS trains in the model's dtype; precision={model.precision!r} has no place in it")
-    mask = weight_mask(model.sizes)
+    mask = weight_mask(model)
     penalty = alpha / (len(X) if sample_weight is None else float(np.sum(sample_weight)))
     with model.context():
         ws = model.load_batch(X, y, sample_weight)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .base import Optimizer, check
+from .base import Optimizer, check, check_flag
 
 
 class SGDSettings(NamedTuple):
@@ -26,6 +26,7 @@ class SGDSettings(NamedTuple):
     dampening: float
     nesterov: bool
     weight_decay: float
+    decay_biases: bool = True  # Optimizer.step spares the biases itself (add_scaled) where False
 
 
 class SGD(Optimizer):
@@ -34,7 +35,8 @@ class SGD(Optimizer):
     examples = (dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
                 dict(lr=0.1, momentum=0.5, dampening=0.3, weight_decay=1e-3))
 
-    def __init__(self, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, *, params=None):
+    def __init__(self, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, *, params=None,
+                 decay_biases=True):
         momentum = check("momentum", momentum)
         dampening = check("dampening", dampening, high=1.0)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -48,6 +50,7 @@ class SGD(Optimizer):
             dampening=dampening,
             nesterov=bool(nesterov),
             weight_decay=check("weight_decay", weight_decay),
+            decay_biases=check_flag("decay_biases", decay_biases),
         )
 
     def settings(self):

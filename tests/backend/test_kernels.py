@@ -97,6 +97,19 @@ def test_every_loss_matches_numpy_with_and_without_weights(kernel_backend, loss,
     assert (rk[1] == 7.0) == (not LOSSES[loss].classifies)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 1001, 5003])
+def test_add_scaled_matches_numpy(kernel_backend, n, dtype, rng):
+    x, y = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    out = []
+    for be in (kernel_backend, CPU):
+        with be.context():
+            yd = be.asarray(y.copy())
+            be.add_scaled(yd, be.asarray(x), 0.37)
+            out.append(be.to_host(yd))
+    close(out[0], out[1], TOL[dtype], "y + a x")
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_a_batch_whose_weights_are_all_zero_has_zero_loss_and_gradient(kernel_backend, loss, rng):
     z = rng.standard_normal((9, 4))

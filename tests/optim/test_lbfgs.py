@@ -14,7 +14,7 @@ sklearn = pytest.importorskip("sklearn")
 
 def test_the_weight_mask_follows_the_flat_layout():
     model = gb.MLP([3, 4, 2])
-    mask = weight_mask(model.sizes)
+    mask = weight_mask(model)
     flat = np.arange(model.n_params, dtype=np.float64)
     model.parameters.assign(flat)
     state = model.state_dict()
