@@ -22,6 +22,7 @@ Where the engine differs from scikit-learn's MLP:
 """
 
 import functools
+import math
 import os
 import types
 import warnings
@@ -139,7 +140,11 @@ class _BaseMLP(BaseEstimator):
             self._optimizer = self._make_optimizer(batch)
         validation = None
         if self.early_stopping:
-            stratify = targets if self._loss == "cross_entropy" and _can_stratify(targets) else None
+            held_out = math.ceil(self.validation_fraction * len(X))  # as train_test_split rounds it
+            if held_out < 2:  # scikit-learn's error: no score to stop on from one row
+                raise ValueError(f"The validation set is too small: {held_out} row of n_samples = {len(X)}. Increase "
+                                 "'validation_fraction' or the size of your dataset, or set early_stopping=False")
+            stratify = targets if self._loss == "cross_entropy" and _can_stratify(targets, held_out) else None
             X, X_val, targets, t_val = train_test_split(X, targets, test_size=self.validation_fraction,
                                                         random_state=self.random_state, stratify=stratify)
             validation = (X_val, t_val)
@@ -402,10 +407,13 @@ def _check_partial_fit(est):
                             "early_stopping=False, or train with fit")
 
 
-def _can_stratify(targets):
-    labels = targets.argmax(1)
-    counts = np.bincount(labels)
-    return counts[counts > 0].min() >= 2
+def _can_stratify(targets, held_out):
+    """Whether train_test_split can stratify the early-stopping split: every class
+    twice at least, and no fewer rows than classes on either side (else it raises,
+    and the split is left plain)."""
+    counts = np.bincount(targets.argmax(1))
+    counts = counts[counts > 0]
+    return counts.min() >= 2 and min(held_out, len(targets) - held_out) >= len(counts)
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):

@@ -26,7 +26,26 @@ import gpubackprop.sklearn as gbs  # noqa: E402
 from gpubackprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 
-@parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0)])
+def _settings_to_check(seed=0):
+    """The solvers and schedules beyond the defaults, small and short so that the checks
+    stay quick (about 10 s on two cores), with rates that train the checks' problems:
+    sgd regressors at 0.005, since make_regression's targets (in the hundreds) in
+    check_regressor_multioutput make faster sgd diverge on some seeds; early stopping
+    holds out 0.2, since at 0.1 the checks' 10-row sets leave one validation row."""
+    small = dict(hidden_layer_sizes=(8,), random_state=seed)
+    sgd = dict(solver="sgd", max_iter=50, **small)
+    return [
+        MLPClassifier(solver="lbfgs", max_iter=15, **small), MLPRegressor(solver="lbfgs", max_iter=15, **small),
+        MLPClassifier(learning_rate="invscaling", learning_rate_init=0.5, power_t=0.25, **sgd),
+        MLPRegressor(learning_rate="invscaling", learning_rate_init=0.005, power_t=0.1, **sgd),
+        MLPClassifier(learning_rate="adaptive", learning_rate_init=0.05, **sgd),
+        MLPRegressor(learning_rate="adaptive", learning_rate_init=0.005, **sgd),
+        *(Est(early_stopping=True, validation_fraction=0.2, learning_rate_init=0.01, max_iter=50, **small)
+          for Est in (MLPClassifier, MLPRegressor)),
+    ]
+
+
+@parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0), *_settings_to_check()])
 def test_scikit_learn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -346,3 +365,41 @@ def test_the_default_bound_lets_a_small_sparse_set_through(monkeypatch):
     with pytest.raises(ValueError, match="over the 0 bytes"):
         MLPClassifier((3,), max_iter=1).fit(scipy.sparse.csr_matrix(X), y)
 
+
+
+@pytest.mark.parametrize("Est", [MLPClassifier, SkMLPClassifier], ids=["ours", "scikit-learn"])
+def test_early_stopping_needs_two_validation_rows(Est):
+    X, y = _problem("multiclass")
+    with pytest.raises(ValueError, match="The validation set is too small"):
+        Est(early_stopping=True).fit(X[:10], y[:10])  # 0.1 of 10 rows: one
+
+
+def test_early_stopping_splits_plainly_where_it_cannot_stratify():
+    """0.1 of 20 rows holds out 2, fewer than the 3 classes, which train_test_split
+    cannot stratify (scikit-learn's MLP stratifies binary problems only)."""
+    X, y = _problem("multiclass", rows=20)
+    assert _fit_quietly(MLPClassifier((5,), early_stopping=True, max_iter=2), X, y).n_iter_ == 2
+
+
+# ---- feature names ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("Est", [MLPClassifier, SkMLPClassifier], ids=["ours", "scikit-learn"])
+def test_feature_names_behave_as_scikit_learns(Est):
+    """Predictors, not transformers: neither MLP has get_feature_names_out or set_output."""
+    pd = pytest.importorskip("pandas")
+    X, y = _problem("multiclass")
+    frame = pd.DataFrame(X, columns=["a", "b", "c", "d"])
+    est = Est(hidden_layer_sizes=(5,), max_iter=2, random_state=0)
+    assert not hasattr(est, "get_feature_names_out") and not hasattr(est, "set_output")
+    _fit_quietly(est, frame, y)
+    assert list(est.feature_names_in_) == ["a", "b", "c", "d"] and est.n_features_in_ == 4
+    with pytest.warns(UserWarning, match="X does not have valid feature names, but"):
+        est.predict(X)
+    with pytest.raises(ValueError, match="The feature names should match those that were passed during fit"):
+        est.predict(frame[["b", "a", "c", "d"]])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="X has 3 features, but .* is expecting 4"):
+        est.predict(X[:, :3])
+    _fit_quietly(est, X, y)  # refit on an array: the names go
+    assert not hasattr(est, "feature_names_in_")
+    with pytest.warns(UserWarning, match="X has feature names, but .* was fitted without feature names"):
+        est.predict(frame)
