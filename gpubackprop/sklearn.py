@@ -7,14 +7,38 @@ conventions (parameters untouched by fit, fitted attributes ending in "_",
 Pipeline, GridSearchCV and clone, and pickle (a fitted model is stored as its
 parameters, so it unpickles on any machine).
 
-Where the engine differs from scikit-learn's MLP:
+Fitted attributes are scikit-learn's: ``coefs_[i]`` (n_in, n_out) and
+``intercepts_[i]`` (n_out,) in its layout (copies of the parameters ``model_``
+holds: writing to them does not change the model), ``n_layers_``,
+``n_outputs_``, ``out_activation_``, ``n_iter_`` (the epochs, or lbfgs
+iterations, of the last fit or partial_fit call), ``t_`` (the samples the
+stochastic solvers have seen since the model was made; lbfgs leaves it),
+``loss_`` (the last epoch's, or lbfgs's final loss); and for sgd / adam only, as
+scikit-learn, ``loss_curve_``, ``best_loss_`` (the least epoch loss; None with
+early_stopping), ``validation_scores_`` and ``best_validation_score_``.
+
+X may be a scipy.sparse matrix, as scikit-learn's MLP takes it. The engine
+trains on dense arrays, so fit densifies X whole, refusing (with the way out) an
+X whose dense copy would pass SPARSE_FIT_MAX_BYTES; partial_fit densifies only
+the chunk it is given, and predict one block of rows at a time.
+
+Where the engine differs from scikit-learn's MLP, on purpose:
 
     alpha     L2 penalty alpha / batch_size on every parameter, applied as weight
               decay (scikit-learn exempts the biases; solver="lbfgs" does too)
     dtype     None: float32 data trains in float32, other data in float64, as
               scikit-learn's MLP; "float32" / "float64" fix it
-    binary    two softmax outputs rather than one logistic unit (same predictions)
-    loss_curve_  the mean loss of each epoch's batches, without the penalty term
+    binary    two softmax outputs rather than one logistic unit (predict and
+              predict_proba as scikit-learn's, (n, 2) probabilities), so
+              n_outputs_ is 2, out_activation_ "softmax" and coefs_[-1] has two
+              columns where scikit-learn has 1, "logistic" and one
+    loss_curve_  the mean loss of each epoch's batches, without the penalty term;
+              for MLPRegressor (as loss_) the mean squared error, twice
+              scikit-learn's half squared error
+    partial_fit  absent (hasattr is False) with solver="lbfgs", as scikit-learn's
+              MLPClassifier, and with early_stopping=True, where scikit-learn's
+              is there and raises; est.partial_fit(...) raises scikit-learn's
+              ValueError either way (an AttributeError too)
 
     import gpubackprop.sklearn as gbs
     clf = gbs.MLPClassifier(hidden_layer_sizes=(128,), max_iter=50, device="auto").fit(X, y)
@@ -417,7 +441,12 @@ def _can_stratify(targets, held_out):
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
-    """Multilayer perceptron classifier (softmax cross entropy) on gpubackprop."""
+    """Multilayer perceptron classifier (softmax cross entropy) on gpubackprop.
+
+    Binary problems too get a softmax over two outputs, not scikit-learn's one
+    logistic unit: the predictions are alike, but n_outputs_ is 2 and
+    out_activation_ "softmax" (coefs_[-1] has a column per class, as coefs_ is in
+    scikit-learn's (n_in, n_out) layout)."""
 
     _loss = "cross_entropy"
 
@@ -472,7 +501,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
-    """Multilayer perceptron regressor (mean squared error) on gpubackprop."""
+    """Multilayer perceptron regressor (mean squared error) on gpubackprop; coefs_
+    and intercepts_ in scikit-learn's layout, (n_in, n_out) and (n_out,)."""
 
     _loss = "mse"
 
