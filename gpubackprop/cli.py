@@ -28,10 +28,13 @@ import gpubackprop as gb
 
 from . import data, modelfile, tabular, validation
 from .nn.activations import ACTIVATIONS
+from .nn.losses import HUBER_DELTA, LOSSES
 from .nn.parameters import parameter_count
 from .optim.precision import PRECISIONS
 from .state import atomic_write
 from .tools import plots, selftest
+
+LOSSES_FOR = {"classification": ("cross_entropy",), "regression": ("mse", "huber", "mae", "poisson")}  # default first
 
 OPTIMIZERS = {name.lower(): rule for name, rule in gb.optim.OPTIMIZERS.items()}
 SCALINGS = ("standard", "minmax", "none")
@@ -63,8 +66,14 @@ def add_train(commands):
     t.add_argument("--delimiter", help="a CSV --dataset's delimiter (default: sniffed from the file)")
     t.add_argument("--task", choices=tabular.TASKS,
                    help="classification or regression (default: inferred from the target, and said)")
-    t.add_argument("--loss", choices=["cross_entropy", "mse"],
-                   help="default cross_entropy for classification, mse for regression")
+    t.add_argument("--loss", choices=list(LOSSES),
+                   help="classification: cross_entropy (default); regression: mse (default), huber, mae, or poisson "
+                        "(counts >= 0: the model predicts their mean, and the target is not standardized)")
+    t.add_argument("--huber-delta", type=float, default=HUBER_DELTA, metavar="D",
+                   help=f"--loss huber's threshold, in standardized target units (default {HUBER_DELTA})")
+    t.add_argument("--class-weight", choices=["balanced"],
+                   help="classification: weigh each class by n / (classes * its count), as scikit-learn's "
+                        "class_weight='balanced'")
     t.add_argument("--impute", choices=tabular.IMPUTES, default="none",
                    help="fill missing feature values with the training split's mean or median (text columns: "
                         "their most frequent value); default none: missing values are an error that counts them")
@@ -140,7 +149,7 @@ def add_tools(commands):
     e.add_argument("--seed", type=int, default=0, help="draws the weights, x and y (default 0)")
     e.add_argument("--activation", default="sigmoid", choices=sorted(ACTIVATIONS),
                    help="hidden activation (default sigmoid, the textbook's: g' = a (1 - a) checks by hand)")
-    e.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"], help="default mse")
+    e.add_argument("--loss", default="mse", choices=list(LOSSES), help="default mse")
     e.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
     e.add_argument("--samples", type=int, default=1, help="batch size (default 1)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -229,7 +238,7 @@ def _train(args, comm, print):
 
     rows, y, layout = _training_data(args)
     task, loss = _task(args, y, print)
-    target, train_rows, val_rows, test_rows = _splits(args, y, task)
+    target, train_rows, val_rows, test_rows = _splits(args, y, task, standardize=loss != "poisson")
     scale = args.scale or ("none" if data.dataset_format(args.dataset) in PIXELS else "standard")
     inputs = tabular.Inputs.fit(rows[train_rows], layout["features"], scale, args.impute, args.max_categories)
     counts = f"{target.n_outputs} classes" if task == "classification" else "a regression target"
@@ -239,7 +248,8 @@ def _train(args, comm, print):
           + f", {len(test_rows)} held out; scaling: {inputs.scale}")
 
     model = gb.MLP([inputs.n_features, *args.hidden, target.n_outputs], activation=args.activation, loss=loss,
-                   device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision)
+                   device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision,
+                   huber_delta=args.huber_delta)
     model.inputs, model.target = inputs, target
     print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
     out = args.out or os.path.join("runs", _run_name(args.dataset))
@@ -254,7 +264,7 @@ def _train(args, comm, print):
     print(_held_out_line(metadata["held_out"], len(test_rows)))
     if comm.rank == 0:  # every rank holds the same model: rank 0 writes it
         _write_run(out, model, optimizer, history, metadata, f"{args.dataset}: MLP {model.sizes} ({task})", print,
-                   "cross-entropy loss" if task == "classification" else "MSE (of the standardized target)")
+                   f"{loss} loss" + (" (of the standardized target)" if target.std != 1 or target.mean else ""))
     return 0
 
 
@@ -270,7 +280,7 @@ def _fit(args, model, optimizer, train, validation, comm, out, metadata):
         return model.fit(*train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                          validation_data=validation, progress=not args.no_progress, comm=comm, callbacks=callbacks,
                          checkpoint_dir=checkpoints, checkpoint_every=_checkpoint_every(args.checkpoint_every),
-                         resume=args.resume)
+                         resume=args.resume, class_weight=args.class_weight)
     except gb.train.StepInterrupt as e:  # fit held Ctrl-C to the end of a step, and checkpointed it
         if comm.rank == 0:
             os.makedirs(out, exist_ok=True)
@@ -293,16 +303,22 @@ def _task(args, y, print):
     task, why = (args.task, "as --task says") if args.task else tabular.infer_task(y)
     other = "regression" if task == "classification" else "classification"
     print(f"task: {task} ({why}; --task {other} to change)")
-    fitting = "cross_entropy" if task == "classification" else "mse"
-    if args.loss not in (None, fitting):
-        raise ValueError(f"--loss {args.loss} does not fit a {task} task; use --loss {fitting}")
-    return task, fitting
+    fitting = LOSSES_FOR[task]
+    loss = args.loss or fitting[0]
+    if loss not in fitting:
+        raise ValueError(f"--loss {loss} does not fit a {task} task; use --loss {' or '.join(fitting)}"
+                         + ("; binary_cross_entropy is for binary and multilabel targets in the Python API "
+                            "(gb.MLP, MLPClassifier), the CLI trains one label column with cross_entropy"
+                            if loss == "binary_cross_entropy" else ""))
+    if args.class_weight and task != "classification":
+        raise ValueError("--class-weight weighs classes; this is a regression task")
+    return task, loss
 
 
-def _splits(args, y, task):
+def _splits(args, y, task, standardize=True):
     """(target, training, validation or None, held-out row indices): split stratified
     by class for classification; the target encoding fitted (a regression's mean and
-    std on the training rows only)."""
+    std on the training rows only, unless not ``standardize``)."""
     target = tabular.Target.fit(y, task) if task == "classification" else None
 
     def split(index, fraction):
@@ -313,7 +329,8 @@ def _splits(args, y, task):
     val_rows = None
     if _val_fraction(args):
         train_rows, val_rows = split(train_rows, _val_fraction(args))
-    return target or tabular.Target.fit(y, task, train=train_rows), train_rows, val_rows, test_rows
+    return target or tabular.Target.fit(y, task, train=train_rows, standardize=standardize), train_rows, val_rows, \
+        test_rows
 
 
 def _val_fraction(args):

@@ -299,9 +299,10 @@ class Target:
         self._ids = {c: k for k, c in enumerate(classes)} if classes is not None else None
 
     @classmethod
-    def fit(cls, y, task, train=None):
+    def fit(cls, y, task, train=None, standardize=True):
         """The encoding of ``y`` for ``task``: the classes of all of y, or the mean and
-        std of y's training rows (``train``: a boolean mask or indices; all rows by default)."""
+        std of y's training rows (``train``: a boolean mask or indices; all rows by
+        default); a regression target left as it is unless ``standardize``."""
         y = np.asarray(y, dtype=object).ravel()
         if any(is_missing(v) for v in y):
             raise ValueError(f"the target has {sum(is_missing(v) for v in y)} missing values; drop those rows")
@@ -312,6 +313,8 @@ class Target:
                 raise ValueError(f"classification needs at least two classes, found {classes}")
             return cls(task, classes)
         x = _numbers(y, "a regression target")
+        if not standardize:
+            return cls(task)
         part = x if train is None else x[train]
         std = float(part.std()) or 1.0
         return cls(task, mean=float(part.mean()), std=std)

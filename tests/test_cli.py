@@ -304,6 +304,30 @@ def test_a_regression_target_trains_a_regressor_not_hundreds_of_classes(tmp_path
     assert set(history) == {"loss", "mse", "val_loss", "val_mse"}
 
 
+@pytest.mark.parametrize("loss, metric", [("huber", None), ("mae", "mae"), ("poisson", None)])
+def test_the_regression_losses_train_from_the_cli(tmp_path, capsys, loss, metric):
+    """diabetes' target counts disease progression (25..346): poisson trains on it unscaled."""
+    path = diabetes_csv(tmp_path / "diabetes.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--hidden", "32", "--epochs", "60", "--device", "cpu",
+                    "--lr", "0.01", "--loss", loss, "--huber-delta", "0.5")
+    stdout = capsys.readouterr().out
+    match = re.search(r"^held-out R\^2: (-?\d\.\d{4}), RMSE", stdout, re.M)
+    assert rc == 0 and match and float(match.group(1)) > 0.3
+    model = gb.load(out / "model.safetensors")
+    assert model.loss == loss and model.criterion.delta == 0.5
+    assert (model.target.mean, model.target.std) == ((0.0, 1.0) if loss == "poisson" else
+                                                     (pytest.approx(152, abs=5), pytest.approx(77, abs=5)))
+    history = json.loads((out / "history.json").read_text())
+    assert set(history) == {"loss", "val_loss"} | ({metric, f"val_{metric}"} if metric else set())
+
+
+def test_class_weight_balanced_from_the_cli(tmp_path, capsys):
+    path = blobs_csv(tmp_path / "blobs.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--epochs", "3", "--device", "cpu",
+                    "--class-weight", "balanced")
+    assert rc == 0 and reported(capsys.readouterr().out)[0] > 0.5
+
+
 @pytest.mark.parametrize("labels", [(1, 2, 3), (0, 1000, 2000), ("setosa", "versicolor", "virginica")])
 def test_class_labels_are_mapped_not_taken_for_ids(tmp_path, capsys, labels):
     """Before: labels 1..3 made 4 classes, and {0, 1000, 2000} 2001 classes at 0.27 accuracy."""
@@ -462,6 +486,8 @@ def test_a_regression_day_interrupted_resumed_then_predicted_in_the_targets_unit
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint-every", "0"], "--checkpoint-every must be a number of steps >= 1 or 'epoch', got '0'"),
     (["--loss", "mse"], "--loss mse does not fit a classification task; use --loss cross_entropy"),
+    (["--loss", "binary_cross_entropy"], "binary_cross_entropy is for binary and multilabel targets in the Python API"),
+    (["--task", "regression", "--class-weight", "balanced"], "--class-weight weighs classes; this is a regression task"),
     (["--drop", "species"], "--drop names the label column 'species'"),
 ])
 def test_bad_train_flags_exit_2_naming_the_flag(tmp_path, capsys, args, message):

@@ -56,6 +56,7 @@ class Loss:
     numpy: Callable  # (xp, z, y, delta, row, d): delta = dl/dz (unscaled), row = the row losses (summed over c)
     reference: Callable  # (z, y, d) float64 -> (element or row losses, their gradient), written for reading
     torch: tuple  # (torch.nn module name, keyword arguments)
+    formula: tuple = ("", "")  # (L, delta_L) as trace prints them, with {a} the output a^(L), {n} its width, {d} huber's delta
     piece: Optional[Callable] = None  # (z, y, d): which piece of a piecewise loss each element is on (gradcheck)
     delta: float = HUBER_DELTA
 
@@ -163,16 +164,22 @@ def _ref_huber(z, y, d):
 
 LOSSES = {loss.name: loss for loss in (
     Loss("cross_entropy", 0, "softmax", "accuracy", "classes", _cross_entropy, _ref_cross_entropy,
-         ("CrossEntropyLoss", {})),
+         ("CrossEntropyLoss", {}), ("q = softmax({a}),  L = -1/B sum over the batch of sum_j y_j log q_j", "(q - y) / B")),
     Loss("binary_cross_entropy", 2, "sigmoid", "binary_accuracy", "binary", _binary_cross_entropy,
-         _ref_binary_cross_entropy, ("BCEWithLogitsLoss", {})),
-    Loss("mse", 1, "identity", "mse", "values", _mse, lambda z, y, d: ((z - y) ** 2, 2 * (z - y)), ("MSELoss", {})),
+         _ref_binary_cross_entropy, ("BCEWithLogitsLoss", {}),
+         ("L = 1/(B {n}) sum over the batch of sum_j [max({a}_j, 0) - {a}_j y_j + log(1 + e^-|{a}_j|)]",
+          "(sigmoid({a}) - y) / (B {n})")),
+    Loss("mse", 1, "identity", "mse", "values", _mse, lambda z, y, d: ((z - y) ** 2, 2 * (z - y)), ("MSELoss", {}),
+         ("L = 1/(B {n}) sum over the batch of sum_j ({a}_j - y_j)^2", "2 ({a} - y) / (B {n})")),
     Loss("huber", 3, "identity", "", "values", _huber, _ref_huber, ("HuberLoss", {}),
-         piece=lambda z, y, d: np.sign(z - y) * (np.abs(z - y) > d)),
+         ("L = 1/(B {n}) sum over the batch of sum_j h({a}_j - y_j),  h(u) = u^2/2 (|u| <= d), d (|u| - d/2) (else), "
+          "d = {d}", "clamp({a} - y, -d, d) / (B {n})"), piece=lambda z, y, d: np.sign(z - y) * (np.abs(z - y) > d)),
     Loss("mae", 4, "identity", "mae", "values", _mae, lambda z, y, d: (np.abs(z - y), np.sign(z - y)), ("L1Loss", {}),
+         ("L = 1/(B {n}) sum over the batch of sum_j |{a}_j - y_j|", "sign({a} - y) / (B {n})"),
          piece=lambda z, y, d: np.sign(z - y)),
     Loss("poisson", 5, "exp", "", "counts", _poisson, lambda z, y, d: (np.exp(z) - y * z, np.exp(z) - y),
-         ("PoissonNLLLoss", {"log_input": True, "full": False})),
+         ("PoissonNLLLoss", {"log_input": True, "full": False}),
+         ("L = 1/(B {n}) sum over the batch of sum_j (e^{a}_j - y_j {a}_j)", "(e^{a} - y) / (B {n})")),
 )}
 
 

@@ -6,6 +6,7 @@ l - 1 and one sample (the engine runs a batch of B samples as rows):
     z^(l)_j = sum_k w^(l)_{j,k} a^(l-1)_k + b^(l)_j,   a^(l)_j = g(z^(l)_j),   a^(L) = z^(L)
     delta^(L) = dL/dz^(L) = 2 (a^(L) - y) / (B n_L)             mse
                           = (q - y) / B,  q = softmax(a^(L))     cross_entropy
+                          (each loss's own: its row of gpubackprop.nn.losses)
     delta^(l)_k = (sum_j w^(l+1)_{j,k} delta^(l+1)_j) g'(z^(l)_k)
     dL/dw^(l)_{j,k} = sum over the batch of delta^(l)_j a^(l-1)_k
     dL/db^(l)_j     = sum over the batch of delta^(l)_j
@@ -36,6 +37,7 @@ import numpy as np
 
 from ..backend import DenseBuffers
 from ..nn import losses
+from ..nn.losses import HUBER_DELTA, get_loss
 from ..nn.activations import IDENTITY, get_activation
 from ..optim import SGD
 from ..train.trainer import Trainer, check_optimizer
@@ -74,6 +76,7 @@ class Trace:
     y: np.ndarray
     q: Optional[np.ndarray]
     loss: float
+    huber_delta: float = HUBER_DELTA
 
     @property
     def sizes(self):
@@ -155,18 +158,16 @@ class Trace:
         yield "forward", formulas + [f"a^({L}) = z^({L}) (the output layer is linear)"], samples, rows
 
         rows = [per_sample(sym("y", None, j + 1), col) for j, col in enumerate(self.y.T)]
+        loss_formula, delta_formula = (text.format(a=f"a^({L})", n=f"n_{L}", d=f"{self.huber_delta:g}")
+                                       for text in get_loss(self.loss_name).formula)
         if self.q is not None:
             rows += [per_sample(sym("q", None, j + 1), col) for j, col in enumerate(self.q.T)]
-            formulas = [f"q = softmax(a^({L})),  L = -1/B sum over the batch of sum_j y_j log q_j"]
-        else:
-            formulas = [f"L = 1/(B n_{L}) sum over the batch of sum_j (a^({L})_j - y_j)^2"]
         rows.append(["L (batch mean)", num(self.loss)] + [""] * (len(samples) - 2))
-        yield "loss", formulas, samples, rows
+        yield "loss", [loss_formula], samples, rows
 
         rows = [per_sample(sym("delta", l, j + 1), col)
                 for l in range(L, 0, -1) for j, col in enumerate(self.layers[l].delta.T)]
-        first = f"2 (a^({L}) - y) / (B n_{L})" if self.q is None else "(q - y) / B"
-        formulas = [f"delta^({L}) = dL/dz^({L}) = {first}"]
+        formulas = [f"delta^({L}) = dL/dz^({L}) = {delta_formula}"]
         if L > 1:
             formulas.append(f"delta^(l)_k = (sum_j w^(l+1)_{{j,k}} delta^(l+1)_j) g'(z^(l)_k),  "
                             f"g' = {get_activation(self.activation).grad_formula}")
@@ -310,4 +311,4 @@ def trace(model, X, y, optimizer=None):
         w, bias = f"layers.{l - 1}.weight", f"layers.{l - 1}.bias"
         layers.append(Layer(a=host[l], z=z[l], delta=deltas[l], W=before[w], b=before[bias], dW=grads[w],
                             db=grads[bias], W_new=after[w], b_new=after[bias]))
-    return Trace(repr(model), model.activation, model.loss, optimizer, layers, y_rows, q, loss)
+    return Trace(repr(model), model.activation, model.loss, optimizer, layers, y_rows, q, loss, model.criterion.delta)

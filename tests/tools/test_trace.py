@@ -31,6 +31,17 @@ G = {  # g(z) and g'(z) given z and a = g(z)
 }
 
 
+# The element-wise losses by the textbook: (f(o, t), df/do), huber with delta 1.
+ELEMENTWISE = {
+    "mse": (lambda o, t: (o - t) ** 2, lambda o, t: 2.0 * (o - t)),
+    "binary_cross_entropy": (lambda o, t: -t * math.log(1 / (1 + math.exp(-o))) - (1 - t) * math.log(1 - 1 / (1 + math.exp(-o))),
+                             lambda o, t: 1 / (1 + math.exp(-o)) - t),
+    "huber": (lambda o, t: (o - t) ** 2 / 2 if abs(o - t) <= 1 else abs(o - t) - 0.5, lambda o, t: max(-1.0, min(1.0, o - t))),
+    "mae": (lambda o, t: abs(o - t), lambda o, t: math.copysign(1.0, o - t) if o != t else 0.0),
+    "poisson": (lambda o, t: math.exp(o) - t * o, lambda o, t: math.exp(o) - t),
+}
+
+
 def reference_step(Ws, bs, X, Y, activation, loss, lr):
     """One SGD step by the textbook, in Python floats: z, a, delta per sample and
     layer (index [i][l], l = 0 the input), dW, db, the loss and the new parameters.
@@ -46,9 +57,10 @@ def reference_step(Ws, bs, X, Y, activation, loss, lr):
             z[i][l] = [sum(W[j][k] * a[i][l - 1][k] for k in range(len(W[j]))) + b[j] for j in range(len(W))]
             a[i][l] = [g(v) for v in z[i][l]] if l < L else list(z[i][l])
         out = a[i][L]
-        if loss == "mse":
-            loss_value += sum((o - t) ** 2 for o, t in zip(out, Y[i])) / (B * n_out)
-            delta[i][L] = [2.0 * (o - t) / (B * n_out) for o, t in zip(out, Y[i])]
+        if loss in ELEMENTWISE:
+            f, f_prime = ELEMENTWISE[loss]
+            loss_value += sum(f(o, t) for o, t in zip(out, Y[i])) / (B * n_out)
+            delta[i][L] = [f_prime(o, t) / (B * n_out) for o, t in zip(out, Y[i])]
         else:
             e = [math.exp(o - max(out)) for o in out]
             q = [v / sum(e) for v in e]
@@ -117,6 +129,10 @@ def test_the_4_2_2_1_step_matches_the_textbook_by_hand():
     ([3, 7, 4], "leaky_relu", "cross_entropy", 1),
     ([3, 5, 5, 2], "tanh", "mse", 2),
     ([2, 3, 2], "identity", "mse", 5),
+    ([3, 4, 2], "tanh", "binary_cross_entropy", 3),
+    ([3, 4, 2], "tanh", "huber", 3),
+    ([3, 4, 2], "sigmoid", "mae", 2),
+    ([3, 4, 2], "tanh", "poisson", 3),
 ])
 def test_every_intermediate_matches_the_textbook(rng, sizes, activation, loss, batch):
     Ws, bs = random_params(rng, sizes)
@@ -126,6 +142,9 @@ def test_every_intermediate_matches_the_textbook(rng, sizes, activation, loss, b
     np.testing.assert_array_equal(t.y, dense_targets(y, loss, sizes[-1]))
     if loss == "cross_entropy":
         np.testing.assert_allclose(t.q.sum(axis=1), 1.0)
+    L = len(sizes) - 1
+    loss_formula, delta_formula = (f.format(a=f"a^({L})", n=f"n_{L}", d="1") for f in gb.nn.losses.LOSSES[loss].formula)
+    assert loss_formula in t.to_text() and f"delta^({L}) = dL/dz^({L}) = {delta_formula}" in t.to_text()
 
 
 @pytest.mark.parametrize("activation, loss", [("relu", "cross_entropy"), ("gelu", "mse"), ("sigmoid", "mse")])
