@@ -64,16 +64,7 @@ def add_train(commands):
     t.add_argument("--drop", nargs="+", default=[], metavar="COLUMN",
                    help="CSV columns to leave out (header names or indexes), such as an id column")
     t.add_argument("--delimiter", help="a CSV --dataset's delimiter (default: sniffed from the file)")
-    t.add_argument("--task", choices=tabular.TASKS,
-                   help="classification or regression (default: inferred from the target, and said)")
-    t.add_argument("--loss", choices=list(LOSSES),
-                   help="classification: cross_entropy (default); regression: mse (default), huber, mae, or poisson "
-                        "(counts >= 0: the model predicts their mean, and the target is not standardized)")
-    t.add_argument("--huber-delta", type=float, default=HUBER_DELTA, metavar="D",
-                   help=f"--loss huber's threshold, in standardized target units (default {HUBER_DELTA})")
-    t.add_argument("--class-weight", choices=["balanced"],
-                   help="classification: weigh each class by n / (classes * its count), as scikit-learn's "
-                        "class_weight='balanced'")
+    add_task_arguments(t)
     t.add_argument("--impute", choices=tabular.IMPUTES, default="none",
                    help="fill missing feature values with the training split's mean or median (text columns: "
                         "their most frequent value); default none: missing values are an error that counts them")
@@ -115,6 +106,20 @@ def add_train(commands):
                    help="data parallel across the processes mpiexec started: auto (NCCL on GPUs, else MPI), mpi, "
                         "nccl or single; --batch-size is the global batch; rank 0 prints and writes (needs "
                         "gpubackprop[mpi], or gpubackprop[nccl13] for NCCL)")
+
+
+def add_task_arguments(t):
+    """train's flags of what is learned: the task, the loss, the weighting of the classes."""
+    t.add_argument("--task", choices=tabular.TASKS,
+                   help="classification or regression (default: inferred from the target, and said)")
+    t.add_argument("--loss", choices=list(LOSSES),
+                   help="classification: cross_entropy (default); regression: mse (default), huber, mae, or poisson "
+                        "(counts >= 0: the model predicts their mean, and the target is not standardized)")
+    t.add_argument("--huber-delta", type=float, default=HUBER_DELTA, metavar="D",
+                   help=f"--loss huber's threshold, in standardized target units (default {HUBER_DELTA})")
+    t.add_argument("--class-weight", choices=["balanced"],
+                   help="classification: weigh each class by n / (classes * its count), as scikit-learn's "
+                        "class_weight='balanced'")
 
 
 def add_predict(commands):
