@@ -22,19 +22,30 @@ trains on dense arrays, so fit densifies X whole, refusing (with the way out) an
 X whose dense copy would pass SPARSE_FIT_MAX_BYTES; partial_fit densifies only
 the chunk it is given, and predict one block of rows at a time.
 
+Weights, losses and the penalty are scikit-learn's: ``sample_weight`` in fit,
+partial_fit and score (the loss a weighted mean: a weight of 0 leaves a row out);
+a 2-D multilabel indicator y trains a sigmoid per label (binary cross entropy);
+MLPRegressor's ``loss`` is "squared_error" or "poisson"; alpha is an L2 penalty on
+the weights alone, alpha / (2 B) ||W||^2 for a batch of weight B. The engine's
+losses average over the outputs where scikit-learn's sum (``_loss_scale``): the
+estimators scale the penalty, sgd's rate and the reported loss to match, so that
+loss_, loss_curve_ and tol mean what they mean in scikit-learn (for a regressor
+of C > 1 outputs, C / 2 times the mean squared error, as scikit-learn's gradient
+has it, where its reported loss_ is half the mean).
+
 Where the engine differs from scikit-learn's MLP, on purpose:
 
-    alpha     L2 penalty alpha / batch_size on every parameter, applied as weight
-              decay (scikit-learn exempts the biases; solver="lbfgs" does too)
+    class_weight  MLPClassifier takes one ("balanced" or a dict), as scikit-learn's
+              LogisticRegression does; scikit-learn's MLP has none
     dtype     None: float32 data trains in float32, other data in float64, as
               scikit-learn's MLP; "float32" / "float64" fix it
     binary    two softmax outputs rather than one logistic unit (predict and
               predict_proba as scikit-learn's, (n, 2) probabilities), so
               n_outputs_ is 2, out_activation_ "softmax" and coefs_[-1] has two
               columns where scikit-learn has 1, "logistic" and one
-    loss_curve_  the mean loss of each epoch's batches, without the penalty term;
-              for MLPRegressor (as loss_) the mean squared error, twice
-              scikit-learn's half squared error
+    alpha     the penalty's B is a mini-batch's row count times the training
+              set's mean weight, where scikit-learn takes each batch's own weights
+    loss_curve_  the mean loss of each epoch's batches, without the penalty term
     partial_fit  absent (hasattr is False) with solver="lbfgs", as scikit-learn's
               MLPClassifier, and with early_stopping=True, where scikit-learn's
               is there and raises; est.partial_fit(...) raises scikit-learn's
@@ -46,6 +57,7 @@ Where the engine differs from scikit-learn's MLP, on purpose:
 """
 
 import functools
+import inspect
 import math
 import os
 import types
@@ -62,16 +74,23 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
+from scipy.special import expit
+from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from . import export, optim
+from . import export, optim, validation
+from .backend import get_backend
 from .optim.lbfgs import minimize_lbfgs
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
 from .nn.network import EVAL_BATCH
 
 ACTIVATIONS = {"logistic": "sigmoid", **{name: name for name in OURS}}  # scikit-learn's names, and ours
+OUT_ACTIVATIONS = {"softmax": "softmax", "sigmoid": "logistic", "identity": "identity", "exp": "exp"}  # scikit-learn's
+REGRESSION_LOSSES = {"squared_error": "mse", "poisson": "poisson"}  # MLPRegressor's loss -> the engine's
+_TARGET_KINDS = {"cross_entropy": "classes (one label per row)", "binary_cross_entropy": "a multilabel indicator",
+                 "mse": "values", "poisson": "counts"}
 
 # The engine trains on dense arrays, so fit densifies a sparse X whole; one whose
 # dense copy would pass this many bytes is refused (ValueError) rather than left to
@@ -82,11 +101,10 @@ ACTIVATIONS = {"logistic": "sigmoid", **{name: name for name in OURS}}  # scikit
 SPARSE_FIT_MAX_BYTES = None
 # predict / predict_proba / score densify a sparse X this many bytes of rows at a time.
 SPARSE_PREDICT_CHUNK_BYTES = 64 * 2**20
+CPU = get_backend("cpu")  # where sample weights are checked, on the host
 
 
 class _BaseMLP(BaseEstimator):
-    _loss = None
-
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
                  batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
                  shuffle=True, random_state=None,
@@ -120,36 +138,48 @@ class _BaseMLP(BaseEstimator):
         self.dtype = dtype
 
     # ---- fitting ----------------------------------------------------------------------
-    def fit(self, X, y):
-        """Train from scratch (or on from the last fit, with warm_start) for up to max_iter epochs."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X, y, sample_weight=None):
+        """Train from scratch (or on from the last fit, with warm_start) for up to max_iter
+        epochs; ``sample_weight`` weighs the rows as scikit-learn's (a weight of 0 leaves
+        a row out; the loss is the weighted mean of the rows' losses)."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def _fit(self, X, y, incremental, classes=None):
+    def _fit(self, X, y, incremental, classes=None, sample_weight=None):
         self._check_params()
         if incremental:
             _check_partial_fit(self)
         first = not (incremental or self.warm_start) or not hasattr(self, "model_")
         X, y = validate_data(self, X, y, reset=first, dtype=self._dtype(first), multi_output=True,
-                             y_numeric=self._loss == "mse", accept_sparse=["csr", "csc"])
+                             y_numeric=self._regresses, accept_sparse=["csr", "csc"])
         X = _densified(X, incremental)
-        targets = self._encode_targets(y, first, classes)
+        targets, loss = self._encode_targets(y, first, classes)
+        weights = self._row_weights(y, _sample_weight(sample_weight, len(X)))
         if first:
-            self._initialize(X, targets)
+            self._initialize(X, targets, loss)
+        elif loss != self.model_.loss:
+            raise ValueError(f"y is {_TARGET_KINDS[loss]} but this {type(self).__name__} was fitted to "
+                             f"{_TARGET_KINDS[self.model_.loss]}; refit from scratch (warm_start=False)")
         if self.solver == "lbfgs":
-            return self._fit_lbfgs(X, targets)
-        return self._fit_stochastic(X, targets, incremental)
+            return self._fit_lbfgs(X, targets, weights)
+        return self._fit_stochastic(X, targets, weights, incremental)
 
-    def _initialize(self, X, targets):
-        sizes = [X.shape[1], *self._hidden(), targets.shape[1] if targets.ndim == 2 else len(self.classes_)]
+    _regresses = False
+
+    def _row_weights(self, y, sample_weight):
+        """The rows' weights: sample_weight (None: unweighted), times class_weight where the estimator has one."""
+        return sample_weight
+
+    def _initialize(self, X, targets, loss):
+        sizes = [X.shape[1], *self._hidden(), targets.shape[1]]
         seed = check_random_state(self.random_state).randint(2**31)
-        self.model_ = MLP(sizes, activation=ACTIVATIONS[self.activation], loss=self._loss,
+        self.model_ = MLP(sizes, activation=ACTIVATIONS[self.activation], loss=loss,
                           device=self.device, dtype=X.dtype.name, seed=int(seed))
         self._optimizer = None
         self.n_iter_, self.t_ = 0, 0
         for name in _STOCHASTIC_ATTRIBUTES:  # a refit's: lbfgs has none, and sgd / adam start them anew
             self.__dict__.pop(name, None)
 
-    def _fit_stochastic(self, X, targets, incremental):
+    def _fit_stochastic(self, X, targets, weights, incremental):
         """Epochs of sgd / adam, as scikit-learn's _fit_stochastic: n_iter_ counts
         this call's epochs, t_ every sample seen since the model was made."""
         if not hasattr(self, "loss_curve_"):  # a new model, or a warm start after lbfgs
@@ -160,23 +190,25 @@ class _BaseMLP(BaseEstimator):
             if self.validation_scores_ is None:
                 self.validation_scores_ = []
         batch = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
-        if self._optimizer is None:
-            self._optimizer = self._make_optimizer(batch)
+        if self._optimizer is None:  # alpha / the batch's weight, as scikit-learn's alpha / sum of the batch's weights
+            self._optimizer = self._make_optimizer(batch * (1.0 if weights is None else float(np.mean(weights))))
         validation = None
         if self.early_stopping:
             held_out = math.ceil(self.validation_fraction * len(X))  # as train_test_split rounds it
             if held_out < 2:  # scikit-learn's error: no score to stop on from one row
                 raise ValueError(f"The validation set is too small: {held_out} row of n_samples = {len(X)}. Increase "
                                  "'validation_fraction' or the size of your dataset, or set early_stopping=False")
-            stratify = targets if self._loss == "cross_entropy" and _can_stratify(targets, held_out) else None
-            X, X_val, targets, t_val = train_test_split(X, targets, test_size=self.validation_fraction,
-                                                        random_state=self.random_state, stratify=stratify)
-            validation = (X_val, t_val)
+            stratify = targets if self.model_.loss == "cross_entropy" and _can_stratify(targets, held_out) else None
+            rows = np.arange(len(X))
+            train, held = train_test_split(rows, test_size=self.validation_fraction, random_state=self.random_state,
+                                           stratify=stratify)
+            validation = (X[held], targets[held], None if weights is None else weights[held])
+            X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
         stop = _StopRule(self, validation, len(X))
         self.n_iter_ = 0
         self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
                         optimizer=self._optimizer, shuffle=self.shuffle, progress=False,
-                        callbacks=[stop])
+                        callbacks=[stop], sample_weight=weights)
         self.t_ += len(X) * stop.epochs
         if stop.best_state is not None:
             self.model_.load_state_dict(stop.best_state)
@@ -188,13 +220,15 @@ class _BaseMLP(BaseEstimator):
         self._export()
         return self
 
-    def _fit_lbfgs(self, X, targets):
+    def _fit_lbfgs(self, X, targets, weights):
         """Full-batch L-BFGS-B (gpubackprop.optim.lbfgs), as scikit-learn's solver='lbfgs':
         n_iter_ its iterations in this call; t_ untouched (it counts the stochastic
         solvers' samples), and no loss_curve_ or best_loss_."""
-        result = minimize_lbfgs(self.model_, X, targets, self.alpha, self.max_iter, self.max_fun, self.tol)
+        scale = self._loss_scale()
+        result = minimize_lbfgs(self.model_, X, targets, self.alpha / scale, self.max_iter, self.max_fun,
+                                self.tol / scale, sample_weight=weights)
         self.n_iter_ = int(result.nit)
-        self.loss_ = float(result.fun)
+        self.loss_ = float(result.fun) * scale
         if not result.success:
             warnings.warn(f"{type(self).__name__}: lbfgs did not converge within max_iter={self.max_iter} "
                           f"iterations or max_fun={self.max_fun} evaluations ({result.message}); raise them, "
@@ -243,12 +277,27 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(f"hidden_layer_sizes must be positive integers, got {self.hidden_layer_sizes!r}")
         return [int(s) for s in sizes]
 
-    def _make_optimizer(self, batch):
-        decay = self.alpha / batch
+    def _loss_scale(self):
+        """scikit-learn's objective over the engine's loss, s: its multilabel log loss and
+        poisson loss sum over the outputs where the engine's average, and its squared
+        error is half the sum over outputs (in its gradient; it reports half the mean).
+        The estimator trains on L + alpha / (2 s B) ||W||^2 (B the batch's weight),
+        with sgd's rate times s, reports s L and stops on it, so that it follows
+        scikit-learn's MLP: the same loss_curve_, and the same steps for sgd and adam."""
+        loss, outputs = self.model_.loss, self.model_.sizes[-1]
+        return {"cross_entropy": 1.0, "binary_cross_entropy": outputs, "mse": outputs / 2, "poisson": outputs}[loss]
+
+    def _learning_rate(self, rate):
+        """The engine's rate for scikit-learn's ``rate``: times s for sgd (adam is blind to the scale)."""
+        return rate * self._loss_scale() if self.solver == "sgd" else rate
+
+    def _make_optimizer(self, batch_weight):
+        decay = self.alpha / (batch_weight * self._loss_scale())  # the biases spared, as scikit-learn spares them
         if self.solver == "sgd":
-            return optim.SGD(self.learning_rate_init, momentum=self.momentum, weight_decay=decay,
-                             nesterov=self.nesterovs_momentum and self.momentum > 0)
-        return optim.Adam(self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon, weight_decay=decay)
+            return optim.SGD(self._learning_rate(self.learning_rate_init), momentum=self.momentum, weight_decay=decay,
+                             nesterov=self.nesterovs_momentum and self.momentum > 0, decay_biases=False)
+        return optim.Adam(self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon, weight_decay=decay,
+                          decay_biases=False)
 
     def _export(self):
         """coefs_ (n_in, n_out) and intercepts_, as scikit-learn lays them out."""
@@ -258,7 +307,7 @@ class _BaseMLP(BaseEstimator):
         self.intercepts_ = [state[f"layers.{i}.bias"].copy() for i in range(n)]
         self.n_layers_ = n + 1
         self.n_outputs_ = self.model_.sizes[-1]
-        self.out_activation_ = "softmax" if self._loss == "cross_entropy" else "identity"
+        self.out_activation_ = OUT_ACTIVATIONS[self.model_.criterion.output]
 
     def to_onnx(self, path=None, opset=None):
         """The fitted estimator as an ONNX graph (gpubackprop.export): input ``X`` in
@@ -321,10 +370,11 @@ class _StopRule:
         est = self.est
         self.epochs += 1
         est.n_iter_ += 1
-        est.loss_curve_.append(logs["loss"])
+        loss = logs["loss"] * est._loss_scale()  # on scikit-learn's scale
+        est.loss_curve_.append(loss)
         if self.validation is None:
-            improved = logs["loss"] < self.best - est.tol
-            self.best = min(self.best, logs["loss"])
+            improved = loss < self.best - est.tol
+            self.best = min(self.best, loss)
         else:
             score = est._validation_score(*self.validation)
             est.validation_scores_.append(score)
@@ -333,19 +383,19 @@ class _StopRule:
                 self.best, self.best_state = score, model.state_dict()
                 est.best_validation_score_ = score
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
-        est.loss_ = logs["loss"]
+        est.loss_ = loss
         if self.validation is None:  # since the model was made, across warm starts and partial_fit, as scikit-learn
-            est.best_loss_ = min(np.inf if est.best_loss_ is None else est.best_loss_, logs["loss"])
+            est.best_loss_ = min(np.inf if est.best_loss_ is None else est.best_loss_, loss)
         if est.verbose:  # scikit-learn's lines
-            print(f"Iteration {est.n_iter_}, loss = {logs['loss']:.8f}")
+            print(f"Iteration {est.n_iter_}, loss = {loss:.8f}")
             if self.validation is not None:
                 print(f"Validation score: {est.validation_scores_[-1]:f}")
         schedule = est.learning_rate if est.solver == "sgd" else "constant"
         optimizer = model.optimizer
         if schedule == "invscaling":
-            optimizer.lr = est.learning_rate_init / (est.t_ + self.rows * self.epochs + 1) ** est.power_t
+            optimizer.lr = est._learning_rate(est.learning_rate_init / (est.t_ + self.rows * self.epochs + 1) ** est.power_t)
         if self.bad_epochs >= est.n_iter_no_change:
-            if schedule == "adaptive" and optimizer.lr > 1e-6:
+            if schedule == "adaptive" and optimizer.lr > est._learning_rate(1e-6):
                 optimizer.lr, self.bad_epochs = optimizer.lr / 5.0, 0
             else:
                 self.stopped = model.stop_training = True
@@ -431,6 +481,24 @@ def _check_partial_fit(est):
                             "early_stopping=False, or train with fit")
 
 
+def _sample_weight(sample_weight, n):
+    """sample_weight as n float64 weights (a number: every row's), or None; checked as
+    the engine checks them (one per row, finite, >= 0, not all 0)."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight, dtype=np.float64)
+    return validation.check_sample_weight(np.full(n, float(w)) if w.ndim == 0 else w, n, np.float64, CPU)
+
+
+def _init_signature(first=(), last=()):
+    """_BaseMLP.__init__'s signature with parameters ``first`` before its own and ``last``
+    after them: scikit-learn reads an estimator's parameters from its __init__'s
+    signature, and a subclass adds one (the regressor's loss, the classifier's
+    class_weight) without spelling out the rest again."""
+    self, *own = inspect.signature(_BaseMLP.__init__).parameters.values()
+    return inspect.Signature([self, *first, *own, *last])
+
+
 def _can_stratify(targets, held_out):
     """Whether train_test_split can stratify the early-stopping split: every class
     twice at least, and no fewer rows than classes on either side (else it raises,
@@ -441,17 +509,26 @@ def _can_stratify(targets, held_out):
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
-    """Multilayer perceptron classifier (softmax cross entropy) on gpubackprop.
+    """Multilayer perceptron classifier on gpubackprop: softmax cross entropy over the
+    classes of a 1-D y; for a 2-D multilabel indicator y (as scikit-learn's takes it),
+    a sigmoid per label with binary cross entropy, predict giving the indicator
+    matrix and predict_proba each label's probability.
 
-    Binary problems too get a softmax over two outputs, not scikit-learn's one
+    Binary problems get a softmax over two outputs, not scikit-learn's one
     logistic unit: the predictions are alike, but n_outputs_ is 2 and
     out_activation_ "softmax" (coefs_[-1] has a column per class, as coefs_ is in
-    scikit-learn's (n_in, n_out) layout)."""
+    scikit-learn's (n_in, n_out) layout).
 
-    _loss = "cross_entropy"
+    ``class_weight`` (not in scikit-learn's MLP; as in its LogisticRegression):
+    "balanced" or a dict {class: weight} multiplies each row's sample weight by
+    its class's (scikit-learn's compute_sample_weight), for 1-D y."""
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, class_weight=None, **params):
+        super().__init__(hidden_layer_sizes, activation, **params)
+        self.class_weight = class_weight
 
     @_PartialFitIf
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y); the first call needs ``classes``, every label there
         may be, and later calls may repeat it but not change it (as scikit-learn)."""
         if not hasattr(self, "model_"):
@@ -462,9 +539,17 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raise ValueError(f"`classes={classes!r}` is not the same as on last call to partial_fit, was: "
                              f"{self.classes_!r}. The classes are fixed by the first fit or partial_fit; "
                              "refit from scratch to change them")
-        return self._fit(X, y, incremental=True, classes=classes)
+        return self._fit(X, y, incremental=True, classes=classes, sample_weight=sample_weight)
 
     def _encode_targets(self, y, first, classes=None):
+        """(targets, the engine's loss): one-hot rows and cross entropy, or for a
+        multilabel indicator y its rows and binary cross entropy."""
+        if type_of_target(y) == "multilabel-indicator":
+            if first:
+                self.classes_ = np.arange(y.shape[1])
+            elif y.shape[1] != len(self.classes_):
+                raise ValueError(f"y has {y.shape[1]} labels but this classifier was fitted to {len(self.classes_)}")
+            return np.asarray(y, np.float64), "binary_cross_entropy"
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         if first:
@@ -477,17 +562,33 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' has "
                              f"{np.unique(y)}. The classes are fixed by the first fit, or by classes= on the first "
                              "partial_fit: pass every label there, or refit from scratch (warm_start=False)")
-        return np.eye(len(self.classes_))[index]
+        return np.eye(len(self.classes_))[index], "cross_entropy"
 
-    def _validation_score(self, X, targets):
-        return accuracy_score(targets.argmax(1), self.model_.predict(X))
+    def _row_weights(self, y, sample_weight):
+        if self.class_weight is None:
+            return sample_weight
+        if type_of_target(y) == "multilabel-indicator":
+            raise ValueError("class_weight weighs the classes of a 1-D y; for a multilabel y pass sample_weight")
+        by_class = compute_sample_weight(self.class_weight, column_or_1d(y))
+        return by_class if sample_weight is None else by_class * sample_weight
+
+    def _validation_score(self, X, targets, weights):
+        """Accuracy (of whole rows, for multilabel), weighted as the training rows."""
+        if self.model_.loss == "binary_cross_entropy":
+            return accuracy_score(targets.astype(np.int64), self.model_.predict(X), sample_weight=weights)
+        return accuracy_score(targets.argmax(1), self.model_.predict(X), sample_weight=weights)
 
     def predict(self, X):
         z = self._forward(X)
+        if self.model_.loss == "binary_cross_entropy":
+            return (z > 0).astype(np.int64)
         return self.classes_[z.argmax(1)]
 
     def predict_proba(self, X):
+        """Class probabilities (softmax), or for multilabel each label's (sigmoid)."""
         z = self._forward(X)
+        if self.model_.loss == "binary_cross_entropy":
+            return expit(z)
         q = np.exp(z - z.max(1, keepdims=True))
         return q / q.sum(1, keepdims=True)
 
@@ -496,35 +597,56 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_label = False
+        tags.classifier_tags.multi_label = True
         return tags
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
-    """Multilayer perceptron regressor (mean squared error) on gpubackprop; coefs_
-    and intercepts_ in scikit-learn's layout, (n_in, n_out) and (n_out,)."""
+    """Multilayer perceptron regressor on gpubackprop: ``loss`` "squared_error" (the
+    engine's mse: the mean of squares, twice scikit-learn's half squared error) or
+    "poisson" (counts y >= 0; the output is the log of the mean count, predict the
+    mean e^z), as scikit-learn 1.9's, whose first parameter it is too. coefs_ and
+    intercepts_ in scikit-learn's layout, (n_in, n_out) and (n_out,)."""
 
-    _loss = "mse"
+    _regresses = True
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", **params):
+        super().__init__(hidden_layer_sizes, activation, **params)
+        self.loss = loss
+
+    def _check_params(self):
+        if not (isinstance(self.loss, str) and self.loss in REGRESSION_LOSSES):
+            raise ValueError(f"loss must be one of {sorted(REGRESSION_LOSSES)}, got {self.loss!r} (loss is "
+                             "MLPRegressor's first parameter, as in scikit-learn 1.9: pass hidden_layer_sizes by name)")
+        super()._check_params()
 
     @_PartialFitIf
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """One epoch over (X, y), continuing from the current parameters."""
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _encode_targets(self, y, first, classes=None):
         y = np.asarray(y, np.float64)
         if first:
             self._y_1d = y.ndim == 1
-        return y.reshape(len(y), -1)
+        return y.reshape(len(y), -1), REGRESSION_LOSSES[self.loss]
 
-    def _validation_score(self, X, targets):
-        return r2_score(targets, self.model_.forward(X))
+    def _validation_score(self, X, targets, weights):
+        return r2_score(targets, self.model_.predict(X), sample_weight=weights)
 
     def predict(self, X):
         out = self._forward(X)
+        if self.model_.loss == "poisson":
+            out = np.exp(out)
         return out.ravel() if self._y_1d else out
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+MLPClassifier.__init__.__signature__ = _init_signature(
+    last=[inspect.Parameter("class_weight", inspect.Parameter.KEYWORD_ONLY, default=None)])
+MLPRegressor.__init__.__signature__ = _init_signature(
+    first=[inspect.Parameter("loss", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="squared_error")])

@@ -163,5 +163,5 @@ def check_sample_weight(sample_weight, n, dtype, backend):
         raise ValueError(f"sample_weight holds {int((arr < 0).sum())} negative weight(s): a negative weight rewards "
                          "a larger loss; weights must be >= 0 (0 leaves a row out)")
     if not bool((arr > 0).any()):
-        raise ValueError("sample_weight is 0 for every row: there is nothing to train on")
+        raise ValueError("sample_weight is zero for every row: there is nothing to train on")
     return arr

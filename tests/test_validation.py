@@ -117,7 +117,7 @@ def test_bad_model_arguments(kwargs, error, message):
         (dict(optimizer="adam"), TypeError, "optimizer must be a gpubackprop.optim optimizer"),
         (dict(sample_weight=np.ones(3)), ValueError, r"sample_weight must hold one weight per row: shape \(6,\)"),
         (dict(sample_weight=-np.ones(6)), ValueError, "sample_weight holds 6 negative weight"),
-        (dict(sample_weight=np.zeros(6)), ValueError, "sample_weight is 0 for every row"),
+        (dict(sample_weight=np.zeros(6)), ValueError, "sample_weight is zero for every row"),
         (dict(sample_weight=np.full(6, np.nan)), ValueError, "sample_weight contains 6 NaN or Inf"),
         (dict(class_weight="even"), ValueError, "class_weight must be 'balanced' or a dict"),
         (dict(class_weight={7: 2.0}), ValueError, r"class_weight names label\(s\) \['7'\] that y does not hold"),

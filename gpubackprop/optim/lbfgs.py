@@ -34,9 +34,9 @@ def minimize_lbfgs(model, X, y, alpha=0.0, max_iter=200, max_fun=15000, tol=1e-4
     if model.precision != "float32":
         raise ValueError(f"L-BFGS trains in the model's dtype; precision={model.precision!r} has no place in it")
     mask = weight_mask(model)
-    penalty = alpha / (len(X) if sample_weight is None else float(np.sum(sample_weight)))
     with model.context():
-        ws = model.load_batch(X, y, sample_weight)
+        ws = model.load_batch(X, y, sample_weight)  # checked: the weights' sum is > 0
+        penalty = alpha / (len(X) if sample_weight is None else float(np.sum(sample_weight)))
 
         def f(theta):
             model.parameters.assign(theta)

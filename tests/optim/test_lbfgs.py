@@ -66,7 +66,7 @@ def test_lbfgs_warns_when_stopped_by_max_iter_and_refuses_partial_fit(rng):
         clf = MLPClassifier((8,), solver="lbfgs", max_iter=2, random_state=0).fit(X, y)
     assert clf.n_iter_ == 2
     with pytest.raises(ValueError, match="partial_fit is only available for stochastic optimizers"):
-        MLPRegressor((8,), solver="lbfgs").partial_fit(X, y.astype(float))
+        MLPRegressor(hidden_layer_sizes=(8,), solver="lbfgs").partial_fit(X, y.astype(float))
     with pytest.raises(ValueError, match="max_fun must be an integer >= 1"):
         MLPClassifier(solver="lbfgs", max_fun=0).fit(X, y)
 
