@@ -153,8 +153,9 @@ def _ref_cross_entropy(z, y, d):
 
 
 def _ref_binary_cross_entropy(z, y, d):
-    p = 1.0 / (1.0 + np.exp(-z))
-    return -(y * np.log(p) + (1 - y) * np.log1p(-p)), p - y
+    """-[y log p + (1 - y) log(1 - p)], p = sigmoid z, which is log(1 + e^z) - y z
+    (written so: log(1 - p) loses digits as p nears 1)."""
+    return np.logaddexp(0.0, z) - y * z, 1.0 / (1.0 + np.exp(-z)) - y
 
 
 def _ref_huber(z, y, d):

@@ -34,8 +34,8 @@ G = {  # g(z) and g'(z) given z and a = g(z)
 # The element-wise losses by the textbook: (f(o, t), df/do), huber with delta 1.
 ELEMENTWISE = {
     "mse": (lambda o, t: (o - t) ** 2, lambda o, t: 2.0 * (o - t)),
-    "binary_cross_entropy": (lambda o, t: -t * math.log(1 / (1 + math.exp(-o))) - (1 - t) * math.log(1 - 1 / (1 + math.exp(-o))),
-                             lambda o, t: 1 / (1 + math.exp(-o)) - t),
+    # -[t log p + (1 - t) log(1 - p)], p = 1 / (1 + e^-o), as log(1 + e^o) - t o: log(1 - p) loses digits near p = 1
+    "binary_cross_entropy": (lambda o, t: math.log1p(math.exp(o)) - t * o, lambda o, t: 1 / (1 + math.exp(-o)) - t),
     "huber": (lambda o, t: (o - t) ** 2 / 2 if abs(o - t) <= 1 else abs(o - t) - 0.5, lambda o, t: max(-1.0, min(1.0, o - t))),
     "mae": (lambda o, t: abs(o - t), lambda o, t: math.copysign(1.0, o - t) if o != t else 0.0),
     "poisson": (lambda o, t: math.exp(o) - t * o, lambda o, t: math.exp(o) - t),
