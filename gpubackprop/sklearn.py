@@ -521,7 +521,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     ``class_weight`` (not in scikit-learn's MLP; as in its LogisticRegression):
     "balanced" or a dict {class: weight} multiplies each row's sample weight by
-    its class's (scikit-learn's compute_sample_weight), for 1-D y."""
+    its class's (scikit-learn's compute_sample_weight; for a multilabel y, the
+    product over its labels, each a 0 / 1 output: "balanced" or a list of dicts)."""
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, class_weight=None, **params):
         super().__init__(hidden_layer_sizes, activation, **params)
@@ -567,9 +568,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _row_weights(self, y, sample_weight):
         if self.class_weight is None:
             return sample_weight
-        if type_of_target(y) == "multilabel-indicator":
-            raise ValueError("class_weight weighs the classes of a 1-D y; for a multilabel y pass sample_weight")
-        by_class = compute_sample_weight(self.class_weight, column_or_1d(y))
+        # a multilabel y: each label a 0 / 1 output, the row's weight the product of its labels' (a list of dicts)
+        by_class = compute_sample_weight(self.class_weight, y if np.ndim(y) == 2 else column_or_1d(y))
         return by_class if sample_weight is None else by_class * sample_weight
 
     def _validation_score(self, X, targets, weights):

@@ -47,6 +47,7 @@ def _settings_to_check(seed=0):
         MLPRegressor(learning_rate="adaptive", learning_rate_init=0.002, **slow_sgd),
         *(Est(early_stopping=True, validation_fraction=0.2, learning_rate_init=lr, max_iter=50, **small)
           for Est, lr in ((MLPClassifier, 0.05), (MLPRegressor, 0.01))),
+        MLPClassifier(class_weight="balanced", learning_rate_init=0.01, max_iter=100, **small),
     ]
 
 
@@ -55,12 +56,16 @@ def _expected_failures(estimator):
     the training itself counts rows, not weights, as scikit-learn's own MLP counts
     them: invscaling's rate follows t_, the rows seen, and early stopping holds out
     rows, so a repeated row may land on both sides of the split where its weighted
-    twin lands on one (scikit-learn's _fit_stochastic says so in a TODO). The solvers
-    and schedules that do not count rows pass them: lbfgs, adam, sgd constant and adaptive."""
+    twin lands on one (scikit-learn's _fit_stochastic says so in a TODO); and
+    class_weight="balanced" weighs classes by their row counts. The solvers and
+    schedules that do not count rows pass them: lbfgs, adam, sgd constant and adaptive."""
     if estimator.early_stopping or estimator.learning_rate == "invscaling":
         why = "training counts rows (early stopping's split, invscaling's t_), as scikit-learn's MLP does"
-        return {f"check_sample_weight_equivalence_on_{kind}_data": why for kind in ("dense", "sparse")}
-    return {}
+    elif getattr(estimator, "class_weight", None) == "balanced":
+        why = "'balanced' weighs classes by their counts of rows, which repeating rows changes"
+    else:
+        return {}
+    return {f"check_sample_weight_equivalence_on_{kind}_data": why for kind in ("dense", "sparse")}
 
 
 @parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0), *_settings_to_check()],
