@@ -26,11 +26,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The CPU benchmark: the pytest-benchmark suite (train steps, whole fit runs, the sgemm
-# ceiling; JSON in bench/results/), then fit_bench's table of ratios for the README.
+# ceiling; JSON in bench/results/), then fit_bench's table of ratios for the README, and
+# the estimators against scikit-learn's MLP on four small data sets (sklearn_datasets).
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench/test_bench_cpu.py bench/test_fit_bench.py --benchmark-enable \
 		--benchmark-json=bench/results/pytest-benchmark-cpu.json
 	$(BIN)/python -m bench.fit_bench
+	$(BIN)/python -m bench.sklearn_datasets
 
 # On a machine with an NVIDIA GPU: selftest, the GPU tests and the step benchmark,
 # every log and JSON into OUT (bench/gpu_check.sh), with the interpreter PYTHON
