@@ -34,7 +34,8 @@ from .optim.precision import PRECISIONS
 from .state import atomic_write
 from .tools import plots, selftest
 
-LOSSES_FOR = {"classification": ("cross_entropy",), "regression": ("mse", "huber", "mae", "poisson")}  # default first
+LOSSES_FOR = {"classification": ("cross_entropy", "binary_cross_entropy"),  # the default first
+              "regression": ("mse", "huber", "mae", "poisson")}
 
 OPTIMIZERS = {name.lower(): rule for name, rule in gb.optim.OPTIMIZERS.items()}
 SCALINGS = ("standard", "minmax", "none")
@@ -113,7 +114,8 @@ def add_task_arguments(t):
     t.add_argument("--task", choices=tabular.TASKS,
                    help="classification or regression (default: inferred from the target, and said)")
     t.add_argument("--loss", choices=list(LOSSES),
-                   help="classification: cross_entropy (default); regression: mse (default), huber, mae, or poisson "
+                   help="classification: cross_entropy (default), or binary_cross_entropy (two classes: one logistic "
+                        "unit); regression: mse (default), huber, mae, or poisson "
                         "(counts >= 0: the model predicts their mean, and the target is not standardized)")
     t.add_argument("--huber-delta", type=float, default=HUBER_DELTA, metavar="D",
                    help=f"--loss huber's threshold, in standardized target units (default {HUBER_DELTA})")
@@ -252,7 +254,11 @@ def _train(args, comm, print):
           + (f", {len(val_rows)} for validation" if val_rows is not None else "")
           + f", {len(test_rows)} held out; scaling: {inputs.scale}")
 
-    model = gb.MLP([inputs.n_features, *args.hidden, target.n_outputs], activation=args.activation, loss=loss,
+    if loss == "binary_cross_entropy" and target.n_outputs != 2:
+        raise ValueError(f"--loss binary_cross_entropy is one logistic unit for two classes; this target has "
+                         f"{target.n_outputs}: use --loss cross_entropy")
+    outputs = 1 if loss == "binary_cross_entropy" else target.n_outputs
+    model = gb.MLP([inputs.n_features, *args.hidden, outputs], activation=args.activation, loss=loss,
                    device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision,
                    huber_delta=args.huber_delta)
     model.inputs, model.target = inputs, target
@@ -311,10 +317,7 @@ def _task(args, y, print):
     fitting = LOSSES_FOR[task]
     loss = args.loss or fitting[0]
     if loss not in fitting:
-        raise ValueError(f"--loss {loss} does not fit a {task} task; use --loss {' or '.join(fitting)}"
-                         + ("; binary_cross_entropy is for binary and multilabel targets in the Python API "
-                            "(gb.MLP, MLPClassifier), the CLI trains one label column with cross_entropy"
-                            if loss == "binary_cross_entropy" else ""))
+        raise ValueError(f"--loss {loss} does not fit a {task} task; use --loss {' or '.join(fitting)}")
     if args.class_weight and task != "classification":
         raise ValueError("--class-weight weighs classes; this is a regression task")
     return task, loss

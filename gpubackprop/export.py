@@ -128,20 +128,31 @@ def _outputs(helper, numpy_helper, model, logits, elem, nodes, inits, classes):
     if output in ("identity", "exp"):
         nodes.append(helper.make_node("Identity" if output == "identity" else "Exp", [logits], ["variable"]))
         return [helper.make_tensor_value_info("variable", elem, ["N", width])]
-    if output == "sigmoid":  # per output: label [z > 0] (int64, as predict gives it) and sigmoid(z)
+    int64 = helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
+    if output == "sigmoid":
         inits.append(numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(elem)), "zero"))
-        nodes += [helper.make_node("Sigmoid", [logits], ["probabilities"]),
-                  helper.make_node("Greater", [logits, "zero"], ["positive"]),
-                  helper.make_node("Cast", ["positive"], ["label"], to=helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))]
-        return [helper.make_tensor_value_info("label", helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)), ["N", width]),
-                helper.make_tensor_value_info("probabilities", elem, ["N", width])]
-    nodes += [helper.make_node("Softmax", [logits], ["probabilities"], axis=1),
-              helper.make_node("ArgMax", [logits], ["label_id"], axis=1, keepdims=0)]
+        nodes += [helper.make_node("Sigmoid", [logits], ["p"]), helper.make_node("Greater", [logits, "zero"], ["positive"])]
+        if not model.binary_unit:  # per output: label [z > 0] (int64, as predict gives it) and sigmoid(z)
+            nodes += [helper.make_node("Identity", ["p"], ["probabilities"]),
+                      helper.make_node("Cast", ["positive"], ["label"], to=int64)]
+            return [helper.make_tensor_value_info("label", int64, ["N", width]),
+                    helper.make_tensor_value_info("probabilities", elem, ["N", width])]
+        # one logistic unit of a two-class target: [1 - p, p] and the class [z > 0] names
+        inits += [numpy_helper.from_array(np.ones((), helper.tensor_dtype_to_np_dtype(elem)), "unit"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+        nodes += [helper.make_node("Sub", ["unit", "p"], ["q"]),
+                  helper.make_node("Concat", ["q", "p"], ["probabilities"], axis=1),
+                  helper.make_node("Cast", ["positive"], ["positive_id"], to=int64),
+                  helper.make_node("Reshape", ["positive_id", "flat"], ["label_id"])]
+        width = 2
+    else:
+        nodes += [helper.make_node("Softmax", [logits], ["probabilities"], axis=1),
+                  helper.make_node("ArgMax", [logits], ["label_id"], axis=1, keepdims=0)]
     if classes is None:
         classes = list(range(model.sizes[-1])) if model.target is None else model.target.classes
     classes = [tabular.label_value(c) for c in classes]
     if all(isinstance(c, int) for c in classes):
-        table, label_elem = np.array(classes, np.int64), helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
+        table, label_elem = np.array(classes, np.int64), int64
     elif all(isinstance(c, (int, float)) for c in classes):
         table, label_elem = np.array(classes, np.float64), helper.np_dtype_to_tensor_dtype(np.dtype(np.float64))
     else:
@@ -149,4 +160,4 @@ def _outputs(helper, numpy_helper, model, logits, elem, nodes, inits, classes):
     inits.append(numpy_helper.from_array(table, "classes"))
     nodes.append(helper.make_node("Gather", ["classes", "label_id"], ["label"], axis=0))
     return [helper.make_tensor_value_info("label", label_elem, ["N"]),
-            helper.make_tensor_value_info("probabilities", elem, ["N", model.sizes[-1]])]
+            helper.make_tensor_value_info("probabilities", elem, ["N", width])]

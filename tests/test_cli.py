@@ -321,6 +321,27 @@ def test_the_regression_losses_train_from_the_cli(tmp_path, capsys, loss, metric
     assert set(history) == {"loss", "val_loss"} | ({metric, f"val_{metric}"} if metric else set())
 
 
+def test_binary_cross_entropy_trains_one_logistic_unit_for_two_classes(tmp_path, capsys):
+    """Labels 'no' / 'yes' in, one sigmoid output; predict, --proba (both classes' columns) and evaluate
+    in the classes' own terms, equal to the Python API's."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(200, 3))
+    labels = np.where(X[:, 0] + 0.5 * X[:, 1] > 0, "yes", "no")
+    path = tmp_path / "binary.csv"
+    path.write_text("a,b,c,answer\n" + "".join(f"{a:.5f},{b:.5f},{c:.5f},{t}\n" for (a, b, c), t in zip(X, labels)))
+    rc, out = train(tmp_path, "--dataset", str(path), "--loss", "binary_cross_entropy", "--epochs", "20",
+                    "--device", "cpu", "--lr", "0.01")
+    assert rc == 0 and reported(capsys.readouterr().out)[0] > 0.85
+    model = gb.load(out / "model.safetensors")
+    assert model.sizes[-1] == 1 and model.binary_unit and model.target.classes == ["no", "yes"]
+    proba = model.predict_proba(X)
+    assert proba.shape == (200, 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(model.predict(X), np.array(["no", "yes"])[proba.argmax(axis=1)])
+    rc, stdout, _ = cli("evaluate", "--model", str(out / "model.safetensors"), "--data", str(path))
+    assert rc == 0 and re.search(r"^binary\.csv accuracy: (0\.8[5-9]|0\.9\d|1\.0)\d* \(200 samples\)$", stdout, re.M)
+
+
 def test_class_weight_balanced_from_the_cli(tmp_path, capsys):
     path = blobs_csv(tmp_path / "blobs.csv")
     rc, out = train(tmp_path, "--dataset", str(path), "--label-column", "species", "--epochs", "3", "--device", "cpu",
@@ -486,7 +507,8 @@ def test_a_regression_day_interrupted_resumed_then_predicted_in_the_targets_unit
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint-every", "0"], "--checkpoint-every must be a number of steps >= 1 or 'epoch', got '0'"),
     (["--loss", "mse"], "--loss mse does not fit a classification task; use --loss cross_entropy"),
-    (["--loss", "binary_cross_entropy"], "binary_cross_entropy is for binary and multilabel targets in the Python API"),
+    (["--loss", "binary_cross_entropy"], "--loss binary_cross_entropy is one logistic unit for two classes; this "
+                                         "target has 3: use --loss cross_entropy"),
     (["--task", "regression", "--class-weight", "balanced"], "--class-weight weighs classes; this is a regression task"),
     (["--drop", "species"], "--drop names the label column 'species'"),
 ])

@@ -91,6 +91,17 @@ def test_the_cli_exports_a_trained_model(tmp_path, capsys):
     np.testing.assert_allclose(proba, model.predict_proba(X), atol=1e-5)
 
 
+def test_one_logistic_unit_for_two_classes_exports_its_labels_and_both_columns(rng):
+    X = rng.normal(size=(80, 3))
+    labels = np.where(X[:, 0] > 0, "yes", "no")
+    model = gb.MLP([3, 6, 1], loss="binary_cross_entropy", seed=0, dtype="float64")
+    model.target = tabular.Target.fit(labels, "classification")
+    model.fit(X, labels, epochs=5, progress=False)
+    out = run(model, X)
+    np.testing.assert_array_equal(out["label"], model.predict(X))
+    np.testing.assert_allclose(out["probabilities"], model.predict_proba(X), atol=1e-12)
+
+
 def test_without_onnx_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'gpubackprop\[onnx\]'"):

@@ -184,16 +184,31 @@ class MLP(Network):
         return (X if self.inputs is None else self.inputs.transform(X),
                 y if self.target is None else self.target.encode(y))
 
+    @property
+    def binary_unit(self):
+        """Whether the model is one logistic unit (binary_cross_entropy, one output) for
+        a two-class ``target``: its 0 / 1 output is the class id."""
+        return (self.target is not None and self.target.task == "classification"
+                and self.criterion.output == "sigmoid" and self.sizes[-1] == 1)
+
     def predict(self, X):
         """Class labels (cross_entropy) or outputs (mse) for the rows of X: the
         original labels or units where the model has a ``target``."""
         out = super().predict(X if self.inputs is None else self.inputs.transform(X))
-        return out if self.target is None else self.target.decode(self.backend.to_host(out))
+        if self.target is None:
+            return out
+        out = self.backend.to_host(out)
+        return self.target.decode(out[:, 0] if self.binary_unit else out)
 
     def predict_proba(self, X):
-        """Softmax class probabilities, (n, classes): columns in the order of
-        ``model.target.classes`` where the model has a target."""
-        return super().predict_proba(X if self.inputs is None else self.inputs.transform(X))
+        """Class probabilities, (n, classes): softmax, or a sigmoid per output for
+        binary_cross_entropy; columns in the order of ``model.target.classes`` where the
+        model has a target (for one logistic unit, both classes': 1 - p and p)."""
+        proba = super().predict_proba(X if self.inputs is None else self.inputs.transform(X))
+        if not self.binary_unit:
+            return proba
+        p = self.backend.to_host(proba)[:, 0]
+        return np.stack([1 - p, p], axis=1)
 
     def summary(self, print_fn=print):
         """Print the layers as Keras' ``model.summary()`` does: each dense layer's output
