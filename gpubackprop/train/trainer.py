@@ -64,7 +64,10 @@ class Trainer:
             run()
         else:
             buffers = (*optimizer.buffers(), ws, running, *net.buffers(), self.guard, X, T, W)
-            constants = (optimizer.constants(), self.clip_norm, net.precision)
+            # Weighted or not is Python's choice of the loss's buffers: a step captured one way replays it,
+            # so the key holds what this step uses (gathered: W's presence; loaded: the workspace's flag).
+            weighted = W is not None if T is not None else ws is not None and ws.weighted
+            constants = (optimizer.constants(), self.clip_norm, net.precision, weighted)
             self.graphs.run(run, buffers, constants, on_replay=self._count)
         return None if ws is None else ws.loss
 

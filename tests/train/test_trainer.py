@@ -91,6 +91,22 @@ def test_train_step_captures_graphs_and_equals_eager_steps(kernel_backend, rng):
     assert none is None and len(graphs.captured()) == 1
 
 
+def test_train_step_switching_between_weighted_and_unweighted_batches_replays_each_as_it_is(kernel_backend, rng):
+    """The weighting is chosen in Python, outside a replayed graph: each kind of step is
+    captured on its own, and every step's loss is the one an uncaptured step gives."""
+    X, y = random_batch(rng, [9, 33, 3], "cross_entropy", 20)
+    w = rng.random(20)
+    order = [w, w, w, None, None, None, w, None]
+    runs = []
+    for graphs in (True, False):
+        model, opt = gb.MLP([9, 33, 3], seed=3, device=kernel_backend), gb.optim.SGD(0.1)
+        model.train_step(X, y, opt)  # the same start for both runs
+        runs.append([model.train_step(X, y, opt, sample_weight=weights) if graphs else
+                     float(Trainer(model, opt, graphs=False).step(model.load_batch(X, y, weights)))
+                     for weights in order])
+    assert runs[0] == runs[1]
+
+
 def test_train_step_keeps_its_trainer_and_its_captured_steps(kernel_backend, rng):
     X, y = random_batch(rng, [5, 7, 2], "cross_entropy", 12)
     model, opt = gb.MLP([5, 7, 2], seed=0, device=kernel_backend), gb.optim.SGD(0.1)
