@@ -148,3 +148,13 @@ __global__ void elementwise_loss(const T* __restrict__ z, const T* __restrict__ 
     sum_over_grid(warp_sum(acc), warp_sum(hits), partials, counter, loss, scale, running,
                   batch_count(weight_sum, rows));
 }
+
+// *out = the sum of x's n values (a batch's sample weights, before its loss), in a
+// fixed order: the weights' sum inside a captured step, with no allocation.
+template <typename T>
+__global__ void sum_values(const T* __restrict__ x, long long n, T* partials, unsigned* counter, T* out) {
+    T acc = T(0);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x)
+        acc += x[i];
+    sum_over_grid(warp_sum(acc), T(0), partials, counter, out, T(1), (double*)0, 0.0);
+}

@@ -70,7 +70,8 @@ SOURCES = {
     "bias_activation.cu": _per_activation("bias_act_forward", CTYPES),
     "activation_backward.cu": _per_activation("act_backward_bias_grad", CTYPES),
     "loss.cu": [instance("softmax_cross_entropy", t) for t in CTYPES]
-    + [instance("elementwise_loss", t, loss.code) for t in CTYPES for loss in losses.LOSSES.values() if loss.elementwise],
+    + [instance("elementwise_loss", t, loss.code) for t in CTYPES for loss in losses.LOSSES.values() if loss.elementwise]
+    + [instance("sum_values", t) for t in ("float32", "float64")],
     "optimizers.cu": [instance(k, t) for k in [*dict.fromkeys(r.kernel for r in OPTIMIZERS.values()), "add_scaled"]
                       for t in ("float32", "float64")],
     "nonfinite.cu": [instance("flag_nonfinite", t) for t in ("float32", "float64")] + ["count_nonfinite"],
@@ -162,7 +163,9 @@ class KernelBackend(Backend):
         self._issue(functools.partial(self._ops_xp.take, src, index, axis=0, out=out))
 
     def sum(self, x, out):
-        self._issue(functools.partial(self._ops_xp.sum, x, out=out))
+        grid = self._grid_1d(x.size)  # a kernel of ours: CuPy's reductions may allocate, which a capture forbids
+        self._launch("sum_values", x.dtype, (), grid, (self.BLOCK,),
+                     (x, np.int64(x.size), self._scratch(x.dtype, 2 * grid[0]), self._counter(1), out))
 
     def _issue(self, op):
         if self._recording is None:

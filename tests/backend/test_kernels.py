@@ -110,6 +110,16 @@ def test_add_scaled_matches_numpy(kernel_backend, n, dtype, rng):
     close(out[0], out[1], TOL[dtype], "y + a x")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 37, 5003])
+def test_sum_matches_numpy(kernel_backend, n, dtype, rng):
+    x = rng.random(n).astype(dtype)
+    with kernel_backend.context():
+        out = poisoned(kernel_backend, (), dtype)
+        kernel_backend.sum(kernel_backend.asarray(x), out)
+        close(kernel_backend.to_host(out), x.astype(np.float64).sum(), TOL[dtype], "sum")
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_a_batch_whose_weights_are_all_zero_has_zero_loss_and_gradient(kernel_backend, loss, rng):
     z = rng.standard_normal((9, 4))
