@@ -86,10 +86,13 @@ __global__ void adam_update(T* __restrict__ p, const T* __restrict__ g, T* __res
     count_step(steps, t, arrivals);
 }
 
-// y += a x over n elements: the L2 gradient a W added to one layer's weights alone,
-// the biases spared (Optimizer.step, decay_biases=False), before the update.
+// out = y + a x over n elements: a layer's weight gradient with the L2 term a W, or
+// (a = 0) its bias gradient as it is, into the buffer the update reads, so that the
+// biases are spared and the model's own gradients stay as backprop left them
+// (Optimizer.step, decay_biases=False).
 template <typename T>
-__global__ void add_scaled(T* __restrict__ y, const T* __restrict__ x, long long n, typename Compute<T>::type a) {
+__global__ void add_scaled(T* __restrict__ out, const T* __restrict__ y, const T* __restrict__ x, long long n,
+                           typename Compute<T>::type a) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x)
-        st(y + i, ld(y + i) + a * ld(x + i));
+        st(out + i, ld(y + i) + a * ld(x + i));
 }

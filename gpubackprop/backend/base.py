@@ -159,8 +159,8 @@ class Backend:
         first workspace (``batch`` rows) is made; None: the backend's own products."""
         return None
 
-    def add_scaled(self, y, x, a):
-        """y += a x over two flat buffers' views: the L2 gradient of the weights alone."""
+    def add_scaled(self, out, y, x, a):
+        """out = y + a x over flat buffers' views: a gradient with the L2 term of the weights alone."""
         raise NotImplementedError
 
     def update_scratch(self, rule, dtype):

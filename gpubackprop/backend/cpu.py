@@ -87,8 +87,8 @@ class NumpyBackend(Backend):
             if hits is not None:
                 running[1] += int(hits.sum()) if weight is None else float(xp.vdot(weight, hits.astype(weight.dtype)))
 
-    def add_scaled(self, y, x, a):
-        self.xp.add(y, x * a, out=y)  # a: a Python float, weak: float32 stays float32
+    def add_scaled(self, out, y, x, a):
+        self.xp.add(y, x * a, out=out)  # a: a Python float, weak: float32 stays float32
 
     def clip_by_global_norm(self, g, max_norm):
         coef = max_norm / (math.sqrt(float(self.xp.vdot(g, g))) + 1e-6)

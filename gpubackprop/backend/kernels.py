@@ -289,9 +289,9 @@ class KernelBackend(Backend):
                      (g, np.int64(g.size), self._scratch(g.dtype, 2 * grid[0]), self._counter(1), norm_sq))
         self._launch("clip_to_norm", g.dtype, (), grid, (self.BLOCK,), (g, np.int64(g.size), norm_sq, compute(max_norm)))
 
-    def add_scaled(self, y, x, a):
+    def add_scaled(self, out, y, x, a):
         self._launch("add_scaled", y.dtype, (), self._grid_1d(y.size), (self.BLOCK,),
-                     (y, x, np.int64(y.size), self._compute(y.dtype)(a)))
+                     (out, y, x, np.int64(y.size), self._compute(y.dtype)(a)))
 
     def flag_nonfinite(self, g, flag):
         self._launch("flag_nonfinite", g.dtype, (), self._grid_1d(g.size), (self.BLOCK,), (g, np.int64(g.size), flag))

@@ -84,6 +84,7 @@ class Optimizer:
         self.steps = 0
         self.state = {}
         self.scratch = ()
+        self.decayed = None  # decay_biases=False: the gradient with the weights' L2 term, which the update reads
         self.device_steps = None  # (1,) uint32: steps done, advanced by the update itself
         self.bound = None  # the Flat it updates: buffers, not the model (no reference cycle)
         self._buffers = None  # an Update's buffers, set by bind
@@ -118,6 +119,11 @@ class Optimizer:
                 self.state[name] = backend.zeros(params.shape, params.dtype)
             elif not (backend.is_native(buf) and buf.dtype == params.dtype):
                 self.state[name] = backend.asarray(backend.to_host(buf), dtype=params.dtype)
+        if not self.spares_biases:
+            self.decayed = None
+        elif not (self.decayed is not None and backend.is_native(self.decayed) and self.decayed.shape == params.shape
+                  and self.decayed.dtype == params.dtype):
+            self.decayed = backend.empty(params.shape, params.dtype)  # the gradient the update reads (_spare_biases)
         n = self.scratch_buffers(backend, params.dtype)
         s = self.scratch
         if len(s) != n or not all(backend.is_native(x) and x.dtype == params.dtype and x.shape == params.shape
@@ -130,13 +136,20 @@ class Optimizer:
                          self.device_steps)  # an Update's, but found_inf: made here, not per step
         return self
 
+    @property
+    def spares_biases(self):
+        """Whether the L2 penalty is on the weights alone (decay_biases=False, weight_decay > 0)."""
+        h = self.settings()
+        return bool(h.weight_decay) and not h.decay_biases
+
     def scratch_buffers(self, backend, dtype):
         """How many parameter-sized temporaries the update needs on ``backend``."""
         return backend.update_scratch(type(self), dtype)
 
     def state_bytes(self, model):
         """The bytes ``bind(model)`` allocates (for the out-of-memory message)."""
-        return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend, model.params.dtype))
+        return model.params.nbytes * (len(self.state_names) + self.scratch_buffers(model.backend, model.params.dtype)
+                                      + self.spares_biases)
 
     def step(self, model=None, *, found_inf=None, params_flag=None):
         """Apply one update from the bound gradients, and count it. Given ``model``, bind
@@ -157,14 +170,22 @@ class Optimizer:
         self.steps += 1
         update = Update(*self._buffers, found_inf, params_flag)
         h = self.settings()
-        if h.weight_decay and not h.decay_biases:  # the L2 gradient wd W for the weights alone, then no decay
-            if self.bound.weight_slices is None:
-                raise RuntimeError("decay_biases=False needs an optimizer bound to a model, whose layout says where "
-                                   "its biases are")
-            for w in self.bound.weight_slices:
-                self.bound.backend.add_scaled(update.g[w], update.p[w], h.weight_decay)
+        if self.spares_biases:  # g + wd W for the weights alone, then an update without decay
+            update = update._replace(g=self._spare_biases(update, h.weight_decay))
             h = h._replace(weight_decay=0.0)
         self.bound.backend.optimizer_update(type(self), update, h)
+
+    def _spare_biases(self, update, decay):
+        """The gradient with the L2 term decay W on each layer's weights, its biases' as
+        they are, in a buffer of its own: the model's gradients stay backprop's."""
+        if self.bound.weight_slices is None:
+            raise RuntimeError("decay_biases=False needs an optimizer bound to a model, whose layout says where "
+                               "its biases are")
+        out, backend, ends = self.decayed, self.bound.backend, [w.start for w in self.bound.weight_slices[1:]]
+        for w, bias_end in zip(self.bound.weight_slices, ends + [update.g.shape[0]]):
+            backend.add_scaled(out[w], update.g[w], update.p[w], decay)
+            backend.add_scaled(out[w.stop:bias_end], update.g[w.stop:bias_end], update.p[w.stop:bias_end], 0.0)
+        return out
 
     def sync_steps(self):
         """The host's step count from the device's (a host sync: once per epoch)."""
@@ -173,7 +194,7 @@ class Optimizer:
 
     def buffers(self):
         """The buffers a captured update reads and writes."""
-        return (self.device_steps, *self.scratch, *self.state.values())
+        return (self.device_steps, *self.scratch, *self.state.values(), self.decayed)
 
     def constants(self):
         """What a captured update bakes into its launch: the hyperparameters."""

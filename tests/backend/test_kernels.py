@@ -104,9 +104,9 @@ def test_add_scaled_matches_numpy(kernel_backend, n, dtype, rng):
     out = []
     for be in (kernel_backend, CPU):
         with be.context():
-            yd = be.asarray(y.copy())
-            be.add_scaled(yd, be.asarray(x), 0.37)
-            out.append(be.to_host(yd))
+            result = poisoned(be, (n,), dtype)
+            be.add_scaled(result, be.asarray(y), be.asarray(x), 0.37)
+            out.append(be.to_host(result))
     close(out[0], out[1], TOL[dtype], "y + a x")
 
 

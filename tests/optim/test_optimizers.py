@@ -118,3 +118,15 @@ def test_step_given_a_model_binds_it_and_updates(rng):
     gb.optim.SGD(0.5).step(model)
     want = before["layers.0.bias"] - 0.5 * grads["layers.0.bias"]
     np.testing.assert_allclose(model.state_dict()["layers.0.bias"], want)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_decay_biases_false_leaves_the_models_gradients_as_backprop_made_them(name, rng):
+    X, y = random_batch(rng, [5, 4, 3], "cross_entropy", 8)
+    grads = []
+    for decay_biases in (True, False):
+        model = gb.MLP([5, 4, 3], dtype="float64", seed=0)
+        model.train_step(X, y, getattr(gb.optim, name)(lr=0.1, weight_decay=0.5, decay_biases=decay_biases))
+        grads.append(model.grad_dict())
+    for k in grads[0]:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)
