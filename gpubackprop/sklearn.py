@@ -450,8 +450,9 @@ def _chunk_rows(X):
 
 class _PartialFitIf:
     """partial_fit, there only where it can run, as scikit-learn's available_if makes
-    it: hasattr(est, "partial_fit") is False for solver='lbfgs' (as scikit-learn's)
-    and for early_stopping=True (scikit-learn's has it and raises), since
+    it: hasattr(est, "partial_fit") is False for solver='lbfgs' (as scikit-learn's),
+    for early_stopping=True (scikit-learn's has it and raises) and for
+    class_weight='balanced' (scikit-learn's SGDClassifier raises), since
     meta-estimators and scikit-learn's own checks look before they call."""
 
     def __init__(self, method):
@@ -475,6 +476,12 @@ def _check_partial_fit(est):
     if est.solver == "lbfgs":
         raise _NoPartialFit(f"partial_fit is only available for stochastic optimizers. {est.solver} is not "
                             "stochastic: use fit, or solver='sgd' or 'adam' to train in chunks")
+    if isinstance(getattr(est, "class_weight", None), str) and est.class_weight == "balanced":
+        # as scikit-learn's SGDClassifier refuses it: each chunk would be balanced by its own counts
+        raise _NoPartialFit("class_weight 'balanced' is not supported for partial_fit: each chunk would be "
+                            "balanced by its own class counts. Compute the weights once, "
+                            "compute_class_weight('balanced', classes=classes, y=y) over enough of the whole "
+                            "target, and pass them as class_weight={class: weight}")
     if est.early_stopping:
         raise _NoPartialFit("partial_fit does not support early_stopping=True, as scikit-learn's MLP: a call "
                             "trains one epoch on the rows it is given, with none held out; set "

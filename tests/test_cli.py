@@ -330,7 +330,7 @@ def test_binary_cross_entropy_trains_one_logistic_unit_for_two_classes(tmp_path,
     path = tmp_path / "binary.csv"
     path.write_text("a,b,c,answer\n" + "".join(f"{a:.5f},{b:.5f},{c:.5f},{t}\n" for (a, b, c), t in zip(X, labels)))
     rc, out = train(tmp_path, "--dataset", str(path), "--loss", "binary_cross_entropy", "--epochs", "20",
-                    "--device", "cpu", "--lr", "0.01")
+                    "--device", "cpu", "--lr", "0.01", "--class-weight", "balanced")
     assert rc == 0 and reported(capsys.readouterr().out)[0] > 0.85
     model = gb.load(out / "model.safetensors")
     assert model.sizes[-1] == 1 and model.binary_unit and model.target.classes == ["no", "yes"]

@@ -468,6 +468,11 @@ def test_class_weight_balanced_is_scikit_learns_weighting():
         MLPClassifier(class_weight={"unknown": 2.0}, **settings).fit(X, y)
 
 
+def test_partial_fit_refuses_balanced_class_weights_as_scikit_learns_sgd():
+    with pytest.raises(ValueError, match="class_weight 'balanced' is not supported for partial_fit"):
+        MLPClassifier(class_weight="balanced").partial_fit(np.ones((4, 2)), [0, 1, 0, 1], classes=[0, 1])
+
+
 def test_the_score_and_early_stopping_weigh_rows_as_scikit_learn():
     rng = np.random.default_rng(2)
     X, y = rng.normal(size=(100, 3)), rng.integers(0, 2, 100)

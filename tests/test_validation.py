@@ -120,7 +120,7 @@ def test_bad_model_arguments(kwargs, error, message):
         (dict(sample_weight=np.zeros(6)), ValueError, "sample_weight is zero for every row"),
         (dict(sample_weight=np.full(6, np.nan)), ValueError, "sample_weight contains 6 NaN or Inf"),
         (dict(class_weight="even"), ValueError, "class_weight must be 'balanced' or a dict"),
-        (dict(class_weight={7: 2.0}), ValueError, r"class_weight names label\(s\) \['7'\] that y does not hold"),
+        (dict(class_weight={7: 2.0}), ValueError, r"class_weight names label\(s\) \[7\] that y does not hold"),
         (dict(validation_data=(1, 2, 3, 4)), ValueError, "validation_data must be"),
     ],
 )

@@ -51,10 +51,11 @@ def class_weights(y, class_weight):
     if isinstance(class_weight, str) and class_weight == "balanced":
         per_class = len(labels) / (len(classes) * counts)
     elif isinstance(class_weight, dict):
-        unknown = set(class_weight) - set(classes.tolist())
+        known = range(y.shape[1]) if y.ndim == 2 else classes.tolist()  # probability rows: their columns
+        unknown = [label for label in class_weight if label not in known]
         if unknown:
-            raise ValueError(f"class_weight names label(s) {sorted(map(repr, unknown))} that y does not hold; "
-                             f"its labels are {classes.tolist()}")
+            raise ValueError(f"class_weight names label(s) {unknown} that y does not hold; its labels are "
+                             f"{list(known)}")
         per_class = np.array([float(class_weight.get(c, 1.0)) for c in classes.tolist()])
     else:
         raise ValueError(f"class_weight must be 'balanced' or a dict {{label: weight}}, got {class_weight!r}")

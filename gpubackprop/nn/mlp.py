@@ -172,12 +172,16 @@ class MLP(Network):
             return self.metrics(self.backend.to_host(self.totals(X, T, W)), count)
 
     def row_weights(self, y, sample_weight, class_weight):
-        """sample_weight (or ones) times each row's class weight (inputs.class_weights), for cross entropy."""
-        if self.criterion.targets != "classes":
+        """sample_weight (or ones) times each row's class weight (inputs.class_weights),
+        for cross entropy or one logistic unit of a two-class target."""
+        if self.criterion.targets != "classes" and not self.binary_unit:
             raise ValueError(f"class_weight weighs classes, for cross_entropy; this model's loss is {self.loss}: "
                              "pass sample_weight instead")
         weights = inputs.class_weights(y, class_weight)
-        return weights if sample_weight is None else weights * np.asarray(sample_weight, np.float64)
+        if sample_weight is None:
+            return weights
+        with self.context():  # checked as fit checks weights, before they meet the class weights
+            return weights * self.backend.to_host(self.prepare_weights(sample_weight, len(weights)))
 
     def encoded(self, X, y):
         """(X, y) through ``inputs`` and ``target`` where the model has them."""

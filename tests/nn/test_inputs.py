@@ -24,3 +24,11 @@ def test_a_dict_weighs_its_labels_and_leaves_the_rest_at_one():
 def test_probability_rows_are_weighed_by_their_argmax():
     rows = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     np.testing.assert_allclose(class_weights(rows, "balanced"), [0.75, 1.5, 0.75])
+
+
+def test_a_dict_for_probability_rows_names_their_columns():
+    rows = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0]])  # column 1 is never the argmax, yet a class
+    np.testing.assert_array_equal(class_weights(rows, {1: 2.0, 0: 3.0}), [3.0, 3.0])
+    with pytest.raises(ValueError, match=r"class_weight names label\(s\) \[5\] that y does not hold; its labels "
+                                         r"are \[0, 1, 2\]"):
+        class_weights(rows, {5: 1.0})
