@@ -10,6 +10,8 @@ step count, and in its metadata where training stood:
                          (resuming draws the epoch's order again, then skips)
     running              the epoch's running [loss sum, hits] so far
     history              the finished epochs' metrics
+    sample_weights       a fingerprint of the run's sample weights (None: unweighted);
+                         resuming with others is refused
 
 Dropout needs no state of its own: its masks are a function of the optimizer's
 step count (gpubackprop.nn.dropout). Files are named by that count,

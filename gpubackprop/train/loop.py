@@ -10,6 +10,7 @@ every ``SYNC_EVERY`` steps and at each epoch's end, never per step.
 import collections
 import dataclasses
 import functools
+import hashlib
 import inspect
 import os
 import signal
@@ -134,6 +135,7 @@ class Loop:
         self.n = self._rows()
         self.W = model.prepare_weights(s.sample_weight, self.n)
         self.W_host = None if self.W is None else model.backend.to_host(self.W).astype(np.float64)
+        self.weights_id = self._weights_id()
         self.trainer = Trainer(model, self.optimizer, s.clip_norm, graphs=s.graphs, parallel=self.comm.parallel)
         start = self._start()
         # NumPy's overflow warnings stay quiet: the divergence guard reports a step that
@@ -144,6 +146,15 @@ class Loop:
         if self.interrupt.pending:  # Ctrl-C after the last step (in validation, a callback): the run is whole
             raise StepInterrupt(self.optimizer.steps, s.checkpoint_dir, finished=True)
         return history
+
+    def _weights_id(self):
+        """A fingerprint of the sample weights (None: unweighted), the same on every rank:
+        checkpoints keep it, and resuming with other weights is refused."""
+        mine = None if self.W_host is None else hashlib.sha256(self.W_host.tobytes()).hexdigest()[:16]
+        if self.comm.bcast(mine) != mine:
+            raise ValueError(f"rank {self.comm.rank} has other sample weights than rank 0: every rank must pass the "
+                             "whole data set with the same sample_weight (fit shards it)")
+        return mine
 
     def _rows(self):
         n = self.T.shape[0]
@@ -157,7 +168,7 @@ class Loop:
         """Where training starts: a checkpoint's progress when resuming, else None."""
         s, comm = self.s, self.comm
         if s.resume:
-            start = recovery.resume(self.model, self.optimizer, s.checkpoint_dir, comm)
+            start = recovery.resume(self.model, self.optimizer, s.checkpoint_dir, comm, self.weights_id)
             if comm.rank == 0 and os.path.isdir(s.checkpoint_dir):
                 checkpoint.prune(s.checkpoint_dir, s.keep_checkpoints)
             if start:
@@ -252,12 +263,13 @@ class Loop:
         if self.comm.rank == 0:
             checkpoint.write(self.s.checkpoint_dir, self.model, self.optimizer, {
                 "epoch": epoch, "step": s + 1, "rng": self.epoch_rng,
-                "running": totals.tolist(), "history": dict(self.history),
+                "running": totals.tolist(), "history": dict(self.history), "sample_weights": self.weights_id,
             }, self.s.keep_checkpoints)
 
     def _check_nonfinite(self):
         def restore():
-            return recovery.restore(self.model, self.optimizer, self.s.checkpoint_dir, self.comm) is not None
+            return recovery.restore(self.model, self.optimizer, self.s.checkpoint_dir, self.comm,
+                                    self.weights_id) is not None
 
         recovery.apply_policy(self.trainer, self.s.on_nonfinite, restore, where=self.s.checkpoint_dir)
 

@@ -74,16 +74,21 @@ def caller_level():
     return 1
 
 
-def restore(network, optimizer, directory, comm):
+def restore(network, optimizer, directory, comm, sample_weights=None):
     """Parameters and optimizer state from the newest sound checkpoint in ``directory``;
     its progress (see gpubackprop.train.checkpoint), or None. Rank 0 reads it and the
-    other ranks take its state."""
+    other ranks take its state. ``sample_weights``: the fingerprint of the run's
+    weights (None: unweighted), which the checkpoint's must equal."""
     found = latest(directory) if comm.rank == 0 else None
     progress = None
     if found is not None:
         path, saved = found
         if saved.config != network.config():
             raise ValueError(f"{path} is a checkpoint of {_describe(saved.config)}, not of this {network!r}")
+        if saved.user["checkpoint"].get("sample_weights") != sample_weights:
+            raise ValueError(f"{path} was trained with other sample weights than these (or with none where these "
+                             "are given, or the other way round): resume with the sample_weight / class_weight "
+                             "it was trained with, or train afresh without resume")
         optimizer.load_state_dict(saved.optimizer.state_dict())
         network.load_state_dict(saved.tensors)
         optimizer.bind(network)
@@ -94,9 +99,9 @@ def restore(network, optimizer, directory, comm):
     return progress
 
 
-def resume(network, optimizer, directory, comm):
+def resume(network, optimizer, directory, comm, sample_weights=None):
     """``restore``, and the shuffle state of the checkpoint's epoch."""
-    progress = restore(network, optimizer, directory, comm)
+    progress = restore(network, optimizer, directory, comm, sample_weights)
     if progress is not None:
         network.shuffle_rng.bit_generator.state = progress["rng"]
     return progress

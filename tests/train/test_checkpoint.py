@@ -112,6 +112,27 @@ def test_resume_at_every_kind_of_step(tmp_path, rng, crash_at):
     assert_same_params(resumed.state_dict(), plain.state_dict())
 
 
+def test_a_weighted_run_resumes_to_the_uninterrupted_one_and_only_with_its_weights(tmp_path, rng):
+    X, y = random_batch(rng, [6, 12, 3], "cross_entropy", 100)
+    w = rng.random(100) * (rng.random(100) > 0.2)
+    settings = dict(epochs=3, batch_size=8, progress=False, sample_weight=w, validation_data=(X[:20], y[:20], w[:20]))
+    plain = gb.MLP([6, 12, 3], seed=1)
+    want = plain.fit(X, y, optimizer=gb.optim.Adam(1e-2), **settings)
+    crashing = gb.MLP([6, 12, 3], seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(X, y, optimizer=gb.optim.Adam(1e-2), checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                     callbacks=[Crash(20)], **settings)
+    before = gb.MLP([6, 12, 3], seed=1)
+    for other in (dict(settings, sample_weight=None), dict(settings, sample_weight=w * 2)):
+        with pytest.raises(ValueError, match="was trained with other sample weights than these"):
+            before.fit(X, y, optimizer=gb.optim.Adam(1e-2), checkpoint_dir=str(tmp_path), resume=True, **other)
+    assert_same_params(before.state_dict(), gb.MLP([6, 12, 3], seed=1).state_dict())  # refused before any change
+    got = before.fit(X, y, optimizer=gb.optim.Adam(1e-2), checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                     resume=True, **settings)
+    assert got == want
+    assert_same_params(before.state_dict(), plain.state_dict())
+
+
 def test_torn_and_altered_checkpoints_are_skipped_with_a_warning(tmp_path, rng):
     X, y = random_batch(rng, [6, 12, 3], "cross_entropy", 40)
     model = gb.MLP([6, 12, 3], seed=1)
