@@ -46,6 +46,7 @@ Where the engine differs from scikit-learn's MLP, on purpose:
     alpha     the penalty's B is a mini-batch's row count times the training
               set's mean weight, where scikit-learn takes each batch's own weights
     loss_curve_  the mean loss of each epoch's batches, without the penalty term
+              (poisson's with its constant, so that it is scikit-learn's)
     partial_fit  absent (hasattr is False) with solver="lbfgs", as scikit-learn's
               MLPClassifier, and with early_stopping=True, where scikit-learn's
               is there and raises; est.partial_fit(...) raises scikit-learn's
@@ -74,7 +75,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from scipy.special import expit
+from scipy.special import expit, xlogy
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
@@ -204,7 +205,7 @@ class _BaseMLP(BaseEstimator):
                                            stratify=stratify)
             validation = (X[held], targets[held], None if weights is None else weights[held])
             X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
-        stop = _StopRule(self, validation, len(X))
+        stop = _StopRule(self, validation, len(X), self._loss_offset(targets, weights))
         self.n_iter_ = 0
         self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
                         optimizer=self._optimizer, shuffle=self.shuffle, progress=False,
@@ -228,7 +229,7 @@ class _BaseMLP(BaseEstimator):
         result = minimize_lbfgs(self.model_, X, targets, self.alpha / scale, self.max_iter, self.max_fun,
                                 self.tol / scale, sample_weight=weights)
         self.n_iter_ = int(result.nit)
-        self.loss_ = float(result.fun) * scale
+        self.loss_ = float(result.fun) * scale + self._loss_offset(targets, weights)
         if not result.success:
             warnings.warn(f"{type(self).__name__}: lbfgs did not converge within max_iter={self.max_iter} "
                           f"iterations or max_fun={self.max_fun} evaluations ({result.message}); raise them, "
@@ -286,6 +287,10 @@ class _BaseMLP(BaseEstimator):
         scikit-learn's MLP: the same loss_curve_, and the same steps for sgd and adam."""
         loss, outputs = self.model_.loss, self.model_.sizes[-1]
         return {"cross_entropy": 1.0, "binary_cross_entropy": outputs, "mse": outputs / 2, "poisson": outputs}[loss]
+
+    def _loss_offset(self, targets, weights):
+        """What scikit-learn's loss adds to s L where the engine's drops a constant: 0 but for poisson."""
+        return 0.0
 
     def _learning_rate(self, rate):
         """The engine's rate for scikit-learn's ``rate``: times s for sgd (adam is blind to the scale)."""
@@ -361,8 +366,8 @@ class _StopRule:
     so far; "adaptive" divides lr by 5 where the epochs would stop training, and
     stops only once lr is at most 1e-6."""
 
-    def __init__(self, est, validation, rows):
-        self.est, self.validation, self.rows = est, validation, rows
+    def __init__(self, est, validation, rows, offset=0.0):
+        self.est, self.validation, self.rows, self.offset = est, validation, rows, offset
         self.best = np.inf if validation is None else -np.inf
         self.bad_epochs, self.epochs, self.stopped, self.best_state = 0, 0, False, None
 
@@ -370,7 +375,7 @@ class _StopRule:
         est = self.est
         self.epochs += 1
         est.n_iter_ += 1
-        loss = logs["loss"] * est._loss_scale()  # on scikit-learn's scale
+        loss = logs["loss"] * est._loss_scale() + self.offset  # on scikit-learn's scale
         est.loss_curve_.append(loss)
         if self.validation is None:
             improved = loss < self.best - est.tol
@@ -640,6 +645,14 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _validation_score(self, X, targets, weights):
         return r2_score(targets, self.model_.predict(X), sample_weight=weights)
+
+    def _loss_offset(self, targets, weights):
+        """scikit-learn's poisson loss is the deviance's half, sum_c [y log(y / p) - y + p]: the
+        engine's e^z - y z summed over the outputs, plus sum_c [y log y - y], here averaged
+        over the rows (weighted) so that loss_ is scikit-learn's."""
+        if self.model_.loss != "poisson":
+            return 0.0
+        return float(np.average((xlogy(targets, targets) - targets).sum(axis=1), weights=weights))
 
     def predict(self, X):
         out = self._forward(X)

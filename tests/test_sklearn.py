@@ -509,6 +509,8 @@ def test_the_poisson_regressor_predicts_mean_counts():
     settings = dict(loss="poisson", hidden_layer_sizes=(16,), max_iter=200, random_state=0, learning_rate_init=0.01)
     ours, theirs = (_fit_quietly(Est(**settings), X[:300], y[:300]) for Est in (MLPRegressor, SkMLPRegressor))
     assert ours.out_activation_ == theirs.out_activation_ == "exp"
+    # scikit-learn's loss, the constant sum_c [y log y - y] included: within the two fits' own differences
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=0.2)
     assert (ours.predict(X[300:]) > 0).all()
     deviance = sklearn.metrics.mean_poisson_deviance
     assert deviance(y[300:], ours.predict(X[300:])) < 1.2 * deviance(y[300:], theirs.predict(X[300:]))
