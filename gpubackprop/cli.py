@@ -117,7 +117,7 @@ def add_task_arguments(t):
                    help="classification: cross_entropy (default), or binary_cross_entropy (two classes: one logistic "
                         "unit); regression: mse (default), huber, mae, or poisson "
                         "(counts >= 0: the model predicts their mean, and the target is not standardized)")
-    t.add_argument("--huber-delta", type=float, default=HUBER_DELTA, metavar="D",
+    t.add_argument("--huber-delta", type=float, metavar="D",
                    help=f"--loss huber's threshold, in standardized target units (default {HUBER_DELTA})")
     t.add_argument("--class-weight", choices=["balanced"],
                    help="classification: weigh each class by n / (classes * its count), as scikit-learn's "
@@ -260,7 +260,7 @@ def _train(args, comm, print):
     outputs = 1 if loss == "binary_cross_entropy" else target.n_outputs
     model = gb.MLP([inputs.n_features, *args.hidden, outputs], activation=args.activation, loss=loss,
                    device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision,
-                   huber_delta=args.huber_delta)
+                   huber_delta=HUBER_DELTA if args.huber_delta is None else args.huber_delta)
     model.inputs, model.target = inputs, target
     print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
     out = args.out or os.path.join("runs", _run_name(args.dataset))
@@ -320,6 +320,10 @@ def _task(args, y, print):
         raise ValueError(f"--loss {loss} does not fit a {task} task; use --loss {' or '.join(fitting)}")
     if args.class_weight and task != "classification":
         raise ValueError("--class-weight weighs classes; this is a regression task")
+    if args.huber_delta is not None and loss != "huber":
+        raise ValueError(f"--huber-delta is --loss huber's; this run's loss is {loss}")
+    if args.huber_delta is not None and not args.huber_delta > 0:
+        raise ValueError(f"--huber-delta must be > 0, got {args.huber_delta}")
     return task, loss
 
 

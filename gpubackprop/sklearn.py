@@ -43,8 +43,9 @@ Where the engine differs from scikit-learn's MLP, on purpose:
               predict_proba as scikit-learn's, (n, 2) probabilities), so
               n_outputs_ is 2, out_activation_ "softmax" and coefs_[-1] has two
               columns where scikit-learn has 1, "logistic" and one
-    alpha     the penalty's B is a mini-batch's row count times the training
-              set's mean weight, where scikit-learn takes each batch's own weights
+    alpha     the penalty's B is a mini-batch's row count times the mean weight
+              of the first fit's training rows (the optimizer is made once),
+              where scikit-learn takes each batch's own weights
     loss_curve_  the mean loss of each epoch's batches, without the penalty term
               (poisson's with its constant, so that it is scikit-learn's)
     partial_fit  absent (hasattr is False) with solver="lbfgs", as scikit-learn's

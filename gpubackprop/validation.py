@@ -96,8 +96,8 @@ def check_X_on_disk(X, n_features, chunk_bytes=16 << 20):
 
 
 TARGET_RANGES = {  # the targets' kind (gpubackprop.nn.losses) -> (test, what it needs)
-    "binary": (lambda xp, a: bool(((a >= 0) & (a <= 1)).all()), "values in [0, 1] (0/1 labels or probabilities)"),
-    "counts": (lambda xp, a: bool((a >= 0).all()), "counts >= 0"),
+    "binary": (lambda a: bool(((a >= 0) & (a <= 1)).all()), "values in [0, 1] (0/1 labels or probabilities)"),
+    "counts": (lambda a: bool((a >= 0).all()), "counts >= 0"),
 }
 
 
@@ -129,7 +129,7 @@ def check_targets(y, n, loss, n_out, dtype, backend):
             raise ValueError("y's rows must be probabilities: non-negative, each summing to 1")
     elif loss.targets in TARGET_RANGES:
         test, need = TARGET_RANGES[loss.targets]
-        if not test(xp, arr):
+        if not test(arr):
             raise ValueError(f"{loss.name} needs targets y of {need}; y holds values from {float(arr.min())} "
                              f"to {float(arr.max())}")
     return arr

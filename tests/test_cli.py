@@ -309,12 +309,12 @@ def test_the_regression_losses_train_from_the_cli(tmp_path, capsys, loss, metric
     """diabetes' target counts disease progression (25..346): poisson trains on it unscaled."""
     path = diabetes_csv(tmp_path / "diabetes.csv")
     rc, out = train(tmp_path, "--dataset", str(path), "--hidden", "32", "--epochs", "60", "--device", "cpu",
-                    "--lr", "0.01", "--loss", loss, "--huber-delta", "0.5")
+                    "--lr", "0.01", "--loss", loss, *(["--huber-delta", "0.5"] if loss == "huber" else []))
     stdout = capsys.readouterr().out
     match = re.search(r"^held-out R\^2: (-?\d\.\d{4}), RMSE", stdout, re.M)
     assert rc == 0 and match and float(match.group(1)) > 0.3
     model = gb.load(out / "model.safetensors")
-    assert model.loss == loss and model.criterion.delta == 0.5
+    assert model.loss == loss and model.criterion.delta == (0.5 if loss == "huber" else 1.0)
     assert (model.target.mean, model.target.std) == ((0.0, 1.0) if loss == "poisson" else
                                                      (pytest.approx(152, abs=5), pytest.approx(77, abs=5)))
     history = json.loads((out / "history.json").read_text())
@@ -510,6 +510,7 @@ def test_a_regression_day_interrupted_resumed_then_predicted_in_the_targets_unit
     (["--loss", "binary_cross_entropy"], "--loss binary_cross_entropy is one logistic unit for two classes; this "
                                          "target has 3: use --loss cross_entropy"),
     (["--task", "regression", "--class-weight", "balanced"], "--class-weight weighs classes; this is a regression task"),
+    (["--huber-delta", "2"], "--huber-delta is --loss huber's; this run's loss is cross_entropy"),
     (["--drop", "species"], "--drop names the label column 'species'"),
 ])
 def test_bad_train_flags_exit_2_naming_the_flag(tmp_path, capsys, args, message):

@@ -8,7 +8,6 @@ import contextlib
 from typing import NamedTuple
 
 
-
 class DeviceUnavailableError(RuntimeError):
     """The requested device cannot be used; the message says why and what to do.
 

@@ -26,7 +26,7 @@ weights (scikit-learn's ``sample_weight``). The row losses:
 
 Unweighted, each is PyTorch's loss with reduction="mean" (the element-wise ones
 average over all B C elements). This module is the one table of losses: each row
-holds the kernels' code (``LOSS_*`` in kernels/common.cuh), what ``predict`` makes
+holds the kernels' code (``LOSS_*`` in kernels/loss.cu), what ``predict`` makes
 of z (``output``), the metric fit reports beside the loss, the targets it takes,
 the NumPy row losses and gradients, float64 references for the tests, and
 PyTorch's module for the comparisons.
@@ -41,6 +41,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..optim.base import check
+
 HUBER_DELTA = 1.0  # torch.nn.HuberLoss's default
 
 
@@ -49,7 +51,7 @@ class Loss:
     """One loss: see the module docstring. ``delta`` is huber's threshold (unused by the others)."""
 
     name: str
-    code: int  # LOSS_<NAME> in kernels/common.cuh
+    code: int  # LOSS_<NAME> in kernels/loss.cu
     output: str  # what predict makes of z: "softmax" (labels: argmax), "sigmoid" (labels: z > 0), "identity", "exp"
     metric: str  # the metric reported beside the loss: "accuracy" (rows), "binary_accuracy" (elements), a loss name, or ""
     targets: str  # "classes": labels or probability rows; "binary": values in [0, 1]; "values"; "counts": >= 0
@@ -188,9 +190,7 @@ def get_loss(name, delta=HUBER_DELTA):
     """The Loss called ``name`` (with huber's ``delta``); a ValueError naming the choices."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
-    if not (isinstance(delta, (int, float)) and np.isfinite(delta) and delta > 0):
-        raise ValueError(f"huber_delta must be a positive number, got {delta!r}")
-    return dataclasses.replace(LOSSES[name], delta=float(delta))
+    return dataclasses.replace(LOSSES[name], delta=check("huber_delta", delta, low_open=True))
 
 
 def row_scales(xp, batch, weight, weight_sum):

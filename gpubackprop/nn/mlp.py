@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import distributed, export, modelfile, tabular
 from ..train import recovery
-from ..train.loop import FitSettings, fit
+from ..train.loop import FitSettings, check_validation_data, fit
 from ..train.trainer import Trainer
 from . import inputs
 from .losses import HUBER_DELTA
@@ -118,9 +118,11 @@ class MLP(Network):
         too: (X_val, y_val, sample_weight_val). The history's metrics are then
         weighted means as well.
 
-        The history is a dict of per-epoch lists: "loss" and "accuracy" (cross
-        entropy) or "mse", averaged over the epoch's batches as they were trained,
-        and "val_loss", "val_accuracy" / "val_mse" when ``validation_data=(X, y)``.
+        The history is a dict of per-epoch lists: "loss" and the loss's metric
+        ("accuracy" for cross entropy, "binary_accuracy" for binary cross entropy,
+        "mse" / "mae" for those losses, none for huber and poisson), averaged over the
+        epoch's batches as they were trained, and the same with "val_" before them
+        when ``validation_data`` is given.
         The optimizer defaults to Adam(lr=1e-3) and stays as ``model.optimizer``.
         ``callbacks`` are gpubackprop.train.callbacks objects (or any with some of their
         hooks); ``progress`` adds a ProgressBar. ``clip_norm`` rescales the
@@ -130,7 +132,8 @@ class MLP(Network):
         steps with ``checkpoint_every=N`` (keeping the newest ``keep_checkpoints``);
         ``resume=True`` continues from the newest sound one there, to the same
         result, bit for bit on the CPU, as a run never interrupted (see
-        gpubackprop.train.checkpoint), and warns where it finds none.
+        gpubackprop.train.checkpoint; with the same sample weights, else it refuses),
+        and warns where it finds none.
 
         A step whose gradients hold Inf or NaN is skipped on the device; then
         ``on_nonfinite`` "raise" (FloatingPointError naming the step and tensors),
@@ -152,7 +155,7 @@ class MLP(Network):
         """
         settings.update(epochs=epochs, batch_size=batch_size, optimizer=optimizer)
         if settings.get("validation_data") is not None:
-            X_val, y_val, *w_val = settings["validation_data"]
+            X_val, y_val, *w_val = check_validation_data(settings["validation_data"])
             settings["validation_data"] = (*self.encoded(X_val, y_val), *w_val)
         if settings.get("class_weight") is not None:
             settings["sample_weight"] = self.row_weights(y, settings.get("sample_weight"), settings["class_weight"])
@@ -196,8 +199,8 @@ class MLP(Network):
                 and self.criterion.output == "sigmoid" and self.sizes[-1] == 1)
 
     def predict(self, X):
-        """Class labels (cross_entropy) or outputs (mse) for the rows of X: the
-        original labels or units where the model has a ``target``."""
+        """What Network.predict gives for the rows of X (labels, 0 / 1 per output, mean
+        counts or outputs): the original labels or units where the model has a ``target``."""
         out = super().predict(X if self.inputs is None else self.inputs.transform(X))
         if self.target is None:
             return out

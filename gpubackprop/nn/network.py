@@ -207,7 +207,7 @@ class Network:
         argmax = kind == "labels" and self.criterion.output == "softmax"
         out = be.empty((Xd.shape[0],) if argmax else (Xd.shape[0], self.sizes[-1]),
                        np.int64 if kind == "labels" else self.dtype)
-        row = be.empty((min(Xd.shape[0], EVAL_BATCH),), self.dtype)
+        row = be.empty((min(Xd.shape[0], EVAL_BATCH),), self.dtype) if kind == "outputs" else None
         for ws, rows in self._chunks(Xd):
             if argmax:
                 xp.argmax(ws.a[-1], axis=1, out=ws.pred)
@@ -270,6 +270,7 @@ class Network:
     def __repr__(self):
         return (f"{type(self).__name__}({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
                 f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r}"
+                + (f", huber_delta={self.criterion.delta:g}" if self.loss == "huber" else "")
                 + (f", dropout={self.dropout})" if self.dropout else ")"))
 
 

@@ -36,8 +36,7 @@ from typing import Optional
 import numpy as np
 
 from ..backend import DenseBuffers
-from ..nn import losses
-from ..nn.losses import HUBER_DELTA, get_loss
+from ..nn.losses import HUBER_DELTA, get_loss, softmax
 from ..nn.activations import IDENTITY, get_activation
 from ..optim import SGD
 from ..train.trainer import Trainer, check_optimizer
@@ -304,7 +303,7 @@ def trace(model, X, y, optimizer=None):
         q = None
         if model.loss == "cross_entropy":
             qd, row = be.empty(ws.a[-1].shape, ws.a[-1].dtype), be.empty((ws.batch,), ws.a[-1].dtype)
-            losses.softmax(be.xp, ws.a[-1], qd, row)
+            softmax(be.xp, ws.a[-1], qd, row)
             q = be.to_host(qd).copy()
     layers = [Layer(a=host[0])]
     for l in range(1, len(model.sizes)):

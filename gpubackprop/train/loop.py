@@ -1,9 +1,9 @@
 """fit: epochs of shuffled mini-batches, metrics, validation, callbacks, checkpoints,
 data-parallel sharding; each step is the Trainer's.
 
-The history is a dict of per-epoch lists: "loss" and "accuracy" (cross entropy) or
-"mse", averaged over the epoch's batches as they were trained, and "val_loss",
-"val_accuracy" / "val_mse" with validation data. The loss is read from the device
+The history is a dict of per-epoch lists: "loss" and the loss's metric
+(Network.metrics), averaged over the epoch's batches as they were trained (weighted
+means with sample weights), and the same with "val_" before them with validation data. The loss is read from the device
 every ``SYNC_EVERY`` steps and at each epoch's end, never per step.
 """
 
@@ -291,13 +291,18 @@ class Loop:
         return self.model.metrics(totals, X.shape[0] if W is None else float(W.sum()))
 
 
-def validation_set(model, data):
-    """fit's validation_data, (X, y) or (X, y, sample_weight), on the device: (X, T, W or None)."""
-    if data is None:
-        return None
+def check_validation_data(data):
+    """fit's validation_data: (X, y) or (X, y, sample_weight), else a ValueError saying so."""
     if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
         raise ValueError("validation_data must be (X_val, y_val) or (X_val, y_val, sample_weight_val)")
-    X, T = model.prepare(data[0], data[1])
+    return data
+
+
+def validation_set(model, data):
+    """fit's validation_data on the device: (X, T, W or None)."""
+    if data is None:
+        return None
+    X, T = model.prepare(*check_validation_data(data)[:2])
     return X, T, model.prepare_weights(data[2] if len(data) == 3 else None, X.shape[0])
 
 

@@ -93,5 +93,6 @@ def test_huber_and_mae_gradients_at_their_joins():
 def test_unknown_losses_and_bad_deltas_are_refused():
     with pytest.raises(ValueError, match="unknown loss 'hinge'; choose one of"):
         get_loss("hinge")
-    with pytest.raises(ValueError, match="huber_delta must be a positive number"):
+    with pytest.raises(ValueError, match=r"huber_delta must be in \(0.0, inf\], got 0.0"):
         get_loss("huber", 0.0)
+    assert get_loss("huber", np.float32(0.5)).delta == 0.5
