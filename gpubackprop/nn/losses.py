@@ -8,7 +8,8 @@ weighted mean of row losses l_i over the batch:
     s_i = w_i / sum_j w_j      with sample weights w (0 where they sum to 0),
 
 so that a row of weight 0 counts as if it were not there, and weights 1 are no
-weights (scikit-learn's ``sample_weight``). The row losses:
+weights (scikit-learn's ``sample_weight``). A batch whose weights are all 0 has loss
+and gradient 0; its step still runs (momentum and Adam's moments carry on). The row losses:
 
     cross_entropy         q = softmax(z_i), l_i = -sum_c y_ic log q_ic,    dl_i/dz_i = q_i - y_i
                           With rows of y summing to 1, log q_ic = z_ic - lse_i, so
