@@ -80,19 +80,22 @@ class FusedCpuBackend(NumpyBackend):
             matmul(grad, layer.W, buf.grad_prev)
 
     def loss(self, loss, buf, running=None, loss_scale=None):
-        z = buf.z
-        if loss_scale is not None or buf.weight is not None or loss.name not in ("cross_entropy", "mse") or not fused(z):
+        z, weight = buf.z, buf.weight
+        if loss_scale is not None or loss.name not in ("cross_entropy", "mse") or not fused(z):
             return super().loss(loss, buf, running, loss_scale)
         rows, c = z.shape[0], z.dtype.type
+        count = rows if weight is None else float(buf.weight_sum)  # the rows, or their weight
+        cols = 1 if loss.name == "cross_entropy" else z.shape[1]
+        scale = c(1.0 / (count * cols)) if count > 0 else c(0.0)  # a batch of weights all 0: loss and delta 0
         if loss.name == "cross_entropy":
-            hits = cpu_kernels.shift_logits(z, buf.target, buf.delta, buf.row)
+            hits = cpu_kernels.shift_logits(z, buf.target, buf.delta, buf.row, weight)
             np.exp(buf.delta, out=buf.delta)
-            value = cpu_kernels.normalize_exponentials(buf.delta, buf.target, buf.row, c(1.0 / rows))
+            value = cpu_kernels.normalize_exponentials(buf.delta, buf.target, buf.row, scale, weight)
         else:
-            value, hits = cpu_kernels.mean_squared_error(z, buf.target, buf.delta, buf.row, c(1.0 / z.size)), 0
+            value, hits = cpu_kernels.mean_squared_error(z, buf.target, buf.delta, buf.row, scale, weight), 0
         buf.out[...] = value
         if running is not None:
-            running[0] += float(buf.out) * rows
+            running[0] += float(buf.out) * count
             running[1] += hits
 
     def flag_nonfinite(self, g, flag):

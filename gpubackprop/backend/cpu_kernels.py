@@ -141,13 +141,14 @@ def first_nan(x, r, otherwise):
     return otherwise
 
 
-def shift_logits(z, y, shifted, row):
+def shift_logits(z, y, shifted, row, weight):
     """The first half of softmax cross entropy (gpubackprop.nn.losses), before the
     exponentials: shifted = z - m row-wise (m_i = max_c z_ic), row[i] = y_i . (z_i - m_i);
-    returns the rows whose argmax z is argmax y."""
+    returns the rows whose argmax z is argmax y, each counting its ``weight`` (None: 1;
+    numba compiles the two cases apart)."""
     C = z.dtype.type
     rows, cols = z.shape
-    hits = 0
+    hits = 0.0
     for r in range(rows):
         m, top = z[r, 0], 0
         for c in range(1, cols):
@@ -165,14 +166,16 @@ def shift_logits(z, y, shifted, row):
         row[r] = y_dot_shifted
         if y_dot_shifted != y_dot_shifted:  # a NaN in the row: np.argmax picks the first NaN
             top, label = first_nan(z, r, top), first_nan(y, r, label)
-        hits += 1 if top == label else 0
+        if top == label:
+            hits += 1.0 if weight is None else weight[r]
     return hits
 
 
-def normalize_exponentials(e, y, row, inv_rows):
+def normalize_exponentials(e, y, row, scale, weight):
     """The second half, after e = exp(z - m) (NumPy's SIMD exp: a loop would call the
-    scalar libm expf per element): e = delta_L = (e / s - y) * inv_rows with s_i = sum_c e_ic, row[i] = log s_i
-    - row[i]; returns the batch's mean loss (summed in float64)."""
+    scalar libm expf per element): e = delta_L = (e / s - y) * s_r with s_i = sum_c e_ic,
+    s_r = scale (1 / B) or scale * weight[r] (scale = 1 / sum w), row[i] = log s_i - row[i];
+    returns the batch's (weighted) mean loss (summed in float64)."""
     C = e.dtype.type
     rows, cols = e.shape
     total = 0.0  # float64: a float32 running sum drifts over a large batch
@@ -180,27 +183,30 @@ def normalize_exponentials(e, y, row, inv_rows):
         s = C(0)
         for c in range(cols):
             s += e[r, c]
+        row_scale = scale if weight is None else scale * weight[r]
         for c in range(cols):
-            e[r, c] = (e[r, c] / s - y[r, c]) * inv_rows
+            e[r, c] = (e[r, c] / s - y[r, c]) * row_scale
         row[r] = math.log(s) - row[r]
-        total += row[r]
-    return C(total) * inv_rows
+        total += row[r] if weight is None else row[r] * weight[r]
+    return C(total) * scale
 
 
-def mean_squared_error(z, y, delta, row, inv_n):
-    """delta = 2 (z - y) * inv_n, row[i] = the squared error of row i; returns the mean."""
+def mean_squared_error(z, y, delta, row, inv_n, weight):
+    """delta = 2 (z - y) * inv_n (times weight[r] where weights are given: inv_n is then
+    1 / (C sum w)), row[i] = the squared error of row i; returns the (weighted) mean."""
     C = z.dtype.type
     rows, cols = z.shape
     for r in range(rows):
         acc = C(0)
+        row_scale = C(2) * inv_n if weight is None else C(2) * inv_n * weight[r]
         for c in range(cols):
             d = z[r, c] - y[r, c]
             acc += d * d
-            delta[r, c] = d * (C(2) * inv_n)
+            delta[r, c] = d * row_scale
         row[r] = acc
     total = 0.0
     for r in range(rows):
-        total += row[r]
+        total += row[r] if weight is None else row[r] * weight[r]
     return C(total) * inv_n
 
 

@@ -81,16 +81,21 @@ def test_fused_dense_layers_agree_with_numpy(name, shape, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_fused_losses_agree_with_numpy_and_count_the_same_hits(loss, dtype, rng):
+def test_fused_losses_agree_with_numpy_and_count_the_same_hits(loss, weighted, dtype, rng):
     B, C = 41, 7
     z = (rng.standard_normal((B, C)) * 4).astype(dtype)
     y = np.eye(C, dtype=dtype)[rng.integers(0, C, B)]
     z[3] = z[3, 0]  # a row of ties: argmax takes the first, as NumPy's
+    w = (rng.random(B) * (rng.random(B) > 0.3)).astype(dtype) if weighted else None
     out = []
     for be in (NUMPY, FUSED):
         delta, value, running = poisoned((B, C), dtype), poisoned((), dtype), np.array([0.5, 1.0])
-        be.loss(losses.get_loss(loss), loss_buffers(z, y, delta, value), running)
+        buffers = loss_buffers(z, y, delta, value)
+        if weighted:
+            buffers = buffers._replace(weight=w, weight_sum=np.array(w.sum(), dtype))
+        be.loss(losses.get_loss(loss), buffers, running)
         out.append((value, delta, running))
     tol = 1e-6 if dtype == np.float32 else 1e-14
     (v0, d0, r0), (v1, d1, r1) = out
@@ -98,7 +103,10 @@ def test_fused_losses_agree_with_numpy_and_count_the_same_hits(loss, dtype, rng)
     np.testing.assert_allclose(v1, v0, rtol=tol)
     np.testing.assert_allclose(d1, d0, rtol=tol, atol=tol)
     np.testing.assert_allclose(r1[0], r0[0], rtol=tol)
-    assert r1[1] == r0[1]
+    if weighted:  # the hits' weights summed in another order
+        np.testing.assert_allclose(r1[1], r0[1], rtol=tol)
+    else:
+        assert r1[1] == r0[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -90,6 +90,18 @@ def test_float32_work_stays_float32(act, strict_float32, rng):
     assert all(v.dtype == np.float32 for v in model.state_dict().values())
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_weighted_float32_work_stays_float32(loss, strict_float32, rng):
+    """The weighted losses, every one, on the NumPy backend: float32 only, the weights too."""
+    model = gb.MLP([5, 6, 3], activation="tanh", loss=loss, seed=0, device=NumpyBackend())
+    model.backend.xp = strict_float32
+    X, y = random_batch(rng, model.sizes, loss, 30)
+    w = rng.random(30)
+    model.fit(X, y, epochs=2, batch_size=8, progress=False, sample_weight=w,
+              optimizer=gb.optim.Adam(weight_decay=1e-3, decay_biases=False), validation_data=(X, y, w))
+    assert strict_float32.calls > 50 and np.isfinite(model.evaluate(X, y, sample_weight=w)["loss"])
+
+
 def test_mse_float32_stays_float32(strict_float32, rng):
     model = gb.MLP([3, 5, 2], activation="gelu", loss="mse", seed=0, device=NumpyBackend())
     model.backend.xp = strict_float32
