@@ -11,10 +11,11 @@ from .backend import DeviceUnavailableError, OutOfMemoryError, get_backend
 from .modelfile import load_metadata, load_optimizer
 from .nn.mlp import MLP, load
 from .nn.network import Network
+from .nn.pack import MLPPack
 from .tools.gradcheck import gradcheck
 from .tools.trace import trace
 from .train import callbacks
 from .version import __version__
 
-__all__ = ["MLP", "Network", "optim", "callbacks", "distributed", "gradcheck", "trace", "load", "load_optimizer",
+__all__ = ["MLP", "MLPPack", "Network", "optim", "callbacks", "distributed", "gradcheck", "trace", "load", "load_optimizer",
            "load_metadata", "get_backend", "DeviceUnavailableError", "OutOfMemoryError", "__version__"]

@@ -223,3 +223,18 @@ def finish(xp, loss, delta, row, scale):
     s = (scale / cols).astype(delta.dtype)
     xp.multiply(delta, s[:, None], out=delta)
     return xp.vdot(s, row).astype(delta.dtype)
+
+
+def metrics(loss, totals, count, outputs):
+    """The loss and its metric from the running [loss sum, hits] over ``count`` rows
+    (or, weighted, the rows' weights' sum) of ``outputs`` outputs: accuracy over rows,
+    binary_accuracy over every output, or a copy of the loss under its name."""
+    total_loss, hits = totals
+    logs = {"loss": float(total_loss) / count}
+    if loss.metric == "accuracy":
+        logs[loss.metric] = float(hits) / count
+    elif loss.metric == "binary_accuracy":
+        logs[loss.metric] = float(hits) / (count * outputs)
+    elif loss.metric:
+        logs[loss.metric] = logs["loss"]
+    return logs

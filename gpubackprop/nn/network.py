@@ -32,7 +32,7 @@ from ..optim import precision as precision_modes
 from . import inputs
 from .activations import get_activation
 from .dropout import Dropout
-from .losses import HUBER_DELTA, get_loss, output
+from .losses import HUBER_DELTA, get_loss, metrics, output
 from .parameters import Parameters, initial_values, layout, parameter_count
 from .workspace import Workspaces
 
@@ -61,12 +61,10 @@ class Network:
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
-        init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(seed).spawn(3)
-        self.dropout_seed = int(dropout_seq.generate_state(1)[0])
-        self.shuffle_rng = np.random.default_rng(shuffle_seq)
+        init_rng, self.shuffle_rng, self.dropout_seed = seed_streams(seed)
         precision_modes.check(precision, self.dtype, self.backend)
         self.compute_dtype = precision_modes.compute_dtype(precision, self.dtype)
-        self._build(initial_values(self.sizes, self.act, np.random.default_rng(init_seq)))
+        self._build(initial_values(self.sizes, self.act, init_rng))
 
     def _build(self, flat_host):
         """Parameters, the loss scaler of fp16 and the workspaces on the current backend."""
@@ -250,18 +248,8 @@ class Network:
 
     def metrics(self, totals, count):
         """The metrics from the host's [loss sum, hits] over ``count`` rows (or, weighted,
-        the rows' weights' sum): the loss, and the loss's metric (accuracy over rows,
-        binary_accuracy over every output, or a copy of the loss under its name)."""
-        total_loss, hits = totals
-        logs = {"loss": float(total_loss) / count}
-        metric = self.criterion.metric
-        if metric == "accuracy":
-            logs[metric] = float(hits) / count
-        elif metric == "binary_accuracy":
-            logs[metric] = float(hits) / (count * self.sizes[-1])
-        elif metric:
-            logs[metric] = logs["loss"]
-        return logs
+        the rows' weights' sum): losses.metrics."""
+        return metrics(self.criterion, totals, count, self.sizes[-1])
 
     def config(self):
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss, "dtype": self.dtype,
@@ -272,6 +260,13 @@ class Network:
                 f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r}"
                 + (f", huber_delta={self.criterion.delta:g}" if self.loss == "huber" else "")
                 + (f", dropout={self.dropout})" if self.dropout else ")"))
+
+
+def seed_streams(seed):
+    """What a seed gives a network (an MLP, or a member of a pack): the generator of its
+    initial values, its shuffle generator and its dropout seed, each a stream of its own."""
+    init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(seed).spawn(3)
+    return np.random.default_rng(init_seq), np.random.default_rng(shuffle_seq), int(dropout_seq.generate_state(1)[0])
 
 
 def _check_dtype(dtype, backend):

@@ -1,0 +1,101 @@
+"""MLPPack: member k of a pack trains as a lone MLP of its seed on the same data and
+settings; predictions, the ensemble, stopped members and files."""
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop.nn.pack import MLPPack
+
+from ..helpers import random_batch
+
+SIZES = [5, 8, 3]
+
+
+def lone_fit(k, pack, X, y, optimizer, lrs, decays, weights, hyper, **settings):
+    """Member k's twin: an MLP of its seed, trained alone with its settings."""
+    model = gb.MLP(pack.sizes, activation=pack.activation, loss=pack.loss, dtype=pack.dtype.name, seed=pack.seeds[k])
+    rule = gb.optim.SGD if optimizer == "sgd" else gb.optim.Adam
+    history = model.fit(X, y, optimizer=rule(lrs[k], weight_decay=decays[k], **hyper), progress=False,
+                        sample_weight=None if weights is None else weights[k], **settings)
+    return model, history
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-6)])
+@pytest.mark.parametrize("optimizer,hyper", [("sgd", dict(momentum=0.9, nesterov=True)), ("adam", {})])
+@pytest.mark.parametrize("loss,activation", [("cross_entropy", "relu"), ("mse", "gelu"),
+                                             ("binary_cross_entropy", "tanh")])
+@pytest.mark.parametrize("weighted", [False, True], ids=["all rows", "own row weights"])
+def test_each_member_trains_as_a_lone_mlp_of_its_seed(loss, activation, optimizer, hyper, dtype, tol, weighted, rng):
+    """Per-member learning rates and weight decays, each member's own shuffle, a partial
+    last batch (50 rows in 16s) and, weighted, each member's own row weights (some 0: its
+    own subset of the rows)."""
+    X, y = random_batch(rng, SIZES, loss, 50)
+    lrs, decays = [0.01, 0.03, 0.05], [0.0, 1e-3, 1e-2]
+    weights = rng.random((3, 50)) * (rng.random((3, 50)) > 0.3) if weighted else None
+    pack = MLPPack(SIZES, members=3, activation=activation, loss=loss, dtype=dtype, seed=4)
+    histories = pack.fit(X, y, epochs=3, batch_size=16, optimizer=optimizer, lr=lrs, weight_decay=decays,
+                         sample_weight=weights, **hyper)
+    for k in range(3):
+        model, history = lone_fit(k, pack, X, y, optimizer, lrs, decays, weights, hyper, epochs=3, batch_size=16)
+        np.testing.assert_allclose(pack.params[k], model.params, rtol=0, atol=tol, err_msg=f"member {k}")
+        assert histories[k].keys() == history.keys()
+        for name in history:
+            np.testing.assert_allclose(histories[k][name], history[name], rtol=tol, atol=tol)
+        np.testing.assert_allclose(pack.member(k).predict_proba(X) if model.criterion.classifies else
+                                   pack.member(k).predict(X), model.predict_proba(X) if model.criterion.classifies
+                                   else model.predict(X), rtol=0, atol=10 * tol)
+
+
+def test_predict_gives_every_members_and_the_ensembles(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 40)
+    pack = MLPPack(SIZES, members=4, seed=0)
+    pack.fit(X, y, epochs=5, batch_size=8, lr=1e-2)
+    labels = pack.predict(X)
+    assert labels.shape == (4, 40)
+    probabilities = np.stack([pack.member(k).predict_proba(X) for k in range(4)])
+    for k in range(4):
+        np.testing.assert_array_equal(labels[k], pack.member(k).predict(X))
+    np.testing.assert_array_equal(pack.predict(X, ensemble=True), probabilities.mean(axis=0).argmax(axis=1))
+    regressor = MLPPack(SIZES, members=2, loss="mse", seed=0)
+    np.testing.assert_allclose(regressor.predict(X, ensemble=True), regressor.predict(X).mean(axis=0))
+
+
+def test_a_member_gone_non_finite_is_stopped_alone(rng):
+    X, y = random_batch(rng, SIZES, "mse", 40)
+    pack = MLPPack(SIZES, members=3, loss="mse", activation="identity", dtype="float64", seed=0)
+    calm = MLPPack(SIZES, members=3, loss="mse", activation="identity", dtype="float64", seed=0)
+    with pytest.warns(RuntimeWarning, match="pack member 1 \\(seed 1\\) went non-finite at step"):
+        pack.fit(X * 1e3, y * 1e3, epochs=3, batch_size=8, optimizer="sgd", lr=[1e-9, 10.0, 1e-9])
+    calm.fit(X * 1e3, y * 1e3, epochs=3, batch_size=8, optimizer="sgd", lr=[1e-9, 1e-9, 1e-9])
+    assert pack.stopped[0] is None and pack.stopped[2] is None and pack.stopped[1] is not None
+    assert np.isfinite(pack.params).all()
+    for k in (0, 2):
+        np.testing.assert_array_equal(pack.params[k], calm.params[k])
+
+
+def test_save_and_load_keep_every_member(tmp_path, rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 30)
+    pack = MLPPack(SIZES, seeds=[3, 1, 4], activation="tanh", dtype="float64")
+    pack.fit(X, y, epochs=2, batch_size=10)
+    pack.save(tmp_path / "pack.safetensors")
+    loaded = MLPPack.load(tmp_path / "pack.safetensors")
+    assert loaded.seeds == [3, 1, 4] and loaded.activation == "tanh"
+    np.testing.assert_array_equal(loaded.params, pack.params)
+    np.testing.assert_array_equal(loaded.predict(X), pack.predict(X))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=[0.1, 0.2]), "lr must be a number >= 0 or a sequence of 3"),
+    (dict(lr=[0.1, 0.0, 0.1]), "lr must be > 0 for every member"),
+    (dict(weight_decay=-1.0), "weight_decay must be a number >= 0"),
+    (dict(optimizer="rmsprop"), "optimizer must be 'sgd' or 'adam'"),
+    (dict(sample_weight=np.ones((2, 10))), r"sample_weight must be \(n,\) or \(members, n\) = \(3, 10\)"),
+])
+def test_bad_settings_are_refused_before_training(kwargs, message, rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    pack = MLPPack(SIZES, members=3)
+    before = pack.params.copy()
+    with pytest.raises(ValueError, match=message):
+        pack.fit(X, y, **kwargs)
+    np.testing.assert_array_equal(pack.params, before)
