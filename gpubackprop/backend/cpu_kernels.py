@@ -50,11 +50,15 @@ IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID = 0, 1, 2, 3, 4
 def compiled(f, **flags):
     """f compiled by numba, releasing the GIL while it runs, cached on disk: where
     numba finds no writable cache folder (a read-only install and home), compiled
-    again by each process instead."""
+    again by each process instead. NumPy's error model: a division by zero gives Inf
+    or NaN as NumPy's (and the guard's checks see it) rather than raising, and with
+    no check in the loop LLVM vectorizes it (adam_update over 1.6M float32: 4.7 ms
+    with Python's error model, 0.93 ms with NumPy's, the same bits)."""
+    flags = {"nogil": True, "error_model": "numpy", **flags}
     try:
-        return njit(cache=True, nogil=True, **flags)(f)
+        return njit(cache=True, **flags)(f)
     except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(nogil=True, **flags)(f)
+        return njit(**flags)(f)
 
 
 # ---- activations (common.cuh: act_forward, act_grad) ----------------------------------

@@ -11,18 +11,17 @@ member k and its own batch of B rows:
     dL_k/dW_l = delta_l^T a_{l-1},  dL_k/db_l = sum over the batch of delta_l
     delta_{l-1} = (delta_l W_l) * g'(z_{l-1})
 
-and the optimizer's own NumPy update (gpubackprop.optim) over the (K, P) buffers,
-with a learning rate and a weight decay per member ((K, 1) columns broadcast over
-the rows). Member k trains as ``MLP(sizes, seed=seeds[k])`` trained alone with
-``fit`` on the same data and settings: the same initial values, its own shuffle of
-the rows each epoch, the same batches, the same update. The elementwise work and
-the reductions run as NumPy calls over all members rather than the lone model's
-fused loops, so the two agree to rounding (tests/nn/test_pack.py holds them to it),
-not bit for bit.
+and each member's own gpubackprop.optim optimizer over its row of the buffers (the
+lone model's fused update, with the member's own hyperparameters). Member k trains
+as ``MLP(sizes, seed=seeds[k])`` trained alone with ``fit`` on the same data and
+settings: the same initial values, its own shuffle of the rows each epoch, the
+same batches, the same update. The elementwise work and the reductions run as
+NumPy calls over all members rather than the lone model's fused loops, so the two
+agree to rounding (tests/nn/test_pack.py holds them to it), not bit for bit.
 
-A member whose loss or gradients go non-finite is stopped alone: its parameters
-stay at the last finite step's, the others train on, and ``stopped[k]`` names the
-step. This version runs on the CPU backend (NumPy); the members' rows are the
+A member whose loss or gradients go non-finite is stopped alone: its optimizer
+steps no more, so its parameters stay at the last finite step's; the others train
+on, and ``stopped[k]`` names the step. This version runs on the CPU backend (NumPy); the members' rows are the
 lone model's layout, so a CUDA path (batched GEMMs, the kernels with a member
 axis) can take the same buffers.
 """
@@ -32,15 +31,14 @@ import warnings
 
 import numpy as np
 
-from .. import state, validation
+from .. import optim, state, validation
 from ..backend import get_backend
-from ..optim import OPTIMIZERS, Update
 from . import losses
 from .activations import get_activation
 from .losses import HUBER_DELTA, get_loss
 from .mlp import MLP
 from .network import DTYPES, seed_streams
-from .parameters import initial_values, layout, parameter_count
+from .parameters import initial_values, layout
 
 FORMAT, VERSION = "gpubackprop.mlppack", "1"
 CPU = get_backend("cpu")  # where a pack computes in this version
@@ -73,6 +71,7 @@ class MLPPack:
         self.params = np.stack([initial_values(self.sizes, self.act, init) for init, _, _ in streams]).astype(self.dtype)
         self.grads = np.zeros_like(self.params)
         self.stopped = [None] * len(self.seeds)  # the step at which each member was stopped, or None
+        self._kept = None  # ((optimizer, settings), the members' optimizers) of the last fit
 
     @property
     def members(self):
@@ -137,16 +136,18 @@ class MLPPack:
         return value, (None if hits is None else hits if W is None else hits * W), delta
 
     # ---- training -------------------------------------------------------------------
-    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0, sample_weight=None,
-            shuffle=True, **hyperparams):
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", sample_weight=None, shuffle=True,
+            **hyperparams):
         """Train every member ``epochs`` times over (X, y) in batches of ``batch_size``
         rows, each member shuffling the rows by its own seed; returns K histories as
         MLP.fit's ({"loss": [...], and the loss's metric}).
 
-        optimizer     "sgd" or "adam" (torch.optim's, gpubackprop.optim's maths);
-                      ``hyperparams`` its others (momentum, nesterov, dampening;
-                      betas, eps), the same for every member
-        lr, weight_decay   a number for every member, or a sequence of K
+        optimizer     "sgd" or "adam": gpubackprop.optim's SGD or Adam, one per member
+                      (its state continues across fit calls while the optimizer and
+                      its settings stay), whose hyperparameters (lr, weight_decay,
+                      momentum, nesterov, betas, eps, decay_biases, ...) are each one
+                      value for every member, or a list of K (a tuple is one value:
+                      betas=(0.9, 0.99) is every member's)
         sample_weight  (n,) for every member, or (K, n): a member's own weights (a
                       weight of 0 leaves a row out of its loss)
         """
@@ -155,14 +156,14 @@ class MLPPack:
         W = None if sample_weight is None else np.broadcast_to(self._weights(sample_weight, n), (K, n))  # (K, n)
         epochs = validation.check_positive_int("epochs", epochs, minimum=0)
         batch = min(validation.check_positive_int("batch_size", batch_size), n)
-        rule, update, settings = self._optimizer(optimizer, lr, weight_decay, hyperparams)
+        optimizers = self._optimizers(optimizer, hyperparams)
         histories = [{} for _ in range(K)]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a stopped member's warning speaks
             for _ in range(epochs):
-                self._epoch(Xd, T, W, batch, shuffle, (rule, update, settings), histories)
+                self._epoch(Xd, T, W, batch, shuffle, optimizers, histories)
         return histories
 
-    def _epoch(self, Xd, T, W, batch, shuffle, optimizer, histories):
+    def _epoch(self, Xd, T, W, batch, shuffle, optimizers, histories):
         """One epoch of every member over its own shuffle of the rows; its metrics into ``histories``."""
         n, K = Xd.shape[0], self.members
         orders = np.stack([rng.permutation(n) if shuffle else np.arange(n) for rng in self.shuffle_rngs])
@@ -170,60 +171,55 @@ class MLPPack:
         for start in range(0, n, batch):
             rows = orders[:, start:start + batch]
             Wb = None if W is None else np.take_along_axis(W, rows, axis=1).astype(self.dtype)
-            running += self._step(Xd[rows], T[rows], Wb, *optimizer)
+            running += self._step(Xd[rows], T[rows], Wb, optimizers)
         totals = np.full(K, n, np.float64) if W is None else W.sum(axis=1)
         for k in range(K):
             for name, value in losses.metrics(self.criterion, running[:, k], totals[k], self.sizes[-1]).items():
                 histories[k].setdefault(name, []).append(value)
 
-    def _step(self, Xb, Tb, Wb, rule, update, settings):
+    def _step(self, Xb, Tb, Wb, optimizers):
         """One step of every member on its batch; returns [loss * count, hits] per member."""
         a = self.forward(Xb)
         value, hits, delta = self.loss_and_delta(a[-1], Tb, Wb)
         self.backward(a, delta)
-        self._stop_nonfinite(value, update, settings)
-        rule.numpy_update(np, update, settings)
+        self._stop_nonfinite(value, max(o.steps for o in optimizers) + 1)
+        for optimizer, stopped in zip(optimizers, self.stopped):
+            if stopped is None:  # a stopped member keeps its last finite parameters
+                optimizer.step()
         count = Xb.shape[1] if Wb is None else Wb.sum(axis=1)
         return np.stack([value * count, np.zeros_like(value) if hits is None else hits.sum(axis=1)])
 
-    def _stop_nonfinite(self, value, update, settings):
-        """Members whose loss or gradients are not finite stop now (a warning names them).
-        A stopped member's update is made a no-op, exactly: learning rate 0 and gradient 0
-        (its moments stay finite, and p - 0 x = p), so its parameters stay the last finite ones."""
+    def _stop_nonfinite(self, value, step):
+        """Members whose loss or gradients are not finite stop now (a warning names them)."""
         finite = np.isfinite(value) & np.isfinite(np.einsum("kp,kp->k", self.grads, self.grads))
-        step = int(update.steps[0]) + 1
         for k in np.flatnonzero(~finite):
             if self.stopped[k] is None:
                 self.stopped[k] = step
                 warnings.warn(f"pack member {k} (seed {self.seeds[k]}) went non-finite at step {step} and is stopped; "
                               "the others train on", RuntimeWarning, stacklevel=5)
-        for k, at in enumerate(self.stopped):
-            if at is not None:
-                settings.lr[k] = 0.0
-                self.grads[k] = 0.0
 
-    def _optimizer(self, name, lr, weight_decay, hyperparams):
-        """(the optimizer's class, its Update over the (K, P) buffers, its settings): ``name``'s
-        hyperparameters with lr and weight_decay as (K, 1) columns in the parameters' dtype."""
-        rules = {"sgd": "SGD", "adam": "Adam"}
+    def _optimizers(self, name, hyperparams):
+        """One gpubackprop.optim optimizer per member, bound to its rows of the buffers
+        (its own fused update on the CPU backend, as a lone MLP's): kept from the last fit
+        where the optimizer and its settings are the same, so that its state continues."""
+        rules = {"sgd": optim.SGD, "adam": optim.Adam}
         if name not in rules:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
-        rule = OPTIMIZERS[rules[name]]
-        template = rule(lr=float(np.max(lr)) if np.size(lr) else 1e-3, **hyperparams)  # checks the others
-        columns = {k: self._per_member(k, v) for k, v in (("lr", lr), ("weight_decay", weight_decay))}
-        settings = template.settings()._replace(**columns)
-        state = tuple(np.zeros_like(self.params) for _ in template.state_names)
-        scratch = tuple(np.empty_like(self.params) for _ in range(rule.n_scratch))
-        return rule, Update(self.params, self.grads, state, scratch, np.zeros(1, np.uint32)), settings
-
-    def _per_member(self, name, value):
-        column = np.asarray(value, np.float64).reshape(-1, 1)
-        if column.shape[0] not in (1, self.members) or not np.isfinite(column).all() or (column < 0).any():
-            raise ValueError(f"{name} must be a number >= 0 or a sequence of {self.members} (one per member), "
-                             f"got {value!r}")
-        if name == "lr" and not (column > 0).all():
-            raise ValueError(f"lr must be > 0 for every member, got {value!r}")
-        return np.broadcast_to(column, (self.members, 1)).astype(self.dtype)
+        K = self.members
+        for key, value in hyperparams.items():
+            if isinstance(value, (list, np.ndarray)) and len(value) != K:
+                raise ValueError(f"{key} must be one value for every member or a list of {K} (one per member), "
+                                 f"got {len(value)}")
+        settings = [{key: value[k] if isinstance(value, (list, np.ndarray)) else value
+                     for key, value in hyperparams.items()} for k in range(K)]
+        if self._kept is not None and self._kept[0] == (name, repr(settings)):
+            return self._kept[1]
+        slices = layout(self.sizes)
+        optimizers = [rules[name](**s, params=optim.Flat(CPU, self.params[k], self.grads[k],
+                                                         tuple(w for w, _, _, _ in slices)))
+                      for k, s in enumerate(settings)]
+        self._kept = ((name, repr(settings)), optimizers)
+        return optimizers
 
     def _data(self, X, y):
         """X (n, n_0) and the dense targets T (n, n_L) on the host, in the pack's dtype."""

@@ -79,9 +79,9 @@ class Adam(Optimizer):
         steps[0] += 1
         step = int(steps[0])
         d, t = u.scratch
-        if np.any(weight_decay) and h.decoupled:  # a scalar, or a pack's per-member vector
+        if weight_decay and h.decoupled:
             xp.multiply(p, 1.0 - lr * weight_decay, out=p)
-        if np.any(weight_decay) and not h.decoupled:
+        if weight_decay and not h.decoupled:
             xp.multiply(p, weight_decay, out=d)
             xp.add(d, g, out=d)
         else:

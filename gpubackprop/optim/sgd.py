@@ -73,7 +73,7 @@ class SGD(Optimizer):
         first = steps[0] == 0
         steps[0] += 1
         d = g  # read in place, never written: the model's gradients stay inspectable
-        if np.any(weight_decay):  # a scalar, or a pack's per-member vector
+        if weight_decay:
             xp.multiply(p, weight_decay, out=s)
             xp.add(s, g, out=s)
             d = s

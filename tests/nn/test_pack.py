@@ -86,9 +86,9 @@ def test_save_and_load_keep_every_member(tmp_path, rng):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(lr=[0.1, 0.2]), "lr must be a number >= 0 or a sequence of 3"),
-    (dict(lr=[0.1, 0.0, 0.1]), "lr must be > 0 for every member"),
-    (dict(weight_decay=-1.0), "weight_decay must be a number >= 0"),
+    (dict(lr=[0.1, 0.2]), "lr must be one value for every member or a list of 3 \\(one per member\\), got 2"),
+    (dict(lr=[0.1, 0.0, 0.1]), r"lr must be in \(0.0, inf\], got 0.0"),
+    (dict(weight_decay=-1.0), r"weight_decay must be in \[0.0, inf\], got -1.0"),
     (dict(optimizer="rmsprop"), "optimizer must be 'sgd' or 'adam'"),
     (dict(sample_weight=np.ones((2, 10))), r"sample_weight must be \(n,\) or \(members, n\) = \(3, 10\)"),
 ])
