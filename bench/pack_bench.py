@@ -1,0 +1,230 @@
+"""K small MLPs trained together: MLPPack against K fits one after another (ours, and
+PyTorch's), and against the same step vectorized over the members by torch.func
+(stack_module_state + vmap of grad) and by JAX (jit of vmap). Every member has its
+own starting weights and its own shuffle; one timed run is one epoch of plain SGD
+(lr 0.05, cross entropy, float32) for all K members.
+
+Reported per case: seconds per epoch of each, MLPPack's speed-up over each, and the
+GFLOP/s MLPPack reaches (bench.cpu_bench.step_flops: forward, weight and input
+gradients' GEMMs) as a fraction of the machine's sgemm ceiling (the best BLAS's).
+
+Run: ``python -m bench.pack_bench`` (writes bench/results/pack-<date>.json and prints
+the Markdown table); ``--members 16 64``, ``--repeats 3``, ``--cases``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import numpy as np
+
+import gpubackprop as gb
+from bench.common import have, machine, n_cores, time_interleaved, versions
+from bench.cpu_bench import sgemm_ceiling, step_flops
+
+CASES = (((784, 128, 10), 64, 2048), ((64, 64, 64, 64, 64, 16), 4096, 16384))  # (sizes, batch, rows)
+LR = 0.05
+SEED = 0
+
+
+def case_id(sizes, batch):
+    return f"{'-'.join(map(str, sizes))}_b{batch}"
+
+
+def make_data(sizes, rows):
+    rng = np.random.default_rng(SEED)
+    return rng.random((rows, sizes[0]), dtype=np.float32), rng.integers(0, sizes[-1], rows)
+
+
+def orders(K, n, epoch_rng):
+    """Each member's own shuffle of the rows for one epoch: (K, n)."""
+    return np.stack([epoch_rng.permutation(n) for _ in range(K)])
+
+
+def start_weights(sizes, K):
+    """Our members' starting weights, [(W (K, out, in), b (K, out))]: every library starts there."""
+    pack = gb.MLPPack(list(sizes), members=K, seed=SEED)
+    return [(W.copy(), b.copy()) for W, b in pack.layers(pack.params)]
+
+
+def ours_pack(sizes, batch, X, y, K):
+    pack = gb.MLPPack(list(sizes), members=K, seed=SEED)
+    return lambda: pack.fit(X, y, epochs=1, batch_size=batch, optimizer="sgd", lr=LR)
+
+
+def ours_sequential(sizes, batch, X, y, K):
+    models = [gb.MLP(list(sizes), seed=SEED + k) for k in range(K)]
+    optimizers = [gb.optim.SGD(LR) for _ in range(K)]
+    return lambda: [m.fit(X, y, epochs=1, batch_size=batch, optimizer=o, progress=False)
+                    for m, o in zip(models, optimizers)]
+
+
+def torch_sequential(sizes, batch, X, y, K):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(n_cores())
+    nets = [_torch_net(sizes, [(W[k], b[k]) for W, b in start_weights(sizes, K)]) for k in range(K)]
+    opts = [torch.optim.SGD(net.parameters(), lr=LR) for net in nets]
+    Xt, yt, rng = torch.from_numpy(X), torch.from_numpy(y), np.random.default_rng(SEED)
+
+    def run():
+        for net, opt, order in zip(nets, opts, orders(K, len(X), rng)):
+            for start in range(0, len(X), batch):
+                idx = torch.from_numpy(order[start:start + batch])
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(Xt[idx]), yt[idx]).backward()
+                opt.step()
+
+    return run
+
+
+def _torch_net(sizes, weights):
+    import torch
+    from torch import nn
+
+    layers = []
+    for i, (W, b) in enumerate(weights):
+        lin = nn.Linear(W.shape[1], W.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers += [lin, nn.ReLU()] if i < len(sizes) - 2 else [lin]
+    return nn.Sequential(*layers)
+
+
+def torch_vmap(sizes, batch, X, y, K):
+    """torch.func's recipe for model ensembles: stacked parameters, vmap of grad."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    torch.set_num_threads(n_cores())
+    nets = [_torch_net(sizes, [(W[k], b[k]) for W, b in start_weights(sizes, K)]) for k in range(K)]
+    params, buffers = stack_module_state(nets)
+    params = {name: p.detach() for name, p in params.items()}
+    base = copy.deepcopy(nets[0]).to("meta")
+
+    def loss(p, b, xb, yb):
+        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+
+    grads = vmap(grad(loss))
+    Xt, yt, rng = torch.from_numpy(X), torch.from_numpy(y), np.random.default_rng(SEED)
+
+    def run():
+        order = torch.from_numpy(orders(K, len(X), rng))
+        for start in range(0, len(X), batch):
+            idx = order[:, start:start + batch]
+            g = grads(params, buffers, Xt[idx], yt[idx])
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.sub_(g[name], alpha=LR)
+
+    return run
+
+
+def jax_vmap(sizes, batch, X, y, K):
+    """JAX's: the step of one member, vmapped over the members, jitted."""
+    import jax
+    import jax.numpy as jnp
+
+    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in start_weights(sizes, K)]
+
+    def loss(p, xb, yb):
+        a = xb
+        for i, (W, b) in enumerate(p):
+            a = a @ W.T + b
+            if i < len(p) - 1:
+                a = jax.nn.relu(a)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(a), yb[:, None], axis=1))
+
+    def member_step(p, xb, yb):
+        g = jax.grad(loss)(p, xb, yb)
+        return jax.tree_util.tree_map(lambda w, d: w - LR * d, p, g)
+
+    step = jax.jit(jax.vmap(member_step))
+    Xj, yj, rng, state = jnp.asarray(X), jnp.asarray(y), np.random.default_rng(SEED), {"params": params}
+
+    def run():
+        p, order = state["params"], orders(K, len(X), rng)
+        for start in range(0, len(X), batch):
+            idx = order[:, start:start + batch]
+            p = step(p, Xj[idx], yj[idx])
+        jax.block_until_ready(p)
+        state["params"] = p
+
+    return run
+
+
+FACTORIES = {"pack": ours_pack, "ours_sequential": ours_sequential, "torch_sequential": torch_sequential,
+             "torch_vmap": torch_vmap, "jax_vmap": jax_vmap}
+
+
+def available_impls():
+    need = {"torch_sequential": "torch", "torch_vmap": "torch", "jax_vmap": "jax"}
+    return [name for name in FACTORIES if name not in need or have(need[name])]
+
+
+def measure_case(sizes, batch, rows, K, impls, repeats, ceiling_gflops):
+    """One row: each implementation's seconds per epoch of K members, and the pack's speed-ups."""
+    X, y = make_data(sizes, rows)
+    runs = {name: FACTORIES[name](sizes, batch, X, y, K) for name in impls}
+    timings = time_interleaved(runs, target_s=1e-9, repeats=repeats)  # one epoch per repeat: a run is long
+    row = {"case": case_id(sizes, batch), "sizes": list(sizes), "batch": batch, "rows": rows, "members": K}
+    for name in impls:
+        row[name] = {"epoch_s": timings[name].best, "timing": timings[name].as_dict()}
+    pack_s = row["pack"]["epoch_s"]
+    row["pack_speedup"] = {name: row[name]["epoch_s"] / pack_s for name in impls if name != "pack"}
+    gflops = K * step_flops(sizes, batch) * (rows // batch) / pack_s / 1e9
+    row["pack_gflops"], row["pack_fraction_of_ceiling"] = gflops, gflops / ceiling_gflops
+    return row
+
+
+def markdown(rows, impls):
+    others = [name for name in impls if name != "pack"]
+    head = ["net @ batch", "K", "pack s / epoch"] + [f"over {name}" for name in others] + ["of the sgemm ceiling"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{', '.join(map(str, r['sizes']))} @ {r['batch']}", str(r["members"]), f"{r['pack']['epoch_s']:.3f}"]
+        cells += [f"{r['pack_speedup'][name]:.2f}x" for name in others]
+        cells.append(f"{r['pack_fraction_of_ceiling']:.0%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--members", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", nargs="*", help="case ids (default all), e.g. 784-128-10_b64")
+    p.add_argument("--impls", nargs="*", help=f"of {list(FACTORIES)} (default: all that install; pack always)")
+    args = p.parse_args(argv)
+    impls = [name for name in available_impls() if not args.impls or name in args.impls or name == "pack"]
+    cases = [c for c in CASES if not args.cases or case_id(c[0], c[1]) in args.cases]
+    ceiling, _ = sgemm_ceiling()
+    facts = machine()
+    print(f"# packs on the CPU: {facts['cpu']}, {facts['cores']} cores; float32, SGD lr {LR}; "
+          f"sgemm ceiling {ceiling:.0f} GFLOP/s (the best BLAS here); best of {args.repeats}", file=sys.stderr)
+    rows = []
+    for sizes, batch, n in cases:
+        for K in args.members:
+            print(f"measuring {case_id(sizes, batch)}, K = {K} ...", file=sys.stderr)
+            rows.append(measure_case(sizes, batch, n, K, impls, args.repeats, ceiling))
+    table = markdown(rows, impls)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    path = os.path.join(args.out, f"pack-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"date": stamp, "machine": facts, "versions": versions(), "lr": LR, "ceiling_gflops": ceiling,
+                   "rows": rows, "table": table}, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""bench.pack_bench runs end to end on a tiny setting and every library trains the
+same members (no timing is asserted: the numbers are the benchmark's)."""
+
+import json
+
+import numpy as np
+
+import gpubackprop as gb
+from bench import pack_bench
+
+
+def test_a_tiny_run_writes_the_table_and_the_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pack_bench, "CASES", (((6, 5, 3), 8, 32),))
+    monkeypatch.setattr(pack_bench, "sgemm_ceiling", lambda: (100.0, None))
+    pack_bench.main(["--members", "2", "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("| net @ batch | K | pack s / epoch |") and "| 6, 5, 3 @ 8 | 2 |" in out
+    [path] = tmp_path.iterdir()
+    row = json.loads(path.read_text())["rows"][0]
+    assert row["members"] == 2 and set(row["pack_speedup"]) == set(pack_bench.available_impls()) - {"pack"}
+
+
+def test_the_peers_start_from_the_packs_weights():
+    weights = pack_bench.start_weights((6, 5, 3), 2)
+    pack = gb.MLPPack([6, 5, 3], members=2, seed=pack_bench.SEED)
+    for (W, b), (W_pack, b_pack) in zip(weights, pack.layers(pack.params)):
+        np.testing.assert_array_equal(W, W_pack)
+        np.testing.assert_array_equal(b, b_pack)
