@@ -45,8 +45,9 @@ def orders(K, n, epoch_rng):
 
 def start_weights(sizes, K):
     """Our members' starting weights, [(W (K, out, in), b (K, out))]: every library starts there."""
-    pack = gb.MLPPack(list(sizes), members=K, seed=SEED)
-    return [(W.copy(), b.copy()) for W, b in pack.layers(pack.params)]
+    states = [gb.MLPPack(list(sizes), members=K, seed=SEED).member(k).state_dict() for k in range(K)]
+    return [tuple(np.stack([s[f"layers.{i}.{kind}"] for s in states]) for kind in ("weight", "bias"))
+            for i in range(len(sizes) - 1)]
 
 
 def ours_pack(sizes, batch, X, y, K):

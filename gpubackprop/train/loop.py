@@ -135,6 +135,7 @@ class Loop:
         self.n = self._rows()
         self.W = model.prepare_weights(s.sample_weight, self.n)
         self.W_host = None if self.W is None else model.backend.to_host(self.W).astype(np.float64)
+        self.W_total = None if self.W_host is None else weight_total(self.W_host)  # what an epoch's sums divide by
         self.weights_id = self._weights_id()
         self.trainer = Trainer(model, self.optimizer, s.clip_norm, graphs=s.graphs, parallel=self.comm.parallel)
         start = self._start()
@@ -218,7 +219,7 @@ class Loop:
                 self._batch(epoch, s, start_row, order, order_host)
         self._check_nonfinite()
         self.optimizer.sync_steps()
-        logs = model.metrics(self.totals(self.running), self._count(order_host, self.n))
+        logs = model.metrics(self.totals(self.running), self.n if self.W_host is None else self.W_total)
         if self.val is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(*self.val).items()})
         for k, v in logs.items():
@@ -289,6 +290,12 @@ class Loop:
         lo, hi = distributed.shard(X.shape[0], self.comm.rank, self.comm.size)
         totals = self.totals(self.model.totals(X[lo:hi], T[lo:hi], None if W is None else W[lo:hi]))
         return self.model.metrics(totals, X.shape[0] if W is None else float(W.sum()))
+
+
+def weight_total(weights_host):
+    """The sum of a data set's weights (host, float64) that its epoch's metrics divide by:
+    one function, so that fit and a pack (gpubackprop.nn.pack) divide by the same bits."""
+    return float(weights_host.sum())
 
 
 def check_validation_data(data):
