@@ -1,12 +1,13 @@
-"""MLPPack: K MLPs of the same layer sizes trained together, in lockstep.
+"""MLPPack: K MLPs of the same layer sizes trained together, epoch by epoch.
 
 Member k is ``MLP(sizes, seed=seeds[k])`` and trains as that MLP trained alone with
 ``fit`` on the same data and settings, bit for bit: every step of the pack is each
 member's own train step (gpubackprop.train.Trainer: forward, loss, backward, the
 divergence guard, its own optimizer's update, a captured CUDA graph where the
 backend captures), on its own shuffle of the rows, with its own hyperparameters
-and row weights. The data go to the device once for all members; each epoch, each
-member draws its order from its own shuffle generator, as ``fit`` does.
+and row weights; an epoch runs member after member. The data go to the device once
+for all members; each epoch, each member draws its order from its own shuffle
+generator, as ``fit`` does.
 
 What a pack saves over K fits one after another is the per-fit work (checks, the
 data's copies, the loop's bookkeeping) and the waits between them, not arithmetic:
@@ -104,40 +105,40 @@ class MLPPack:
         return histories
 
     def _epoch(self, Xd, T, W, batch, shuffle, trainers, histories):
-        """One epoch of every member over its own order of the rows; its metrics into ``histories``."""
+        """One epoch of every member over its own order of the rows; its metrics into
+        ``histories``. Member after member: the members are independent, and one
+        member's workspace stays in the caches for its whole epoch (step by step across
+        the members measured 1.8x slower on the narrow net at K = 16)."""
         n, be = Xd.shape[0], self.models[0].backend
-        orders = [be.asarray(m.shuffle_rng.permutation(n) if shuffle else np.arange(n)) for m in self.models]
-        running = [be.zeros((2,), np.float64) for _ in self.models]
-        for s, start in enumerate(range(0, n, batch)):
-            rows = min(batch, n - start)
-            for k, (model, trainer) in enumerate(zip(self.models, trainers)):
-                if self.stopped[k] is None:
-                    ws = model.workspace(rows)
-                    ws.first_row = 0
-                    be.xp.copyto(ws.index, orders[k][start:start + rows])
-                    trainer.step(ws, running[k], X=Xd, T=T, W=None if W is None else W[k])
-            if s % SYNC_EVERY == SYNC_EVERY - 1:
-                self._stop_nonfinite(trainers)
-        self._stop_nonfinite(trainers)
         for k, (model, trainer) in enumerate(zip(self.models, trainers)):
+            order = be.asarray(model.shuffle_rng.permutation(n) if shuffle else np.arange(n))
+            running = be.zeros((2,), np.float64)
+            for s, start in enumerate(range(0, n, batch)):
+                if self.stopped[k] is not None:
+                    break
+                ws = model.workspace(min(batch, n - start))
+                ws.first_row = 0
+                be.xp.copyto(ws.index, order[start:start + ws.batch])
+                trainer.step(ws, running, X=Xd, T=T, W=None if W is None else W[k])
+                if s % SYNC_EVERY == SYNC_EVERY - 1 or start + batch >= n:
+                    self._stop_if_nonfinite(k, trainer)
             trainer.optimizer.sync_steps()
             count = n if W is None else weight_total(np.asarray(be.to_host(W[k]), np.float64))
-            for name, value in model.metrics(be.to_host(running[k]), count).items():
+            for name, value in model.metrics(be.to_host(running), count).items():
                 histories[k].setdefault(name, []).append(value)
 
-    def _stop_nonfinite(self, trainers):
-        """Members whose guard flagged a step stop now, a warning naming them (their
-        flagged steps were skipped: the parameters are the last finite ones)."""
-        for k, trainer in enumerate(trainers):
-            if self.stopped[k] is not None or trainer.guard is None:
-                continue
-            (flagged, first), (overflowed, first_overflow) = trainer.guard.poll()
-            if flagged or overflowed:
-                self.stopped[k] = first + 1 if flagged else first_overflow
-                how = "its update overflowed the parameters" if overflowed and not flagged else \
-                    "its gradients went non-finite (the step was skipped)"
-                warnings.warn(f"pack member {k} (seed {self.seeds[k]}) is stopped at step {self.stopped[k]}: {how}; "
-                              "the others train on", RuntimeWarning, stacklevel=4)
+    def _stop_if_nonfinite(self, k, trainer):
+        """Member k stops where its guard flagged a step, a warning naming it (its flagged
+        steps were skipped: the parameters are the last finite ones)."""
+        if trainer.guard is None:
+            return
+        (flagged, first), (overflowed, first_overflow) = trainer.guard.poll()
+        if flagged or overflowed:
+            self.stopped[k] = first + 1 if flagged else first_overflow
+            how = "its update overflowed the parameters" if overflowed and not flagged else \
+                "its gradients went non-finite (the step was skipped)"
+            warnings.warn(f"pack member {k} (seed {self.seeds[k]}) is stopped at step {self.stopped[k]}: {how}; "
+                          "the others train on", RuntimeWarning, stacklevel=5)
 
     def _trainers_for(self, name, hyperparams, graphs):
         """A Trainer and an optimizer per member, kept from the last fit where the
