@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import state, validation
 from ..optim import SGD, Adam
-from ..train.loop import SYNC_EVERY, weight_total
+from ..train.loop import SYNC_EVERY, validation_set, weight_total
 from ..train.trainer import Trainer
 from .losses import HUBER_DELTA
 from .mlp import MLP
@@ -76,8 +76,8 @@ class MLPPack:
         return self.models[k]
 
     # ---- training -------------------------------------------------------------------
-    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", sample_weight=None, shuffle=True, graphs=True,
-            **hyperparams):
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", sample_weight=None, validation_data=None,
+            shuffle=True, graphs=True, **hyperparams):
         """Train every member ``epochs`` times over (X, y) in batches of ``batch_size``
         rows, each on its own shuffle; returns K histories, each as MLP.fit's.
 
@@ -89,22 +89,25 @@ class MLPPack:
                       0.99) is every member's)
         sample_weight  (n,) for every member, or (K, n): each member's own weights (a
                       weight of 0 leaves a row out of its loss: a member's own subset)
+        validation_data  (X_val, y_val) or (X_val, y_val, sample_weight_val), as MLP.fit's:
+                      every member's "val_" metrics after each of its epochs
         graphs        as MLP.fit's: each member's step captured where the backend can
         """
         lead = self.models[0]
         with lead.context():
             Xd, T = lead.prepare(X, y)  # once, shared by every member (one device, one dtype)
             W = self._weights(sample_weight, Xd.shape[0])
+            val = validation_set(lead, validation_data)
         epochs = validation.check_positive_int("epochs", epochs, minimum=0)
         batch = min(validation.check_positive_int("batch_size", batch_size), Xd.shape[0])
         trainers = self._trainers_for(optimizer, hyperparams, graphs)
         histories = [{} for _ in self.models]
         with lead.context(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard speaks
             for _ in range(epochs):
-                self._epoch(Xd, T, W, batch, shuffle, trainers, histories)
+                self._epoch(Xd, T, W, batch, shuffle, trainers, histories, val)
         return histories
 
-    def _epoch(self, Xd, T, W, batch, shuffle, trainers, histories):
+    def _epoch(self, Xd, T, W, batch, shuffle, trainers, histories, val=None):
         """One epoch of every member over its own order of the rows; its metrics into
         ``histories``. Member after member: the members are independent, and one
         member's workspace stays in the caches for its whole epoch (step by step across
@@ -124,7 +127,13 @@ class MLPPack:
                     self._stop_if_nonfinite(k, trainer)
             trainer.optimizer.sync_steps()
             count = n if W is None else weight_total(np.asarray(be.to_host(W[k]), np.float64))
-            for name, value in model.metrics(be.to_host(running), count).items():
+            logs = model.metrics(be.to_host(running), count)
+            if val is not None:  # as fit's validation: the metrics of all of (X_val, y_val)
+                X_val, T_val, W_val = val
+                totals = be.to_host(model.totals(X_val, T_val, W_val))
+                logs.update({f"val_{name}": value for name, value in model.metrics(
+                    totals, X_val.shape[0] if W_val is None else float(W_val.sum())).items()})
+            for name, value in logs.items():
                 histories[k].setdefault(name, []).append(value)
 
     def _stop_if_nonfinite(self, k, trainer):

@@ -111,3 +111,16 @@ def test_on_the_kernels_each_member_is_its_lone_models_captured_steps(kernel_bac
                             sample_weight=w[k], progress=False)
         assert histories[k] == history
         np.testing.assert_array_equal(pack.params[k], model.backend.to_host(model.params))
+
+
+def test_validation_data_gives_every_member_its_lone_fits_val_metrics(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 40)
+    X_val, y_val = random_batch(rng, SIZES, "cross_entropy", 15)
+    w_val = rng.random(15)
+    pack = MLPPack(SIZES, members=2, seed=7)
+    histories = pack.fit(X, y, epochs=2, batch_size=8, validation_data=(X_val, y_val, w_val))
+    for k in range(2):
+        model = gb.MLP(SIZES, seed=7 + k)
+        assert histories[k] == model.fit(X, y, epochs=2, batch_size=8, validation_data=(X_val, y_val, w_val),
+                                         progress=False, optimizer=gb.optim.Adam())
+    assert set(histories[0]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
