@@ -170,9 +170,7 @@ class MLP(Network):
         with ``sample_weight``; with a regression ``target``, in its standardized units."""
         with self.context():
             X, T = self.prepare(*self.encoded(X, y))
-            W = self.prepare_weights(sample_weight, X.shape[0])
-            count = X.shape[0] if W is None else float(W.sum())
-            return self.metrics(self.backend.to_host(self.totals(X, T, W)), count)
+            return self.evaluation(X, T, self.prepare_weights(sample_weight, X.shape[0]))
 
     def row_weights(self, y, sample_weight, class_weight):
         """sample_weight (or ones) times each row's class weight (inputs.class_weights),

@@ -246,6 +246,10 @@ class Network:
             self.compute_loss(ws, running)
         return running
 
+    def evaluation(self, X, T, W=None):
+        """The metrics (``metrics``) over all of the prepared rows (X, T), weighted by W where given."""
+        return self.metrics(self.backend.to_host(self.totals(X, T, W)), row_count(X, W))
+
     def metrics(self, totals, count):
         """The metrics from the host's [loss sum, hits] over ``count`` rows (or, weighted,
         the rows' weights' sum): losses.metrics."""
@@ -260,6 +264,11 @@ class Network:
                 f"device={self.device!r}, dtype={self.dtype!r}, precision={self.precision!r}"
                 + (f", huber_delta={self.criterion.delta:g}" if self.loss == "huber" else "")
                 + (f", dropout={self.dropout})" if self.dropout else ")"))
+
+
+def row_count(X, W=None):
+    """What the totals over the rows of X divide by: their number, or their weights' sum."""
+    return X.shape[0] if W is None else float(W.sum())
 
 
 def seed_streams(seed):

@@ -129,10 +129,7 @@ class MLPPack:
             count = n if W is None else weight_total(np.asarray(be.to_host(W[k]), np.float64))
             logs = model.metrics(be.to_host(running), count)
             if val is not None:  # as fit's validation: the metrics of all of (X_val, y_val)
-                X_val, T_val, W_val = val
-                totals = be.to_host(model.totals(X_val, T_val, W_val))
-                logs.update({f"val_{name}": value for name, value in model.metrics(
-                    totals, X_val.shape[0] if W_val is None else float(W_val.sum())).items()})
+                logs.update({f"val_{name}": value for name, value in model.evaluation(*val).items()})
             for name, value in logs.items():
                 histories[k].setdefault(name, []).append(value)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import distributed, validation
 from ..nn import inputs
+from ..nn.network import row_count
 from ..optim import Adam
 from . import checkpoint, recovery
 from .callbacks import ProgressBar, call
@@ -289,7 +290,7 @@ class Loop:
         """Loss and metric over (X, T) (weighted by W where given); each rank evaluates its shard of the rows."""
         lo, hi = distributed.shard(X.shape[0], self.comm.rank, self.comm.size)
         totals = self.totals(self.model.totals(X[lo:hi], T[lo:hi], None if W is None else W[lo:hi]))
-        return self.model.metrics(totals, X.shape[0] if W is None else float(W.sum()))
+        return self.model.metrics(totals, row_count(X, W))
 
 
 def weight_total(weights_host):
