@@ -76,7 +76,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from scipy.special import expit, xlogy
+from scipy.special import xlogy
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
@@ -84,6 +84,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from . import export, optim, validation
 from .backend import get_backend
 from .optim.lbfgs import minimize_lbfgs
+from .nn import losses
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
 from .nn.network import EVAL_BATCH
@@ -331,6 +332,14 @@ class _BaseMLP(BaseEstimator):
             return self.model_.forward(X)
         rows = _chunk_rows(X)
         return np.concatenate([self.model_.forward(X[i:i + rows].toarray()) for i in range(0, X.shape[0], rows)])
+
+    def _outputs(self, X):
+        """What the model's loss makes of the network's outputs for X (gpubackprop.nn.losses.output):
+        softmax or sigmoid probabilities, e^z, or z itself."""
+        z = self._forward(X)
+        out = np.empty_like(z)
+        losses.output(np, self.model_.criterion, z, out, np.empty(z.shape[0], z.dtype))
+        return out
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -599,11 +608,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def predict_proba(self, X):
         """Class probabilities (softmax), or for multilabel each label's (sigmoid)."""
-        z = self._forward(X)
-        if self.model_.loss == "binary_cross_entropy":
-            return expit(z)
-        q = np.exp(z - z.max(1, keepdims=True))
-        return q / q.sum(1, keepdims=True)
+        return self._outputs(X)
 
     def predict_log_proba(self, X):
         return np.log(self.predict_proba(X))
@@ -656,9 +661,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return float(np.average((xlogy(targets, targets) - targets).sum(axis=1), weights=weights))
 
     def predict(self, X):
-        out = self._forward(X)
-        if self.model_.loss == "poisson":
-            out = np.exp(out)
+        out = self._outputs(X)  # e^z for poisson: the mean count
         return out.ravel() if self._y_1d else out
 
     def __sklearn_tags__(self):
