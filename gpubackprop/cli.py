@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 
 import numpy as np
 
@@ -436,11 +437,14 @@ def _train_pack(args, members, pack, encodings, splits, out, metadata, print):
     hyperparams = {key: [optimizer.hyperparams[key] for _, _, optimizer in members]
                    for key in members[0][2].hyperparams}
     weights = None if args.class_weight is None else lead.row_weights(y, None, args.class_weight)
-    histories = pack.fit(*lead.encoded(X, y), epochs=args.epochs, batch_size=args.batch_size,
-                         optimizer=args.optimizer, sample_weight=weights, validation_data=lead.encoded(*checked),
-                         **hyperparams)
+    with warnings.catch_warnings(record=True) as caught:  # a stopped member's, said as the command's words
+        histories = pack.fit(*lead.encoded(X, y), epochs=args.epochs, batch_size=args.batch_size,
+                             optimizer=args.optimizer, sample_weight=weights, validation_data=lead.encoded(*checked),
+                             **hyperparams)
+    for warning in caught:
+        print(f"gpubackprop: warning: {warning.message}", file=sys.stderr)
     validated = metadata["val_fraction"] > 0
-    best, chosen_by = _best_member(histories, validated)
+    best, chosen_by = _best_member(histories, pack.stopped, validated)
     for line in _pack_table(members, histories, pack.stopped, best, validated):
         print(line)
     print(f"best: member {best} (seed {members[best][0]}"
@@ -462,19 +466,21 @@ def _train_pack(args, members, pack, encodings, splits, out, metadata, print):
     return 0
 
 
-def _best_member(histories, validated):
+def _best_member(histories, stopped, validated):
     """(index, history key): the member of the best final validation metric (the loss's
     where it has none), or of the lowest training loss without a validation split;
-    accuracies up, losses and errors down (EarlyStopping's rule), non-finite last,
-    ties to the first."""
+    accuracies up, losses and errors down (EarlyStopping's rule), ties to the first.
+    A stopped member is not chosen: it diverged, and the epochs after its stop hold the
+    metrics of no step."""
     metric = next((key for key in histories[0] if key != "loss" and not key.startswith("val_")), "loss")
     key = f"val_{metric}" if validated else "loss"
     sign = -1.0 if "acc" in key else 1.0
-    scores = [sign * h[key][-1] for h in histories]
-    finite = [(score, k) for k, score in enumerate(scores) if np.isfinite(score)]
-    if not finite:
-        raise ValueError(f"every member's {key} is non-finite: no member to choose; lower the learning rates")
-    return min(finite)[1], key
+    scores = [(sign * h[key][-1], k) for k, h in enumerate(histories) if stopped[k] is None]
+    scores = [(score, k) for score, k in scores if np.isfinite(score)]
+    if not scores:
+        raise ValueError(f"every member was stopped (its gradients went non-finite) or ends with a non-finite {key}: "
+                         "no member to choose; lower the learning rates")
+    return min(scores)[1], key
 
 
 def _pack_table(members, histories, stopped, best, validated):
@@ -485,7 +491,7 @@ def _pack_table(members, histories, stopped, best, validated):
     lines = [[f"{k}{'*' if k == best else ''}", str(seed), *(f"{value:g}" for value in point.values()),
               *(f"{histories[k][key][-1]:.4f}" for key in keys)] for k, (seed, point, _) in enumerate(members)]
     if any(step is not None for step in stopped):
-        header.append("stopped at step")
+        header.append("stopped_at_step")
         for line, step in zip(lines, stopped):
             line.append("" if step is None else str(step))
     widths = [max(len(line[j]) for line in [header, *lines]) for j in range(len(header))]

@@ -704,6 +704,27 @@ def test_a_grid_of_sgd_settings_chooses_by_validation_and_its_members_are_the_lo
     assert re.search(r"^blobs.csv accuracy: \d\.\d{4} \(120 samples\)$", capsys.readouterr().out, re.M)
 
 
+def test_a_diverged_member_is_stopped_said_and_never_chosen(tmp_path, capsys):
+    """lr 100 sends SGD's gradients non-finite within the first epoch; those members are
+    stopped (their later epochs ran no step: their losses say nothing), the others train
+    on, and the best is chosen among those."""
+    path = diabetes_csv(tmp_path / "diabetes.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--hidden", "8", "--epochs", "3", "--device", "cpu",
+                    "--optimizer", "sgd", "--seeds", "2", "--grid", "lr=1e-3,100")
+    captured = capsys.readouterr()
+    assert rc == 0
+    summary = json.loads((out / "pack.json").read_text())
+    stopped = [m["stopped"] for m in summary["members"]]
+    assert stopped[:2] == [None, None] and all(step is not None for step in stopped[2:])
+    for k in (2, 3):
+        assert f"gpubackprop: warning: pack member {k} (seed {k - 2}) is stopped at step {stopped[k]}" in captured.err
+    header, rows = pack_table(captured.out)
+    assert header[-1] == "stopped_at_step"
+    assert [r.get("stopped_at_step") for r in rows] == [None, None, *map(str, stopped[2:])]  # blank where running
+    losses = [m["history"]["loss"][-1] for m in summary["members"]]
+    assert summary["best"] == int(np.argmin(losses[:2])) and rows[summary["best"]]["member"].endswith("*")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "2", "--optimizer", "adamw"], "--optimizer adamw: a pack's members train with sgd or adam"),
     (["--seeds", "2", "--resume"], "--resume: a pack is not checkpointed"),
