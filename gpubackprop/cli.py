@@ -10,7 +10,12 @@
     gpubackprop info
 
 ``train`` writes <out>/model.safetensors (model and optimizer state, with the
-preprocessing in its metadata), <out>/history.json and <out>/curves.png.
+preprocessing in its metadata), <out>/history.json and <out>/curves.png. With
+--seeds and / or --grid it trains a pack (gb.MLPPack), prints its members' table
+and writes <out>/pack.safetensors, <out>/pack.json and, as those three files, its
+best member:
+
+    gpubackprop train --dataset digits --seeds 4 --grid lr=1e-3,3e-3 --val-fraction 0.1
 Bad input ends with ``gpubackprop: error: ...`` on stderr and exit code 2.
 """
 
