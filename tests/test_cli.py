@@ -524,6 +524,7 @@ def test_bad_train_flags_exit_2_naming_the_flag(tmp_path, capsys, args, message)
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--hidden", "8", "0"], "--hidden must be >= 1, got 0"),
     (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
 ])
 def test_the_cli_speaks_in_its_flags(tmp_path, capsys, args, message):
     """Before, --batch-size 0 said `batch_size must be >= 1`: fit's words, not the command's."""
