@@ -10,17 +10,24 @@
     gpubackprop info
 
 ``train`` writes <out>/model.safetensors (model and optimizer state, with the
-preprocessing in its metadata), <out>/history.json and <out>/curves.png.
+preprocessing in its metadata), <out>/history.json and <out>/curves.png. With
+--seeds and / or --grid it trains a pack (gb.MLPPack), prints its members' table
+and writes <out>/pack.safetensors, <out>/pack.json and, as those three files, its
+best member:
+
+    gpubackprop train --dataset digits --seeds 4 --grid lr=1e-3,3e-3 --val-fraction 0.1
 Bad input ends with ``gpubackprop: error: ...`` on stderr and exit code 2.
 """
 
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import platform
 import sys
+import warnings
 
 import numpy as np
 
@@ -29,6 +36,7 @@ import gpubackprop as gb
 from . import data, modelfile, tabular, validation
 from .nn.activations import ACTIVATIONS
 from .nn.losses import HUBER_DELTA, LOSSES
+from .nn.pack import OPTIMIZERS as PACK_OPTIMIZERS
 from .nn.parameters import parameter_count
 from .optim.precision import PRECISIONS
 from .state import atomic_write
@@ -41,6 +49,7 @@ OPTIMIZERS = {name.lower(): rule for name, rule in gb.optim.OPTIMIZERS.items()}
 SCALINGS = ("standard", "minmax", "none")
 PIXELS = ("digits", "mnist5k", "idx")  # features already in [0, 1]: not scaled by default
 EXPLAIN_MAX_PARAMS = 1000  # a line each
+GRID_KEYS = {"lr": "lr", "momentum": "momentum", "weight-decay": "weight_decay"}  # --grid's key: the args' name
 
 
 def build_parser():
@@ -84,6 +93,8 @@ def add_train(commands):
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3; 0.01 for sgd)")
     t.add_argument("--momentum", type=float, nargs="?", const=0.9, metavar="M",
                    help="SGD momentum (0.9 when given without a value; default none)")
+    t.add_argument("--weight-decay", type=float, metavar="L2",
+                   help="the optimizer's weight decay (default 0; 1e-2 for adamw)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--precision", default="float32", choices=list(PRECISIONS),
@@ -96,7 +107,7 @@ def add_train(commands):
     t.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation loss, keeping the best weights "
                         "(a --val-fraction of 0.1 unless given)")
-    t.add_argument("--checkpoint-every", default="epoch", metavar="N|epoch",
+    t.add_argument("--checkpoint-every", metavar="N|epoch",
                    help="checkpoint into <out>/checkpoints every N steps, or every epoch (the default); Ctrl-C "
                         "checkpoints the step it stops at")
     t.add_argument("--resume", action="store_true",
@@ -107,6 +118,19 @@ def add_train(commands):
                    help="data parallel across the processes mpiexec started: auto (NCCL on GPUs, else MPI), mpi, "
                         "nccl or single; --batch-size is the global batch; rank 0 prints and writes (needs "
                         "gpubackprop[mpi], or gpubackprop[nccl13] for NCCL)")
+    add_pack_arguments(t)
+
+
+def add_pack_arguments(t):
+    """train's flags that make it train a pack of models (gpubackprop.MLPPack) at once."""
+    t.add_argument("--seeds", metavar="N|S1,S2,...",
+                   help="train a pack: N members seeded --seed .. --seed + N - 1, or the seeds listed; every other "
+                        "flag as for one model (the data split stays --seed's); writes <out>/pack.safetensors, "
+                        "<out>/pack.json and the best member as <out>/model.safetensors")
+    t.add_argument("--grid", nargs="+", action="extend", metavar="KEY=V1,V2,...",
+                   help=f"train a pack over every combination of these values ({', '.join(GRID_KEYS)}: the flags "
+                        "of those names), each with every --seeds seed (default --seed alone); the best member "
+                        "by the validation metric (--val-fraction; else the training loss) is <out>/model.safetensors")
 
 
 def add_task_arguments(t):
@@ -197,12 +221,16 @@ def _optimizer(args):
     if args.momentum is not None and args.optimizer != "sgd":
         raise ValueError(f"--momentum is for --optimizer sgd; {args.optimizer} keeps its own moments")
     lr = args.lr if args.lr is not None else 0.01 if args.optimizer == "sgd" else 1e-3
+    decay = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}  # else the optimizer's default
     if args.optimizer == "sgd":
-        return gb.optim.SGD(lr, momentum=args.momentum or 0.0)
-    return OPTIMIZERS[args.optimizer](lr)
+        return gb.optim.SGD(lr, momentum=args.momentum or 0.0, **decay)
+    return OPTIMIZERS[args.optimizer](lr, **decay)
 
 
 def train(args):
+    members = _pack_members(args)  # None for one model; a pack's flags are checked before anything starts
+    if members is not None:
+        return _train(args, gb.distributed.SingleProcess(), print, members)
     comm = gb.distributed.init(args.distributed) if args.distributed else gb.distributed.SingleProcess()
     if comm.size == 1:
         return _train(args, comm, print)
@@ -229,9 +257,11 @@ def _check_flags(args):
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
 
 
-def _train(args, comm, print):
+def _train(args, comm, print, members=None):
     _check_flags(args)
     optimizer = _optimizer(args)
     device = comm.device if args.device == "auto" and comm.device != "auto" else args.device
@@ -258,25 +288,37 @@ def _train(args, comm, print):
         raise ValueError(f"--loss binary_cross_entropy is one logistic unit for two classes; this target has "
                          f"{target.n_outputs}: use --loss cross_entropy")
     outputs = 1 if loss == "binary_cross_entropy" else target.n_outputs
-    model = gb.MLP([inputs.n_features, *args.hidden, outputs], activation=args.activation, loss=loss,
-                   device=backend, dtype=args.dtype, seed=args.seed, precision=args.precision,
-                   huber_delta=HUBER_DELTA if args.huber_delta is None else args.huber_delta)
-    model.inputs, model.target = inputs, target
-    print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
+    sizes = [inputs.n_features, *args.hidden, outputs]
+    settings = dict(activation=args.activation, loss=loss, device=backend, dtype=args.dtype,
+                    huber_delta=HUBER_DELTA if args.huber_delta is None else args.huber_delta)
     out = args.out or os.path.join("runs", _run_name(args.dataset))
     metadata = {**layout, "scale": inputs.scale, "task": task, "seed": args.seed, "test_fraction": args.test_fraction,
                 "val_fraction": _val_fraction(args), "epochs": args.epochs, "batch_size": args.batch_size}
     checked = val_rows if val_rows is not None else test_rows  # what the curves' val_ lines show
-    history = _fit(args, model, optimizer, (rows[train_rows], y[train_rows]), (rows[checked], y[checked]), comm,
-                   out, metadata)
+    splits = (rows[train_rows], y[train_rows]), (rows[checked], y[checked]), (rows[test_rows], y[test_rows])
+    if members is not None:
+        pack = gb.MLPPack(sizes, seeds=[seed for seed, _, _ in members], **settings)
+        return _train_pack(args, members, pack, (inputs, target), splits, out, metadata, print)
+    model = gb.MLP(sizes, seed=args.seed, precision=args.precision, **settings)
+    model.inputs, model.target = inputs, target
+    print(f"model: {model}, {model.n_params} parameters; optimizer: {optimizer}")
+    history = _fit(args, model, optimizer, splits[0], splits[1], comm, out, metadata)
     if history is None:
         return 130
-    metadata["held_out"] = _scores(model, rows[test_rows], y[test_rows])
-    print(_held_out_line(metadata["held_out"], len(test_rows)))
-    if comm.rank == 0:  # every rank holds the same model: rank 0 writes it
-        _write_run(out, model, optimizer, history, metadata, f"{args.dataset}: MLP {model.sizes} ({task})", print,
-                   f"{loss} loss" + (" (of the standardized target)" if target.std != 1 or target.mean else ""))
+    _finish(out, model, optimizer, history, metadata, splits[2], print, write=comm.rank == 0)
     return 0
+
+
+def _finish(out, model, optimizer, history, metadata, held_out, print, write=True):
+    """The trained model's held-out scores printed and put in its metadata; then (where
+    ``write``: rank 0) the run's files written."""
+    metadata["held_out"] = _scores(model, *held_out)
+    print(_held_out_line(metadata["held_out"], len(held_out[1])))
+    if write:  # every rank holds the same model: rank 0 writes it
+        target = model.target
+        _write_run(out, model, optimizer, history, metadata, f"{metadata['dataset']}: MLP {model.sizes} "
+                   f"({target.task})", print,
+                   f"{model.loss} loss" + (" (of the standardized target)" if target.std != 1 or target.mean else ""))
 
 
 def _fit(args, model, optimizer, train, validation, comm, out, metadata):
@@ -307,6 +349,158 @@ def _fit(args, model, optimizer, train, validation, comm, out, metadata):
                                                    "it)" if found else "no checkpoint was written yet"),
                   file=sys.stderr)
     return None
+
+
+# ---- train: a pack (--seeds, --grid) -----------------------------------------------------
+def _pack_members(args):
+    """None without --seeds and --grid; else the pack's members as (seed, grid point,
+    optimizer) triples: every --grid point (a dict of its keys' values) with every
+    seed, its optimizer made as the lone run makes it from those flags."""
+    if args.seeds is None and not args.grid:
+        return None
+    _refuse_for_packs(args)
+    _check_flags(args)
+    seeds = _seed_list(args)
+    members = []
+    for point in _grid(args):
+        flags = argparse.Namespace(**{**vars(args), **{GRID_KEYS[key]: value for key, value in point.items()}})
+        try:  # the lone run's checks and optimizer, in the lone run's words
+            _check_flags(flags)
+            optimizer = _optimizer(flags)
+        except ValueError as e:
+            raise ValueError(f"--grid {' '.join(f'{key}={value:g}' for key, value in point.items())}: {e}") from None
+        members += [(seed, point, optimizer) for seed in seeds]
+    return members
+
+
+def _refuse_for_packs(args):
+    """The lone run's flags a pack (gb.MLPPack) has no counterpart for, refused by name."""
+    alone = "or train one model at a time without --seeds and --grid"
+    for given, message in (
+            (args.optimizer not in PACK_OPTIMIZERS, f"--optimizer {args.optimizer}: a pack's members train with "
+                                                    f"{' or '.join(PACK_OPTIMIZERS)}; choose one of those, {alone}"),
+            (args.distributed is not None, f"--distributed: a pack trains in one process; drop it, {alone}"),
+            (args.early_stopping is not None, "--early-stopping: a pack's members train every --epochs; "
+                                              f"--val-fraction chooses the best member; drop it, {alone}"),
+            (args.checkpoint_every is not None, f"--checkpoint-every: a pack is not checkpointed; drop it, {alone}"),
+            (args.resume, f"--resume: a pack is not checkpointed, so there is nothing to resume; drop it, {alone}"),
+            (args.precision != "float32", f"--precision {args.precision}: a pack computes in --dtype; drop it, "
+                                          f"{alone}"),
+            (args.epochs < 1, f"--epochs {args.epochs}: a pack chooses its best member by the metrics of its "
+                              "epochs; give --epochs >= 1")):
+        if given:
+            raise ValueError(f"{message} (--seeds/--grid)")
+
+
+def _seed_list(args):
+    """--seeds: a count N (--seed .. --seed + N - 1) or comma-separated seeds; [--seed] without it."""
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        numbers = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 0 or "," not in args.seeds and numbers[0] < 1:
+        raise ValueError(f"--seeds takes a count N >= 1 (seeds --seed .. --seed + N - 1) or seeds >= 0 separated "
+                         f"by commas (3,7,11), got {args.seeds!r}")
+    return numbers if "," in args.seeds else list(range(args.seed, args.seed + numbers[0]))
+
+
+def _grid(args):
+    """The points of --grid: every combination of its keys' values, each a dict {key:
+    value} (one empty point without --grid)."""
+    axes = {}
+    keys = f"--grid varies {', '.join(GRID_KEYS)} (each member's optimizer's); the data, --batch-size, --epochs " \
+           "and the layers are the whole pack's"
+    for item in args.grid or []:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("_", "-")
+        if key not in GRID_KEYS or not sep:
+            raise ValueError(f"--grid {item}: not KEY=V1,V2,... of a setting a member can have its own of; {keys}")
+        if key in axes:
+            raise ValueError(f"--grid names {key} twice; give its values once, separated by commas")
+        if getattr(args, GRID_KEYS[key]) is not None:
+            raise ValueError(f"--{key} and --grid {key} both set {key}: give its values in --grid alone")
+        try:
+            axes[key] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid {item}: its values must be numbers separated by commas; {keys}") from None
+    return [dict(zip(axes, point)) for point in itertools.product(*axes.values())]
+
+
+def _train_pack(args, members, pack, encodings, splits, out, metadata, print):
+    """The pack trained on the splits as one model would be, its members' table
+    printed; the pack, its members' histories and the best member written."""
+    (X, y), checked, held_out = splits
+    for model in pack.models:
+        model.inputs, model.target = encodings
+    lead = pack.member(0)
+    grid = {key: [point[key] for _, point, _ in members] for key in members[0][1]}
+    print(f"pack: {pack.members} members of {lead}, {lead.n_params} parameters each; optimizer: {members[0][2]}"
+          + (" (member 0's); --grid " + ", ".join(f"{key} {sorted(set(values))}" for key, values in grid.items())
+             if grid else ""))
+    hyperparams = {key: [optimizer.hyperparams[key] for _, _, optimizer in members]
+                   for key in members[0][2].hyperparams}
+    weights = None if args.class_weight is None else lead.row_weights(y, None, args.class_weight)
+    with warnings.catch_warnings(record=True) as caught:  # a stopped member's, said as the command's words
+        histories = pack.fit(*lead.encoded(X, y), epochs=args.epochs, batch_size=args.batch_size,
+                             optimizer=args.optimizer, sample_weight=weights, validation_data=lead.encoded(*checked),
+                             **hyperparams)
+    for warning in caught:
+        print(f"gpubackprop: warning: {warning.message}", file=sys.stderr)
+    validated = metadata["val_fraction"] > 0
+    best, chosen_by = _best_member(histories, pack.stopped, validated)
+    for line in _pack_table(members, histories, pack.stopped, best, validated):
+        print(line)
+    print(f"best: member {best} (seed {members[best][0]}"
+          + "".join(f", {key}={value:g}" for key, value in members[best][1].items())
+          + f") by {chosen_by} {histories[best][chosen_by][-1]:.4f}"
+          + ("" if validated else " (no validation split: --val-fraction to choose on held-back rows; the held-out "
+                                  "split is not used to choose)"))
+    os.makedirs(out, exist_ok=True)
+    pack.save(os.path.join(out, "pack.safetensors"))
+    summary = {"chosen_by": chosen_by, "best": best,
+               "members": [{"member": k, "seed": seed, "grid": point, "stopped": pack.stopped[k],
+                            "history": histories[k]} for k, (seed, point, _) in enumerate(members)]}
+    atomic_write(os.path.join(out, "pack.json"), json.dumps(summary, indent=1).encode())
+    print(f"wrote pack.safetensors, pack.json to {out}")
+    seed, point, _ = members[best]
+    metadata = {**metadata, "seed": seed, "pack": {"member": best, "members": pack.members, "grid": point,
+                                                   "chosen_by": chosen_by, "file": "pack.safetensors"}}
+    _finish(out, pack.member(best), pack.member(best).optimizer, histories[best], metadata, held_out, print)
+    return 0
+
+
+def _best_member(histories, stopped, validated):
+    """(index, history key): the member of the best final validation metric (the loss's
+    where it has none), or of the lowest training loss without a validation split;
+    accuracies up, losses and errors down (EarlyStopping's rule), ties to the first.
+    A stopped member is not chosen: it diverged, and the epochs after its stop hold the
+    metrics of no step."""
+    metric = next((key for key in histories[0] if key != "loss" and not key.startswith("val_")), "loss")
+    key = f"val_{metric}" if validated else "loss"
+    sign = -1.0 if "acc" in key else 1.0
+    scores = [(sign * h[key][-1], k) for k, h in enumerate(histories) if stopped[k] is None]
+    scores = [(score, k) for score, k in scores if np.isfinite(score)]
+    if not scores:
+        raise ValueError(f"every member was stopped (its gradients went non-finite) or ends with a non-finite {key}: "
+                         "no member to choose; lower the learning rates")
+    return min(scores)[1], key
+
+
+def _pack_table(members, histories, stopped, best, validated):
+    """The members' table, a line each: index (* the best), seed, grid values, the final
+    epoch's metrics (val_ ones named held-out_ where they are of the held-out split)."""
+    keys = list(histories[0])
+    header = ["member", "seed", *members[0][1], *(k if validated else k.replace("val_", "held-out_") for k in keys)]
+    lines = [[f"{k}{'*' if k == best else ''}", str(seed), *(f"{value:g}" for value in point.values()),
+              *(f"{histories[k][key][-1]:.4f}" for key in keys)] for k, (seed, point, _) in enumerate(members)]
+    if any(step is not None for step in stopped):
+        header.append("stopped_at_step")
+        for line, step in zip(lines, stopped):
+            line.append("" if step is None else str(step))
+    widths = [max(len(line[j]) for line in [header, *lines]) for j in range(len(header))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *lines]]
 
 
 def _task(args, y, print):
@@ -393,7 +587,7 @@ def _training_data(args):
 
 
 def _checkpoint_every(value):
-    if value.strip().lower() == "epoch":
+    if value is None or value.strip().lower() == "epoch":
         return "epoch"
     try:
         steps = int(value)

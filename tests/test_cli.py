@@ -524,6 +524,7 @@ def test_bad_train_flags_exit_2_naming_the_flag(tmp_path, capsys, args, message)
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--hidden", "8", "0"], "--hidden must be >= 1, got 0"),
     (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
 ])
 def test_the_cli_speaks_in_its_flags(tmp_path, capsys, args, message):
     """Before, --batch-size 0 said `batch_size must be >= 1`: fit's words, not the command's."""
@@ -604,3 +605,151 @@ def test_a_file_of_the_first_cli_format_predicts_and_evaluates_in_the_cli(tmp_pa
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "row,prediction" and [int(line.split(",")[1]) for line in lines[1:]] == \
         list(model.predict((X - X.mean(0)) / X.std(0)))
+
+
+# ---- packs: --seeds and --grid --------------------------------------------------------------
+def pack_table(stdout):
+    """The members' table: its header and a dict per member (the best one's index marked *)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["member", "seed"])
+    header = lines[start].split()
+    rows = [dict(zip(header, line.split())) for line in lines[start + 1:] if line.split()[0].rstrip("*").isdigit()]
+    return header, rows
+
+
+def same_model(a, b):
+    for name, value in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[name], value, err_msg=name)
+
+
+def test_seeds_and_a_grid_train_a_pack_whose_members_are_lone_fits_and_whose_best_is_written(tmp_path, capsys):
+    """No validation split: the best member is chosen by the training loss (and said so);
+    member k is MLP(seed k).fit on the CLI's training split with its grid point's Adam,
+    bit for bit, its history (the held-out split as val_) included."""
+    rc, out = train(tmp_path, "--dataset", "digits", "--hidden", "16", "--epochs", "2", "--device", "cpu",
+                    "--seeds", "3", "--grid", "lr=1e-3,3e-3")
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    header, rows = pack_table(stdout)
+    assert header == ["member", "seed", "lr", "loss", "accuracy", "held-out_loss", "held-out_accuracy"]
+    assert [(r["seed"], r["lr"]) for r in rows] == [(s, lr) for lr in ("0.001", "0.003") for s in "012"]
+    assert {p.name for p in out.iterdir()} == {"pack.safetensors", "pack.json", "model.safetensors", "history.json",
+                                               "curves.png"}
+    summary = json.loads((out / "pack.json").read_text())
+    histories = [m["history"] for m in summary["members"]]
+    best = int(np.argmin([h["loss"][-1] for h in histories]))
+    assert summary["best"] == best and summary["chosen_by"] == "loss"
+    assert [r["member"] for r in rows if r["member"].endswith("*")] == [f"{best}*"]
+    assert f"best: member {best} (seed {best % 3}, lr={rows[best]['lr']}) by loss" in stdout
+    assert "no validation split" in stdout
+    for row, history in zip(rows, histories):
+        assert row["loss"] == f"{history['loss'][-1]:.4f}"
+        assert row["held-out_accuracy"] == f"{history['val_accuracy'][-1]:.4f}"
+
+    pack, written = gb.MLPPack.load(out / "pack.safetensors"), gb.load(out / "model.safetensors")
+    assert pack.seeds == [0, 1, 2, 0, 1, 2]
+    same_model(pack.member(best), written)
+    assert json.loads((out / "history.json").read_text()) == histories[best]
+    meta = modelfile.load_metadata(out / "model.safetensors")
+    assert meta["seed"] == best % 3 and meta["pack"]["member"] == best and meta["pack"]["grid"] == {
+        "lr": [1e-3, 3e-3][best // 3]}
+    accuracy, _ = reported(stdout)
+    assert meta["held_out"]["accuracy"] == pytest.approx(accuracy, abs=5e-5)
+
+    X, y = data.load_dataset("digits")
+    X_tr, X_te, y_tr, y_te = data.train_test_split(X, y, 0.2, seed=0)
+    for k, (seed, lr) in enumerate((s, lr) for lr in (1e-3, 3e-3) for s in range(3)):
+        lone = gb.MLP([64, 16, 10], seed=seed)
+        lone.inputs, lone.target = written.inputs, written.target
+        history = lone.fit(X_tr, y_tr, epochs=2, batch_size=32, optimizer=gb.optim.Adam(lr),
+                           validation_data=(X_te, y_te), progress=False)
+        same_model(lone, pack.member(k))
+        assert history == histories[k]
+
+
+def test_a_grid_of_sgd_settings_chooses_by_validation_and_its_members_are_the_lone_cli_runs(tmp_path, capsys):
+    """With --val-fraction the best member is the best validation accuracy's; every
+    member of seed --seed equals the lone command run with its grid point's flags, bit for
+    bit (class weights, momentum and weight decay included), and its best file predicts
+    and evaluates in the commands as a lone run's does."""
+    path = blobs_csv(tmp_path / "blobs.csv")
+    flags = ["--dataset", str(path), "--label-column", "species", "--hidden", "8", "--epochs", "4", "--batch-size",
+             "8", "--device", "cpu", "--optimizer", "sgd", "--weight-decay", "1e-3", "--val-fraction", "0.2",
+             "--class-weight", "balanced", "--seed", "5"]
+    rc, out = train(tmp_path, *flags, "--seeds", "2", "--grid", "lr=0.02,0.05", "momentum=0,0.9")
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    header, rows = pack_table(stdout)
+    assert header == ["member", "seed", "lr", "momentum", "loss", "accuracy", "val_loss", "val_accuracy"]
+    points = [(lr, m) for lr in (0.02, 0.05) for m in (0.0, 0.9)]
+    assert [(r["seed"], float(r["lr"]), float(r["momentum"])) for r in rows] == [
+        (s, *point) for point in points for s in ("5", "6")]
+    summary = json.loads((out / "pack.json").read_text())
+    histories = [m["history"] for m in summary["members"]]
+    best = int(np.argmax([h["val_accuracy"][-1] for h in histories]))
+    assert summary["best"] == best and summary["chosen_by"] == "val_accuracy"
+    assert rows[best]["member"] == f"{best}*" and "no validation split" not in stdout
+    pack = gb.MLPPack.load(out / "pack.safetensors")
+    same_model(pack.member(best), gb.load(out / "model.safetensors"))
+    optimizer = modelfile.load_optimizer(out / "model.safetensors")
+    assert (optimizer.lr, optimizer.hyperparams["momentum"]) == points[best // 2]
+    assert optimizer.hyperparams["weight_decay"] == 1e-3
+
+    for p, (lr, momentum) in enumerate(points):
+        rc, lone = train(tmp_path, *flags, "--lr", str(lr), "--momentum", str(momentum), name=f"lone{p}")
+        assert rc == 0
+        same_model(gb.load(lone / "model.safetensors"), pack.member(2 * p))
+        assert json.loads((lone / "history.json").read_text()) == histories[2 * p]
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "model.safetensors"), "--data", str(path)]) == 0
+    assert re.search(r"^blobs.csv accuracy: \d\.\d{4} \(120 samples\)$", capsys.readouterr().out, re.M)
+
+
+def test_a_diverged_member_is_stopped_said_and_never_chosen(tmp_path, capsys):
+    """lr 100 sends SGD's gradients non-finite within the first epoch; those members are
+    stopped (their later epochs ran no step: their losses say nothing), the others train
+    on, and the best is chosen among those."""
+    path = diabetes_csv(tmp_path / "diabetes.csv")
+    rc, out = train(tmp_path, "--dataset", str(path), "--hidden", "8", "--epochs", "3", "--device", "cpu",
+                    "--optimizer", "sgd", "--seeds", "2", "--grid", "lr=1e-3,100")
+    captured = capsys.readouterr()
+    assert rc == 0
+    summary = json.loads((out / "pack.json").read_text())
+    stopped = [m["stopped"] for m in summary["members"]]
+    assert stopped[:2] == [None, None] and all(step is not None for step in stopped[2:])
+    for k in (2, 3):
+        assert f"gpubackprop: warning: pack member {k} (seed {k - 2}) is stopped at step {stopped[k]}" in captured.err
+    header, rows = pack_table(captured.out)
+    assert header[-1] == "stopped_at_step"
+    assert [r.get("stopped_at_step") for r in rows] == [None, None, *map(str, stopped[2:])]  # blank where running
+    losses = [m["history"]["loss"][-1] for m in summary["members"]]
+    assert summary["best"] == int(np.argmin(losses[:2])) and rows[summary["best"]]["member"].endswith("*")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "2", "--optimizer", "adamw"], "--optimizer adamw: a pack's members train with sgd or adam"),
+    (["--seeds", "2", "--resume"], "--resume: a pack is not checkpointed"),
+    (["--grid", "lr=0.1,0.2", "--checkpoint-every", "5"], "--checkpoint-every: a pack is not checkpointed"),
+    (["--seeds", "2", "--early-stopping", "3"], "--early-stopping: a pack's members train every --epochs"),
+    (["--seeds", "2", "--precision", "tf32"], "--precision tf32: a pack computes in --dtype"),
+    (["--seeds", "2", "--distributed", "single"], "--distributed: a pack trains in one process"),
+    (["--seeds", "2", "--epochs", "0"], "--epochs 0: a pack chooses its best member"),
+    (["--grid", "batch-size=16,32"], "--grid batch-size=16,32: not KEY=V1,V2,... of a setting a member can have "
+                                     "its own of; --grid varies lr, momentum, weight-decay"),
+    (["--grid", "lr"], "--grid lr: not KEY=V1,V2,..."),
+    (["--grid", "lr=0.1,fast"], "--grid lr=0.1,fast: its values must be numbers separated by commas; --grid "
+                                "varies lr, momentum, weight-decay"),
+    (["--grid", "lr=0.1,0"], "--grid lr=0: --lr must be > 0, got 0.0"),
+    (["--grid", "weight_decay=0,-1"], "--grid weight-decay=-1: --weight-decay must be >= 0, got -1.0"),
+    (["--grid", "momentum=0.5,0.9"], "--grid momentum=0.5: --momentum is for --optimizer sgd"),
+    (["--lr", "0.1", "--grid", "lr=0.1,0.2"], "--lr and --grid lr both set lr: give its values in --grid alone"),
+    (["--grid", "lr=0.1", "--grid", "lr=0.2"], "--grid names lr twice"),
+    (["--seeds", "0"], "--seeds takes a count N >= 1"),
+    (["--seeds", "1,x"], "--seeds takes a count N >= 1 (seeds --seed .. --seed + N - 1) or seeds >= 0"),
+    (["--seeds=-1,2"], "got '-1,2'"),
+])
+def test_a_pack_refuses_what_it_cannot_honour_before_anything_starts(tmp_path, capsys, args, message):
+    rc, out = train(tmp_path, "--dataset", "digits", "--epochs", "1", "--device", "cpu", *args)
+    captured = capsys.readouterr()
+    assert rc == 2 and message in captured.err, captured.err
+    assert captured.out == "" and not out.exists()  # no device line: refused before the data or a device
