@@ -59,18 +59,19 @@ class Mkl:
 
     def __init__(self, lib):
         P, I = ctypes.c_void_p, ctypes.c_int
-        self._gemm = {}
+        self._gemm, self._batched = {}, {}
         for name, scalar, dtype in (("cblas_sgemm", ctypes.c_float, np.float32),
                                     ("cblas_dgemm", ctypes.c_double, np.float64)):
-            f = getattr(lib, name)
-            f.restype = None
+            f, batched = getattr(lib, name), getattr(lib, name + "_batch_strided")
+            f.restype = batched.restype = None
             f.argtypes = [I, I, I, I, I, I, scalar, P, I, P, I, scalar, P, I]
-            self._gemm[np.dtype(dtype)] = f
+            batched.argtypes = [I, I, I, I, I, I, scalar, P, I, I, P, I, I, scalar, P, I, I, I]
+            self._gemm[np.dtype(dtype)], self._batched[np.dtype(dtype)] = f, batched
         buf = ctypes.create_string_buffer(256)
         lib.MKL_Get_Version_String(buf, len(buf))  # the C names: the lowercase ones are Fortran's
         self.version = buf.value.decode(errors="replace").strip()
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._gemm.clear)
+            os.register_at_fork(after_in_child=self._forget)
 
     # MKL's OpenMP pool does not survive fork: a child's first threaded GEMM can wait
     # forever at a barrier for a worker its parent had. So a forked child (``_gemm``
@@ -91,21 +92,37 @@ class Mkl:
             return TRANS, x.strides[1] // step
         return None
 
+    def _forget(self):
+        self._gemm.clear()
+        self._batched.clear()
+
     def matmul(self, a, b, out):
-        """out = a @ b; what cblas cannot take as it is (other dtypes, 1-D operands, odd
-        strides, overlapping arrays) goes to NumPy, as correct and only slower."""
-        gemm = self._gemm.get(out.dtype)
-        if (gemm is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2 or a.dtype != out.dtype
-                or b.dtype != out.dtype or not out.flags.c_contiguous
-                or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        """out = a @ b, of 2-D operands or of stacks of them (3-D: a pack's members, one
+        strided-batch call); what cblas cannot take as it is (other dtypes, 1-D operands,
+        odd strides, overlapping arrays) goes to NumPy, as correct and only slower."""
+        stacked = out.ndim == 3
+        gemm = (self._batched if stacked else self._gemm).get(out.dtype)
+        if (gemm is None or not a.ndim == b.ndim == out.ndim or out.ndim not in (2, 3) or a.dtype != out.dtype
+                or b.dtype != out.dtype or np.may_share_memory(out, a) or np.may_share_memory(out, b)
+                or stacked and not a.shape[0] == b.shape[0] == out.shape[0]):
             return numpy_matmul(a, b, out)
-        fa, fb = self._operand(a), self._operand(b)
-        if fa is None or fb is None or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
+        fa, fb, fo = (self._operand(x[0] if stacked else x) for x in (a, b, out))
+        if (fa is None or fb is None or fo is None or fo[0] != NO_TRANS or a.shape[-1] != b.shape[-2]
+                or out.shape[-2:] != (a.shape[-2], b.shape[-1])):  # out: rows of unit stride (a pack's column block too)
             return numpy_matmul(a, b, out)
-        m, n, k = out.shape[0], out.shape[1], a.shape[1]
-        if m and n:
-            gemm(ROW_MAJOR, fa[0], fb[0], m, n, k, 1.0, a.ctypes.data, fa[1], b.ctypes.data, fb[1], 0.0,
-                 out.ctypes.data, max(n, 1))
+        m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+        if not (m and n):
+            return None
+        if not stacked:
+            return gemm(ROW_MAJOR, fa[0], fb[0], m, n, k, 1.0, a.ctypes.data, fa[1], b.ctypes.data, fb[1], 0.0,
+                        out.ctypes.data, fo[1])
+        step = [x.strides[0] // x.itemsize for x in (a, b, out)]
+        if step[2] < fo[1] * m:  # members' outputs interleaved (a pack's first-layer columns): MKL refuses them
+            for i in range(out.shape[0]):
+                self.matmul(a[i], b[i], out[i])
+            return None
+        return gemm(ROW_MAJOR, fa[0], fb[0], m, n, k, 1.0, a.ctypes.data, fa[1], step[0], b.ctypes.data, fb[1],
+                    step[1], 0.0, out.ctypes.data, fo[1], step[2], out.shape[0])
 
 
 def mkl_distribution():

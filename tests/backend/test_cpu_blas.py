@@ -42,6 +42,33 @@ def test_mkl_products_match_numpy_in_every_layout(m, k, n, dtype, rng):
                                        err_msg=f"a {la}, b {lb}")
 
 
+def member_stacks(x, members):
+    """(K, m, k) stacks as a pack hands them over: C order, each member transposed, and
+    member columns of one wide (m, K k) array (the first layer's activations)."""
+    K, m, k = x.shape
+    wide = np.full((m, K * k), np.nan, x.dtype)
+    columns = wide.reshape(m, K, k).transpose(1, 0, 2)
+    columns[...] = x
+    return {"c": x.copy(), "transposed": np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1),
+            "member columns": columns}
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,m,k,n", [(1, 1, 1, 1), (3, 5, 7, 4), (5, 33, 17, 65)])
+def test_mkl_stacked_products_match_numpy_in_every_layout_out_included(K, m, k, n, dtype, rng):
+    """A pack's member stacks: one strided-batch call, or member by member where the
+    outputs interleave (MKL refuses an output stride below a member's extent)."""
+    a0, b0 = rng.standard_normal((K, m, k)).astype(dtype), rng.standard_normal((K, k, n)).astype(dtype)
+    expected = a0.astype(np.float64) @ b0.astype(np.float64)
+    for la, a in member_stacks(a0, K).items():
+        for lb, b in member_stacks(b0, K).items():
+            for lo, out in member_stacks(np.full((K, m, n), np.nan, dtype), K).items():
+                MKL.matmul(a, b, out)
+                np.testing.assert_allclose(out, expected, rtol=TOL[dtype], atol=TOL[dtype] * k,
+                                           err_msg=f"a {la}, b {lb}, out {lo}")
+
+
 @needs_mkl
 def test_what_cblas_cannot_take_goes_to_numpy(rng):
     a = rng.standard_normal((6, 4)).astype(np.float32)
