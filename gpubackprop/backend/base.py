@@ -59,6 +59,21 @@ class LossBuffers(NamedTuple):
     weight_sum: object = None  # 0-d: their sum
 
 
+class MemberUpdate(NamedTuple):
+    """A pack's optimizer update over its flat buffers, laid out by tensor, then member
+    (gpubackprop.nn.packed): member k's part of each of ``blocks`` (each with ``start``
+    and ``size``) is ``size`` values from ``start + k size``."""
+
+    p: object
+    g: object
+    state: tuple  # the optimizer's state buffers, like p
+    scratch: tuple  # like p, where the backend's update needs temporaries
+    blocks: tuple
+    steps: object  # (K,) uint32: each member's steps done; its update reads and advances its own
+    skip: object  # (K,) uint32: set: the member's update is skipped, count included
+    params_flag: object  # (K,) uint32: set where a member's parameters after its update hold Inf or NaN
+
+
 class Backend:
     """One device's array module and primitives. Subclasses fill in the primitives."""
 
@@ -67,6 +82,7 @@ class Backend:
     note = ""
     supports_graphs = False
     supports_mixed_precision = False  # float16 / bfloat16 compute: cast_parameters, unscale_and_check, ...
+    supports_members = False  # a pack's member-axis primitives: flag_nonfinite_members, optimizer_update_members
     # Whether the primitives use the temporaries the model passes them (``scratch``
     # of the activations and the optimizers, each as large as its operand): NumPy
     # needs them for its out= chains; fused kernels need none, so none is allocated.
@@ -180,6 +196,29 @@ class Backend:
     def count_nonfinite(self, flag, count, first_bad, steps):
         """After the update: if flag[0], count[0] += 1 (first_bad[0] = steps[0] on the first); clear flag."""
         raise NotImplementedError
+
+    def dense_forward_members(self, layer, buf):
+        """dense_forward of every member of a pack at once: ``layer`` a Dense whose W is
+        (K, n_l, n_{l-1}) and b (K, n_l), ``buf`` DenseBuffers of (K, B, n) stacks."""
+        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
+                                  "batches='own'")
+
+    def dense_backward_members(self, layer, buf):
+        """dense_backward of every member of a pack at once (as dense_forward_members's)."""
+        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
+                                  "batches='own'")
+
+    def flag_nonfinite_members(self, g, blocks, flags):
+        """flags[k] = 1 where member k's part of g (a pack's flat buffer, laid out as
+        MemberUpdate's) holds Inf or NaN, else 0."""
+        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
+                                  "batches='own'")
+
+    def optimizer_update_members(self, rule, update, settings):
+        """Each member's ``optimizer_update`` of ``rule`` over its part of ``update``
+        (a MemberUpdate), with its hyperparameters ``settings[k][j]`` for block j."""
+        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
+                                  "batches='own'")
 
     def capture(self, fn):
         """fn's work recorded once; the result's ``launch()`` replays it."""

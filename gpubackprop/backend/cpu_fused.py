@@ -24,6 +24,7 @@ backend, and its ``note`` says so.
 
 import numpy as np
 
+from ..optim.base import Update
 from . import cpu_blas, cpu_kernels
 from .cpu import NumpyBackend
 
@@ -54,6 +55,7 @@ class FusedCpuBackend(NumpyBackend):
     def __init__(self, note=""):
         super().__init__(note)
         self.blas_choices = cpu_blas.Choices()
+        self._members_args = (None, None)  # (a pack's settings, the member loops' arguments for them)
 
     def matmul_for(self, sizes, act, batch, dtype, dropout):
         if fused_layer(act, dtype, dropout, act.needs_z) is None:
@@ -119,3 +121,49 @@ class FusedCpuBackend(NumpyBackend):
                 self.flag_nonfinite(update.p, update.params_flag)
         elif loop(*rule.kernel_args(update, h, update.p.dtype.type), update.steps) and update.params_flag is not None:
             update.params_flag[0] = 1  # the loop checks the parameters it writes: no second pass
+
+    # ---- a pack's member axis ---------------------------------------------------------------
+    def dense_forward_members(self, layer, buf):
+        loops = fused_layer(layer.act, buf.out.dtype, False, buf.z is not None)
+        if loops is None:
+            return super().dense_forward_members(layer, buf)
+        (buf.matmul or cpu_blas.numpy_matmul)(buf.input, layer.W.transpose(0, 2, 1), buf.out)
+        cpu_kernels.DENSE_MEMBERS[layer.act.name].forward(buf.out, layer.b, buf.out)
+
+    def dense_backward_members(self, layer, buf):
+        loops = fused_layer(layer.act, buf.grad.dtype, False, buf.z is not None, forward=False)
+        if loops is None:
+            return super().dense_backward_members(layer, buf)
+        matmul, grad = buf.matmul or cpu_blas.numpy_matmul, buf.grad
+        cpu_kernels.DENSE_MEMBERS[layer.act.name].backward(grad, buf.out, layer.db)
+        matmul(grad.transpose(0, 2, 1), buf.input, layer.dW)
+        if buf.grad_prev is not None:
+            matmul(grad, layer.W, buf.grad_prev)
+
+    def flag_nonfinite_members(self, g, blocks, flags):
+        if not fused(g):
+            return super().flag_nonfinite_members(g, blocks, flags)
+        cpu_kernels.nonfinite_members(g, *block_arrays(blocks), flags)
+
+    def optimizer_update_members(self, rule, update, settings):
+        loop = cpu_kernels.OPTIMIZER_MEMBERS.get(rule.kernel)
+        if loop is None or not fused(update.p):
+            return super().optimizer_update_members(rule, update, settings)
+        p, state = update.p, update.state
+        arrays = (p, update.g, *(state or (p,)))  # sgd without momentum: its buffer is unread
+        if self._members_args[0] is not settings:  # a pack's settings stay for its fit: made once
+            self._members_args = settings, (*block_arrays(update.blocks), member_scalars(rule, settings, p.dtype.type))
+        loop(*arrays, *self._members_args[1], update.steps, update.skip, update.params_flag)
+
+
+def block_arrays(blocks):
+    """The blocks' starts and sizes as the member loops take them."""
+    return np.array([b.start for b in blocks], np.int64), np.array([b.size for b in blocks], np.int64)
+
+
+def member_scalars(rule, settings, c):
+    """(K, blocks, args) float64: the scalars ``rule.kernel_args`` gives the lone loop
+    after its arrays and n, for each member's settings of each block."""
+    probe = Update(*(np.zeros(1, c) for _ in range(2)), tuple(np.zeros(1, c) for _ in rule.state_names), (), None)
+    lead = 2 + max(len(probe.state), 1) + 1  # p, g, the state (sgd: its buffer, or p), n
+    return np.array([[[float(x) for x in rule.kernel_args(probe, h, c)[lead:]] for h in member] for member in settings])

@@ -135,6 +135,25 @@ DENSE = {  # by activation name
 }
 
 
+def member_loops(loops):
+    """``loops`` over a pack's member axis (gpubackprop.nn.packed): z, a, g (K, B, n), b and
+    db (K, n); member k's rows by the lone loop, so each member's results are its own."""
+    forward, backward = loops.forward, loops.backward
+
+    def members_forward(z, b, a):
+        for k in range(z.shape[0]):
+            forward(z[k], b[k], a[k])
+
+    def members_backward(g, a, db):
+        for k in range(g.shape[0]):
+            backward(g[k], a[k], db[k])
+
+    return DenseLoops(None if forward is None else compiled(members_forward), compiled(members_backward))
+
+
+DENSE_MEMBERS = {name: member_loops(loops) for name, loops in DENSE.items()}
+
+
 # ---- losses ---------------------------------------------------------------------------
 @njit(inline="always")
 def first_nan(x, r, otherwise):
@@ -286,4 +305,58 @@ shift_logits, normalize_exponentials, mean_squared_error, sgd_update, adam_updat
     compiled(f) for f in (shift_logits, normalize_exponentials, mean_squared_error, sgd_update, adam_update))
 # Reassociation lets the sum vectorize; it stays NaN exactly where an element is non-finite.
 nonfinite = compiled(nonfinite, fastmath={"reassoc"})
+
+
+# ---- a pack's member axis (gpubackprop.nn.packed): the loops above, member by member ----------------
+# A pack's flat buffer holds blocks (starts[j], sizes[j]) of K rows each: member k's part of
+# block j is sizes[j] values from starts[j] + k sizes[j]. h[k, j] holds the scalar arguments
+# the lone loop takes after n (its kernel_args), in float64; each is cast as kernel_args casts it.
+def nonfinite_members(g, starts, sizes, flags):
+    """flags[k] = whether member k's part of g holds Inf or NaN."""
+    for k in range(flags.shape[0]):
+        bad = False
+        for j in range(starts.shape[0]):
+            s = starts[j] + k * sizes[j]
+            bad |= nonfinite(g[s:s + sizes[j]])
+        flags[k] = bad
+
+
+def sgd_members(p, g, buf, starts, sizes, h, steps, skip, params_flag):
+    """sgd_update of each member not skipped, over its blocks, counting from its own steps."""
+    C = p.dtype.type
+    count = np.empty(1, steps.dtype)
+    for k in range(steps.shape[0]):
+        if skip[k]:
+            continue
+        bad = False
+        for j in range(starts.shape[0]):
+            s, e, a = starts[j] + k * sizes[j], starts[j] + (k + 1) * sizes[j], h[k, j]
+            count[0] = steps[k]
+            bad |= sgd_update(p[s:e], g[s:e], buf[s:e], np.int64(sizes[j]), C(a[0]), C(a[1]), C(a[2]), C(a[3]),
+                              C(a[4]), np.int32(a[5]), np.int32(a[6]), count)
+        steps[k] = count[0]
+        if bad:
+            params_flag[k] = 1
+
+
+def adam_members(p, g, m, v, starts, sizes, h, steps, skip, params_flag):
+    """adam_update of each member not skipped, over its blocks, counting from its own steps."""
+    C = p.dtype.type
+    count = np.empty(1, steps.dtype)
+    for k in range(steps.shape[0]):
+        if skip[k]:
+            continue
+        bad = False
+        for j in range(starts.shape[0]):
+            s, e, a = starts[j] + k * sizes[j], starts[j] + (k + 1) * sizes[j], h[k, j]
+            count[0] = steps[k]
+            bad |= adam_update(p[s:e], g[s:e], m[s:e], v[s:e], np.int64(sizes[j]), a[0], a[1], a[2], C(a[3]),
+                               C(a[4]), C(a[5]), C(a[6]), C(a[7]), np.int32(a[8]), count)
+        steps[k] = count[0]
+        if bad:
+            params_flag[k] = 1
+
+
+nonfinite_members, sgd_members, adam_members = (compiled(f) for f in (nonfinite_members, sgd_members, adam_members))
 OPTIMIZERS = {"sgd_update": sgd_update, "adam_update": adam_update}  # by the name of their CUDA kernel
+OPTIMIZER_MEMBERS = {"sgd_update": sgd_members, "adam_update": adam_members}

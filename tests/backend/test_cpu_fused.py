@@ -8,7 +8,7 @@ import pytest
 
 import gpubackprop as gb
 from gpubackprop import backend as backends
-from gpubackprop.backend import Dense, DenseBuffers, NumpyBackend, cpu_backend, get_backend
+from gpubackprop.backend import Dense, DenseBuffers, NumpyBackend, cpu_backend, cpu_blas, get_backend
 from gpubackprop.nn import losses
 from gpubackprop.nn.activations import ACTIVATIONS
 from gpubackprop.optim import OPTIMIZERS, Update
@@ -186,3 +186,113 @@ def test_the_tanh_familys_backward_runs_its_loop_though_its_forward_is_numpys(mo
     X, y = rng.standard_normal((40, 5)).astype(np.float32), rng.integers(0, 3, 40)
     gb.MLP([5, 8, 3], activation="tanh", device=FUSED).fit(X, y, epochs=1, batch_size=20, progress=False)
     assert len(calls) == 2  # two steps, one hidden tanh layer
+
+
+# ---- a pack's member axis (gpubackprop.nn.packed) ----------------------------------------------
+def member_columns(x):
+    """A (K, B, n) stack as member columns of one wide (B, K n) array, as a pack's first layer holds them."""
+    K, B, n = x.shape
+    wide = np.full((B, K * n), np.nan, x.dtype)
+    columns = wide.reshape(B, K, n).transpose(1, 0, 2)
+    columns[...] = x
+    return columns
+
+
+MATMULS = {"numpy": None, "mkl": None if cpu_blas.mkl() is None else cpu_blas.mkl().matmul}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 37, 19, 13), (4, 5, 3, 130)])
+@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
+@pytest.mark.parametrize("library", sorted(MATMULS))
+def test_fused_member_layers_agree_with_numpys_member_by_member(name, shape, dtype, library, rng):
+    """Inputs and input gradients in member columns of a wide array (the layer above a pack's
+    first), every output poisoned; gelu keeps z, and runs NumPy's code member by member."""
+    if MATMULS[library] is None and library != "numpy":
+        pytest.skip("needs the mkl wheel")
+    K, B, n_in, n_out = shape
+    act = ACTIVATIONS[name]
+    a_prev = member_columns(rng.standard_normal((K, B, n_in)).astype(dtype))
+    W, b = rng.standard_normal((K, n_out, n_in)).astype(dtype), rng.standard_normal((K, n_out)).astype(dtype)
+    grad = rng.standard_normal((K, B, n_out)).astype(dtype)
+    results = []
+    for be in (NUMPY, FUSED):
+        layer = Dense(W, b, poisoned((K, n_out, n_in), dtype), poisoned((K, n_out), dtype), act)
+        z = poisoned((K, B, n_out), dtype) if act.needs_z else None
+        buf = DenseBuffers(a_prev, poisoned((K, B, n_out), dtype), z, poisoned((K, B, n_out), dtype),
+                           member_columns(poisoned((K, B, n_in), dtype)),
+                           tuple(poisoned((K, B, n_out), dtype) for _ in range(act.n_scratch)), np.ones(B, dtype),
+                           MATMULS[library] if be is FUSED else None)
+        be.dense_forward_members(layer, buf)
+        buf.grad[...] = grad
+        be.dense_backward_members(layer, buf)
+        results.append((buf.out, buf.grad, layer.db, layer.dW, buf.grad_prev))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for got, want in zip(*reversed(results)):
+        assert got.dtype == dtype and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+class Block:
+    def __init__(self, start, size):
+        self.start, self.size = start, size
+
+
+def member_blocks(K, sizes):
+    """Blocks of K rows of each size, one after another with a gap (a pack aligns its blocks)."""
+    blocks, start = [], 0
+    for size in sizes:
+        blocks.append(Block(start, size))
+        start += K * size + 3
+    return blocks, start
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_member_optimizer_updates_give_each_members_lone_update_bits(name, dtype, rng):
+    """Per-member hyperparameters and step counts; a skipped member keeps its parameters and
+    its count: on the fused loops and the NumPy backend's member-by-member code alike, each
+    member's parameters the bits of its lone update on a contiguous copy."""
+    rule, K = OPTIMIZERS[name], 3
+    hyper = [dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.05, weight_decay=0.1), dict(lr=0.2, momentum=0.5)] \
+        if name == "SGD" else [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.1), dict(lr=5e-2, betas=(0.8, 0.9))]
+    settings = [rule(**h).settings() for h in hyper]
+    state_names = rule(**hyper[0]).state_names
+    blocks, n = member_blocks(K, [7, 130, 1])
+    p0 = rng.standard_normal(n).astype(dtype)
+    steps0 = np.array([0, 4, 2], np.uint32)
+    skip = np.array([0, 1, 0], np.uint32)
+    results = {}
+    for be in (NUMPY, FUSED):
+        p, steps = p0.copy(), steps0.copy()
+        state = tuple(np.zeros(n, dtype) for _ in state_names)
+        scratch = tuple(poisoned(n, dtype) for _ in range(be.update_scratch(rule, dtype)))
+        for _ in range(3):
+            g = np.random.default_rng(7 + _).standard_normal(n).astype(dtype)
+            update = backends.MemberUpdate(p, g, state, scratch, tuple(blocks), steps, skip, np.zeros(K, np.uint32))
+            be.optimizer_update_members(rule, update, [[h] * len(blocks) for h in settings])
+        results[be] = p, steps
+    np.testing.assert_array_equal(results[FUSED][0], results[NUMPY][0])
+    np.testing.assert_array_equal(results[FUSED][1], steps0 + np.array([3, 0, 3]))
+    for k in range(K):
+        parts = [slice(b.start + k * b.size, b.start + (k + 1) * b.size) for b in blocks]
+        lone, steps = np.concatenate([p0[s] for s in parts]), np.array([steps0[k]], np.uint32)
+        state = tuple(np.zeros(lone.size, dtype) for _ in state_names)
+        for _ in range(3 if not skip[k] else 0):
+            g = np.random.default_rng(7 + _).standard_normal(n).astype(dtype)
+            FUSED.optimizer_update(rule, Update(lone, np.concatenate([g[s] for s in parts]), state, (), steps),
+                                   settings[k])
+        np.testing.assert_array_equal(np.concatenate([results[FUSED][0][s] for s in parts]), lone, err_msg=f"{k}")
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_member_nonfinite_flags_the_member_alone(bad, rng):
+    K = 4
+    blocks, n = member_blocks(K, [5, 17])
+    g = rng.standard_normal(n).astype(np.float32)
+    g[blocks[1].start + 2 * blocks[1].size + 3] = bad  # member 2's second block
+    g[blocks[0].start + K * blocks[0].size + 1] = bad  # a gap between blocks: no member's
+    for be in (NUMPY, FUSED):
+        flags = np.array([1, 1, 0, 1], np.uint32)  # cleared where finite
+        be.flag_nonfinite_members(g, blocks, flags)
+        np.testing.assert_array_equal(flags, [0, 0, 1, 0])
