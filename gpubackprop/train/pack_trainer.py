@@ -1,0 +1,115 @@
+"""One training step of a pack on a shared batch: every member's step at once.
+
+As gpubackprop.train.Trainer's step, with a member axis (gpubackprop.nn.packed):
+
+    gather        the batch's rows once, each member's row weights
+    forward, loss, backward   the PackedNetwork's passes (one wide first layer)
+    guard         per member: Inf or NaN in its gradients skips its update
+    update        per member: its optimizer's rule with its own hyperparameters,
+                  its own state and step count (Backend.optimizer_update_members)
+
+Each member's update is its lone optimizer's, element for element, with its
+settings; a member whose gradients or parameters go non-finite is flagged
+(``flagged``), and the pack stops it alone.
+"""
+
+import numpy as np
+
+from ..backend import MemberUpdate
+from ..optim import Optimizer
+
+
+class PackTrainer:
+    """A PackedNetwork and K optimizers of one class (SGD or Adam objects: their
+    hyperparameters, and their state and step counts, taken in and given back with
+    ``load_state`` / ``store_state``)."""
+
+    def __init__(self, net, optimizers):
+        rules = {type(o) for o in optimizers}
+        if len(rules) != 1 or not all(isinstance(o, Optimizer) for o in optimizers):
+            raise TypeError(f"a pack's members need optimizers of one class, got {sorted(r.__name__ for r in rules)}")
+        self.net, self.optimizers, self.rule = net, list(optimizers), rules.pop()
+        be, K = net.backend, net.members
+        # every member's state buffers (SGD keeps momentum only where it has momentum; a member
+        # without reads none of it)
+        self.state_names = tuple(dict.fromkeys(n for o in optimizers for n in o.state_names))
+        self.state = tuple(be.zeros(net.flat.shape, net.dtype) for _ in self.state_names)
+        self.scratch = tuple(be.empty(net.flat.shape, net.dtype) for _ in range(be.update_scratch(self.rule, net.dtype)))
+        self.steps = be.zeros((K,), np.uint32)
+        self.flagged = be.zeros((K,), np.uint32)  # this step's gradients not finite: skip the member's update
+        self.overflowed = be.zeros((K,), np.uint32)  # its parameters not finite after the update
+        self.frozen = np.zeros(K, bool)  # stopped members: never updated again
+        self.hyper = self.settings()  # fixed for the fit: a pack has no schedule
+        self.load_state()
+
+    def settings(self):
+        """Per member, per block: the hyperparameters its update runs with (a bias block
+        without the L2 term where the optimizer spares biases, as Optimizer.step does)."""
+        out = []
+        for o in self.optimizers:
+            h = o.settings()
+            spared = h._replace(weight_decay=0.0) if o.spares_biases else h
+            out.append([h if blk.weight else spared for blk in self.net.blocks])
+        return out
+
+    def step(self, ws, running, X, T, W=None):
+        """One step of every member on the batch of rows ws.index of (X, T), each member
+        weighting them by its row of W (K, n) (None: unweighted)."""
+        net, be = self.net, self.net.backend
+        be.gather_rows(X, ws.index, ws.x)
+        be.gather_rows(T, ws.index, ws.target)
+        ws.weighted = W is not None
+        if ws.weighted:
+            for k in range(net.members):
+                be.gather_rows(W[k], ws.index, ws.weight[k])
+                be.sum(ws.weight[k], ws.weight_sum[k:k + 1].reshape(()))
+        net.forward_pass(ws)
+        net.compute_loss(ws, running)
+        net.backward_pass(ws)
+        be.flag_nonfinite_members(net.grads, net.blocks, self.flagged)
+        self.flagged[self.frozen] = 1
+        self.overflowed.fill(0)
+        update = MemberUpdate(net.flat, net.grads, self.state, self.scratch, tuple(net.blocks), self.steps,
+                              self.flagged, self.overflowed)
+        be.optimizer_update_members(self.rule, update, self.hyper)
+
+    def freeze(self, k):
+        """Member k is updated no more (its flags are read: clear them)."""
+        self.frozen[k] = True
+        self.flagged[k] = self.overflowed[k] = 0
+
+    # ---- the optimizers' own state, in and out ------------------------------------------
+    def load_state(self):
+        """Each optimizer's state and step count (lone layout) into the pack's buffers."""
+        net = self.net
+        for i, name in enumerate(self.state_names):
+            rows = np.stack([_host_state(o, name, net) for o in self.optimizers])
+            scratch_net = np.empty(net.flat.shape, net.dtype)
+            for blk in net.blocks:
+                blk.rows(scratch_net, net.members)[...] = rows[:, blk.lone]
+            net.backend.xp.copyto(self.state[i], net.backend.asarray(scratch_net))
+        for o in self.optimizers:
+            o.sync_steps()
+        net.backend.xp.copyto(self.steps, net.backend.asarray(np.array([o.steps for o in self.optimizers], np.uint32)))
+
+    def store_state(self):
+        """The pack's state and step counts back into each optimizer, as its own after
+        as many lone steps."""
+        steps = np.asarray(self.net.backend.to_host(self.steps))
+        states = [self.net.to_members(s) for s in self.state]
+        for k, o in enumerate(self.optimizers):
+            o.state = {name: state[k].copy() for name, state in zip(self.state_names, states) if name in o.state_names}
+            o.steps = int(steps[k])
+            o.device_steps = None  # bind() makes it anew from steps
+
+
+def _host_state(optimizer, name, net):
+    """An optimizer's state buffer ``name`` on the host, or zeros where it has none yet."""
+    buf = optimizer.state.get(name)
+    if buf is None:
+        return np.zeros(net.n_params, net.dtype)
+    buf = np.asarray(net.backend.to_host(buf), net.dtype)
+    if buf.shape != (net.n_params,):
+        raise ValueError(f"{optimizer!r} holds state for {buf.shape[0]} parameters, a member has {net.n_params}")
+    return buf
+
