@@ -27,12 +27,15 @@ import numpy as np
 from .. import state, validation
 from ..optim import SGD, Adam
 from ..train.loop import SYNC_EVERY, validation_set, weight_total
+from ..train.pack_trainer import PackTrainer
 from ..train.trainer import Trainer
 from .losses import HUBER_DELTA
 from .mlp import MLP
+from .packed import PackedNetwork
 
 FORMAT, VERSION = "gpubackprop.mlppack", "1"
 OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+BATCHES = ("own", "shared")
 
 
 class MLPPack:
@@ -56,7 +59,8 @@ class MLPPack:
                            huber_delta=huber_delta) for s in seeds]
         self.seeds = seeds
         self.stopped = [None] * len(seeds)  # the step at which each member was stopped, or None
-        self._trainers = None  # ((optimizer, settings, graphs), the members' trainers) of the last fit
+        self._optimizers = None  # ((optimizer, settings), the members' optimizers) of the last fit
+        self._trainers = None  # (graphs, the members' trainers of those optimizers)
 
     @property
     def members(self):
@@ -77,10 +81,16 @@ class MLPPack:
 
     # ---- training -------------------------------------------------------------------
     def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", sample_weight=None, validation_data=None,
-            shuffle=True, graphs=True, **hyperparams):
+            shuffle=True, graphs=True, batches="own", **hyperparams):
         """Train every member ``epochs`` times over (X, y) in batches of ``batch_size``
-        rows, each on its own shuffle; returns K histories, each as MLP.fit's.
+        rows; returns K histories, each as MLP.fit's.
 
+        batches       "own": each member draws its own shuffle and runs its own lone
+                      steps, so that member k equals ``MLP(seed=seeds[k]).fit`` bit for
+                      bit. "shared": every member trains on the same batches, member 0's
+                      shuffle (so member k equals a lone fit of its seed on that order
+                      of rows, to rounding: see gpubackprop.nn.packed), in one step for
+                      all members whose first layer is one wide GEMM; on the CPU.
         optimizer     "sgd" or "adam": gpubackprop.optim's SGD or Adam, one per member
                       (its state continues across fit calls while the optimizer and its
                       settings stay), whose hyperparameters (lr, weight_decay, momentum,
@@ -92,19 +102,34 @@ class MLPPack:
         validation_data  (X_val, y_val) or (X_val, y_val, sample_weight_val), as MLP.fit's:
                       every member's "val_" metrics after each of its epochs
         graphs        as MLP.fit's: each member's step captured where the backend can
+                      ("own" batches)
         """
+        if batches not in BATCHES:
+            raise ValueError(f"batches must be one of {BATCHES}, got {batches!r}")
         lead = self.models[0]
+        if batches == "shared" and not lead.backend.supports_members:
+            raise NotImplementedError(f"batches='shared' needs the member-axis primitives, which {lead.backend.name} "
+                                      "does not have yet; use batches='own' there (each member its own steps)")
         with lead.context():
             Xd, T = lead.prepare(X, y)  # once, shared by every member (one device, one dtype)
             W = self._weights(sample_weight, Xd.shape[0])
             val = validation_set(lead, validation_data)
         epochs = validation.check_positive_int("epochs", epochs, minimum=0)
         batch = min(validation.check_positive_int("batch_size", batch_size), Xd.shape[0])
-        trainers = self._trainers_for(optimizer, hyperparams, graphs)
+        optimizers = self._optimizers_for(optimizer, hyperparams)
         histories = [{} for _ in self.models]
         with lead.context(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard speaks
-            for _ in range(epochs):
-                self._epoch(Xd, T, W, batch, shuffle, trainers, histories, val)
+            if batches == "own":
+                trainers = self._trainers_for(optimizers, graphs)
+                for _ in range(epochs):
+                    self._epoch(Xd, T, W, batch, shuffle, trainers, histories, val)
+            else:
+                trainer = PackTrainer(PackedNetwork(lead.backend, lead.sizes, lead.act, lead.criterion, lead.dtype,
+                                                    self.members), optimizers)
+                trainer.net.load(self.params)
+                for _ in range(epochs):
+                    self._shared_epoch(Xd, T, W, batch, shuffle, trainer, histories, val)
+                trainer.store_state()
         return histories
 
     def _epoch(self, Xd, T, W, batch, shuffle, trainers, histories, val=None):
@@ -113,6 +138,7 @@ class MLPPack:
         member's workspace stays in the caches for its whole epoch (step by step across
         the members measured 1.8x slower on the narrow net at K = 16)."""
         n, be = Xd.shape[0], self.models[0].backend
+        idle = [s is not None for s in self.stopped]
         for k, (model, trainer) in enumerate(zip(self.models, trainers)):
             order = be.asarray(model.shuffle_rng.permutation(n) if shuffle else np.arange(n))
             running = be.zeros((2,), np.float64)
@@ -126,12 +152,46 @@ class MLPPack:
                 if s % SYNC_EVERY == SYNC_EVERY - 1 or start + batch >= n:
                     self._stop_if_nonfinite(k, trainer)
             trainer.optimizer.sync_steps()
-            count = n if W is None else weight_total(np.asarray(be.to_host(W[k]), np.float64))
-            logs = model.metrics(be.to_host(running), count)
-            if val is not None:  # as fit's validation: the metrics of all of (X_val, y_val)
-                logs.update({f"val_{name}": value for name, value in model.evaluation(*val).items()})
-            for name, value in logs.items():
-                histories[k].setdefault(name, []).append(value)
+            self._log_epoch(k, be.to_host(running), W, n, val, histories[k], idle[k])
+
+    def _shared_epoch(self, Xd, T, W, batch, shuffle, trainer, histories, val=None):
+        """One epoch of every member on the same batches, member 0's order of the rows,
+        each step all members' (PackTrainer); then the parameters back into the members."""
+        n, be, K = Xd.shape[0], self.models[0].backend, self.members
+        idle = [s is not None for s in self.stopped]
+        order = be.asarray(self.models[0].shuffle_rng.permutation(n) if shuffle else np.arange(n))
+        running = be.zeros((K, 2), np.float64)
+        for start in range(0, n, batch):
+            ws = trainer.net.workspace(min(batch, n - start))
+            be.xp.copyto(ws.index, order[start:start + ws.batch])
+            trainer.step(ws, running, Xd, T, W)
+            self._stop_flagged(trainer)
+        for model, row in zip(self.models, trainer.net.to_members()):
+            model.parameters.assign(row)
+        running = be.to_host(running)
+        for k in range(K):
+            self._log_epoch(k, running[k], W, n, val, histories[k], idle[k])
+
+    def _log_epoch(self, k, running, W, n, val, history, idle):
+        """Member k's metrics of the epoch (MLP.fit's) into its ``history``: NaN where it
+        was stopped before the epoch began (it trained no more)."""
+        model, be = self.models[k], self.models[k].backend
+        count = n if W is None else weight_total(np.asarray(be.to_host(W[k]), np.float64))
+        logs = model.metrics(running, count)
+        if val is not None:  # as fit's validation: the metrics of all of (X_val, y_val)
+            logs.update({f"val_{name}": value for name, value in model.evaluation(*val).items()})
+        for name, value in logs.items():
+            history.setdefault(name, []).append(float("nan") if idle else value)
+
+    def _stop_flagged(self, trainer):
+        """Members whose step the PackTrainer flagged stop, as _stop_if_nonfinite's."""
+        flagged, overflowed = (np.asarray(trainer.net.backend.to_host(f)) for f in (trainer.flagged,
+                                                                                  trainer.overflowed))
+        steps = np.asarray(trainer.net.backend.to_host(trainer.steps))
+        for k in np.flatnonzero((flagged | overflowed) & ~trainer.frozen):
+            self.stopped[k] = int(steps[k]) + 1 if flagged[k] else int(steps[k])
+            self._warn_stopped(k, overflowed[k] and not flagged[k])
+            trainer.freeze(k)
 
     def _stop_if_nonfinite(self, k, trainer):
         """Member k stops where its guard flagged a step, a warning naming it (its flagged
@@ -141,14 +201,17 @@ class MLPPack:
         (flagged, first), (overflowed, first_overflow) = trainer.guard.poll()
         if flagged or overflowed:
             self.stopped[k] = first + 1 if flagged else first_overflow
-            how = "its update overflowed the parameters" if overflowed and not flagged else \
-                "its gradients went non-finite (the step was skipped)"
-            warnings.warn(f"pack member {k} (seed {self.seeds[k]}) is stopped at step {self.stopped[k]}: {how}; "
-                          "the others train on", RuntimeWarning, stacklevel=5)
+            self._warn_stopped(k, overflowed and not flagged)
 
-    def _trainers_for(self, name, hyperparams, graphs):
-        """A Trainer and an optimizer per member, kept from the last fit where the
-        optimizer and its settings are the same, so that its state continues."""
+    def _warn_stopped(self, k, overflowed):
+        how = "its update overflowed the parameters" if overflowed else \
+            "its gradients went non-finite (the step was skipped)"
+        warnings.warn(f"pack member {k} (seed {self.seeds[k]}) is stopped at step {self.stopped[k]}: {how}; "
+                      "the others train on", RuntimeWarning, stacklevel=6)
+
+    def _optimizers_for(self, name, hyperparams):
+        """An optimizer per member, kept from the last fit where the optimizer and its
+        settings are the same, so that its state continues."""
         if name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
         K = self.members
@@ -158,12 +221,18 @@ class MLPPack:
                                  f"got {len(value)}")
         settings = [{key: value[k] if isinstance(value, (list, np.ndarray)) else value
                      for key, value in hyperparams.items()} for k in range(K)]
-        key = (name, repr(settings), graphs)
-        if self._trainers is None or self._trainers[0] != key:
-            optimizers = [OPTIMIZERS[name](**s) for s in settings]  # all checked before any is bound
-            self._trainers = key, [Trainer(m, o, graphs=graphs) for m, o in zip(self.models, optimizers)]
-            for model, optimizer in zip(self.models, optimizers):
-                model.optimizer = optimizer  # as fit leaves it
+        key = (name, repr(settings))
+        if self._optimizers is None or self._optimizers[0] != key:
+            self._optimizers = key, [OPTIMIZERS[name](**s) for s in settings]  # all checked before any is used
+            self._trainers = None
+        for model, optimizer in zip(self.models, self._optimizers[1]):
+            model.optimizer = optimizer  # as fit leaves it
+        return self._optimizers[1]
+
+    def _trainers_for(self, optimizers, graphs):
+        """Each member's Trainer of its optimizer, kept while the optimizers and ``graphs`` stay."""
+        if self._trainers is None or self._trainers[0] != graphs:
+            self._trainers = graphs, [Trainer(m, o, graphs=graphs) for m, o in zip(self.models, optimizers)]
         return self._trainers[1]
 
     def _weights(self, sample_weight, n):

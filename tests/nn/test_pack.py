@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
+from gpubackprop.nn.network import seed_streams
 from gpubackprop.nn.pack import MLPPack
 
 from ..helpers import random_batch
@@ -124,3 +125,118 @@ def test_validation_data_gives_every_member_its_lone_fits_val_metrics(rng):
         assert histories[k] == model.fit(X, y, epochs=2, batch_size=8, validation_data=(X_val, y_val, w_val),
                                          progress=False, optimizer=gb.optim.Adam())
     assert set(histories[0]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+# ---- shared batches: one step for every member (gpubackprop.nn.packed) -----------------------
+def shared_twin(k, pack, X, y, rule, hyper, weights, **settings):
+    """Member k's twin under batches="shared": an MLP of its seed whose shuffle is member 0's."""
+    lead = pack.member(0)
+    model = gb.MLP(pack.sizes, activation=lead.activation, loss=lead.loss, dtype=lead.dtype, seed=pack.seeds[k])
+    model.shuffle_rng = seed_streams(pack.seeds[0])[1]
+    history = model.fit(X, y, optimizer=rule(**hyper[k]), progress=False,
+                        sample_weight=None if weights is None else weights[k], **settings)
+    return model, history
+
+
+def assert_same_training(pack, k, model, history, got_history, dtype):
+    """Parameters, optimizer state and histories of member k and its twin: equal to rounding
+    (float64 1e-12, float32 1e-5 relative): the pack's wide first-layer GEMM may sum in
+    another order than the lone one's (measured: the same bits at these sizes on NumPy's
+    OpenBLAS, 2-core Xeon)."""
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pack.params[k], model.backend.to_host(model.params), **tol, err_msg=f"member {k}")
+    mine, lone = pack.member(k).optimizer.state_dict(), model.optimizer.state_dict()
+    assert mine["steps"] == lone["steps"] and mine["hyperparams"] == lone["hyperparams"]
+    assert set(mine["state"]) == set(lone["state"])
+    for name in lone["state"]:
+        np.testing.assert_allclose(mine["state"][name], lone["state"][name], **tol)
+    assert set(got_history) == set(history)
+    for name in history:
+        np.testing.assert_allclose(got_history[name], history[name], **tol)
+
+
+PER_MEMBER = {"sgd": (gb.optim.SGD, dict(lr=[0.01, 0.03, 0.05], weight_decay=[0.0, 1e-3, 1e-2], momentum=[0.9, 0.0, 0.5],
+                                          nesterov=[True, False, False])),
+              "adam": (gb.optim.Adam, dict(lr=[1e-2, 3e-3, 5e-2], weight_decay=[0.0, 1e-3, 1e-2],
+                                            decay_biases=False, betas=(0.8, 0.99)))}
+
+
+def member_settings(settings, k):
+    return {name: value[k] if isinstance(value, list) else value for name, value in settings.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("sizes,loss,activation", [
+    ([5, 8, 3], "cross_entropy", "relu"), ([5, 8, 6, 3], "mse", "gelu"), ([5, 8, 7, 6, 2], "binary_cross_entropy", "tanh"),
+    ([5, 3], "poisson", "identity"), ([5, 9, 4], "huber", "leaky_relu")])
+@pytest.mark.parametrize("weighted", [False, True], ids=["all rows", "own row weights"])
+def test_shared_batches_train_each_member_as_a_lone_mlp_on_member_0s_order(sizes, loss, activation, optimizer, dtype,
+                                                                           weighted, rng):
+    """Per-member hyperparameters (momentum with and without, nesterov, weight decay on the
+    weights alone), a partial last batch (50 rows in 16s), 1 to 3 hidden layers (none: the
+    wide layer is the output layer) and, weighted, each member's own row weights (some 0)."""
+    X, y = random_batch(rng, sizes, loss, 50)
+    rule, settings = PER_MEMBER[optimizer]
+    weights = rng.random((3, 50)) * (rng.random((3, 50)) > 0.3) if weighted else None
+    pack = MLPPack(sizes, members=3, activation=activation, loss=loss, dtype=dtype, seed=4)
+    histories = pack.fit(X, y, epochs=3, batch_size=16, optimizer=optimizer, sample_weight=weights, batches="shared",
+                         **settings)
+    for k in range(3):
+        model, history = shared_twin(k, pack, X, y, rule, [member_settings(settings, j) for j in range(3)], weights,
+                                     epochs=3, batch_size=16)
+        assert_same_training(pack, k, model, history, histories[k], dtype)
+
+
+def test_shared_batches_on_a_size_the_blas_choice_measures_agree_in_float32(rng):
+    """A first layer large enough that the pack's BLAS (NumPy's or MKL's, measured for the wide
+    GEMM) may differ from the lone model's: float32 rounding apart, no more."""
+    sizes = [300, 64, 10]
+    X, y = random_batch(rng, sizes, "cross_entropy", 150)
+    pack = MLPPack(sizes, members=4, seed=2)
+    histories = pack.fit(X, y, epochs=2, batch_size=64, optimizer="adam", lr=[1e-3, 2e-3, 3e-3, 4e-3],
+                         batches="shared")
+    for k in range(4):
+        model, history = shared_twin(k, pack, X, y, gb.optim.Adam, [dict(lr=1e-3 * (j + 1)) for j in range(4)], None,
+                                     epochs=2, batch_size=64)
+        assert_same_training(pack, k, model, history, histories[k], "float32")
+
+
+def test_shared_batches_continue_across_fits_and_from_own_batches(rng):
+    """The members' optimizers carry their state and step counts between fits in either mode."""
+    X, y = random_batch(rng, SIZES, "cross_entropy", 40)
+    once, twice = (MLPPack(SIZES, members=2, seed=1, dtype="float64") for _ in range(2))
+    once.fit(X, y, epochs=2, batch_size=8, lr=[1e-2, 2e-2], batches="shared", shuffle=False)
+    for _ in range(2):
+        twice.fit(X, y, epochs=1, batch_size=8, lr=[1e-2, 2e-2], batches="shared", shuffle=False)
+    np.testing.assert_array_equal(twice.params, once.params)
+    mixed = MLPPack(SIZES, members=2, seed=1, dtype="float64")
+    mixed.fit(X, y, epochs=1, batch_size=8, lr=[1e-2, 2e-2], batches="own", shuffle=False)
+    mixed.fit(X, y, epochs=1, batch_size=8, lr=[1e-2, 2e-2], batches="shared", shuffle=False)
+    np.testing.assert_allclose(mixed.params, once.params, rtol=1e-12, atol=1e-14)  # no shuffle: the same batches
+    assert [mixed.member(k).optimizer.steps for k in range(2)] == [10, 10]
+
+
+@pytest.mark.parametrize("batches", ["own", "shared"])
+def test_a_stopped_member_logs_nan_for_the_epochs_it_did_not_train(batches, rng):
+    X, y = random_batch(rng, SIZES, "mse", 40)
+    pack = MLPPack(SIZES, members=3, loss="mse", activation="identity", dtype="float64", seed=0)
+    calm = MLPPack(SIZES, members=3, loss="mse", activation="identity", dtype="float64", seed=0)
+    with pytest.warns(RuntimeWarning, match="pack member 1 \\(seed 1\\) is stopped at step"):
+        histories = pack.fit(X * 1e3, y * 1e3, epochs=3, batch_size=8, optimizer="sgd", lr=[1e-9, 10.0, 1e-9],
+                             batches=batches)
+    calm.fit(X * 1e3, y * 1e3, epochs=3, batch_size=8, optimizer="sgd", lr=[1e-9, 1e-9, 1e-9], batches=batches)
+    assert pack.stopped[0] is None and pack.stopped[2] is None and 1 <= pack.stopped[1] <= 5  # in its first epoch
+    assert np.isfinite(pack.params).all()
+    assert np.isnan(histories[1]["loss"][1:]).all() and not np.isnan(histories[0]["loss"]).any()
+    for k in (0, 2):
+        np.testing.assert_array_equal(pack.params[k], calm.params[k])
+
+
+def test_shared_batches_are_refused_where_the_backend_has_no_member_axis(kernel_backend, rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    pack = MLPPack(SIZES, members=2, device=kernel_backend)
+    with pytest.raises(NotImplementedError, match="batches='shared' needs the member-axis primitives.*batches='own'"):
+        pack.fit(X, y, batches="shared")
+    with pytest.raises(ValueError, match="batches must be one of \\('own', 'shared'\\), got 'mine'"):
+        pack.fit(X, y, batches="mine")
