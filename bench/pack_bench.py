@@ -1,12 +1,18 @@
 """K small MLPs trained together: MLPPack against K fits one after another (ours, and
 PyTorch's), and against the same step vectorized over the members by torch.func
 (stack_module_state + vmap of grad) and by JAX (jit of vmap). Every member has its
-own starting weights and its own shuffle; one timed run is one epoch of plain SGD
-(lr 0.05, cross entropy, float32) for all K members.
+own starting weights; one timed run is one epoch of plain SGD (lr 0.05, cross
+entropy, float32) for all K members.
 
-Reported per case: seconds per epoch of each, MLPPack's speed-up over each, and the
-GFLOP/s MLPPack reaches (bench.cpu_bench.step_flops: forward, weight and input
-gradients' GEMMs) as a fraction of the machine's sgemm ceiling (the best BLAS's).
+Two ways to batch: each member on its own shuffle ("own": MLPPack's batches="own",
+and the vmaps over (K, B) row indices), or every member on the same batches
+("shared": batches="shared", and the vmaps with the batch broadcast, in_dims None).
+K sequential fits cost the same either way, so they are timed once.
+
+Reported per case: seconds per epoch of each, each pack's speed-up over each peer
+of its kind, and the GFLOP/s each pack reaches (bench.cpu_bench.step_flops:
+forward, weight and input gradients' GEMMs) as a fraction of the machine's sgemm
+ceiling (the best BLAS's).
 
 Run: ``python -m bench.pack_bench`` (writes bench/results/pack-<date>.json and prints
 the Markdown table); ``--members 16 64``, ``--repeats 3``, ``--cases``.
@@ -14,6 +20,7 @@ the Markdown table); ``--members 16 64``, ``--repeats 3``, ``--cases``.
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -50,9 +57,9 @@ def start_weights(sizes, K):
             for i in range(len(sizes) - 1)]
 
 
-def ours_pack(sizes, batch, X, y, K):
+def ours_pack(sizes, batch, X, y, K, batches="own"):
     pack = gb.MLPPack(list(sizes), members=K, seed=SEED)
-    return lambda: pack.fit(X, y, epochs=1, batch_size=batch, optimizer="sgd", lr=LR)
+    return lambda: pack.fit(X, y, epochs=1, batch_size=batch, optimizer="sgd", lr=LR, batches=batches)
 
 
 def ours_sequential(sizes, batch, X, y, K):
@@ -96,8 +103,9 @@ def _torch_net(sizes, weights):
     return nn.Sequential(*layers)
 
 
-def torch_vmap(sizes, batch, X, y, K):
-    """torch.func's recipe for model ensembles: stacked parameters, vmap of grad."""
+def torch_vmap(sizes, batch, X, y, K, shared=False):
+    """torch.func's recipe for model ensembles: stacked parameters, vmap of grad (with
+    ``shared``, of one batch for every member)."""
     import copy
 
     import torch
@@ -113,13 +121,13 @@ def torch_vmap(sizes, batch, X, y, K):
     def loss(p, b, xb, yb):
         return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
 
-    grads = vmap(grad(loss))
+    grads = vmap(grad(loss), in_dims=(0, 0, None, None) if shared else 0)
     Xt, yt, rng = torch.from_numpy(X), torch.from_numpy(y), np.random.default_rng(SEED)
 
     def run():
-        order = torch.from_numpy(orders(K, len(X), rng))
+        order = torch.from_numpy(orders(1 if shared else K, len(X), rng))
         for start in range(0, len(X), batch):
-            idx = order[:, start:start + batch]
+            idx = order[0 if shared else slice(None), start:start + batch]
             g = grads(params, buffers, Xt[idx], yt[idx])
             with torch.no_grad():
                 for name, p in params.items():
@@ -128,8 +136,9 @@ def torch_vmap(sizes, batch, X, y, K):
     return run
 
 
-def jax_vmap(sizes, batch, X, y, K):
-    """JAX's: the step of one member, vmapped over the members, jitted."""
+def jax_vmap(sizes, batch, X, y, K, shared=False):
+    """JAX's: the step of one member, vmapped over the members (with ``shared``, the batch
+    broadcast to them), jitted."""
     import jax
     import jax.numpy as jnp
 
@@ -147,13 +156,13 @@ def jax_vmap(sizes, batch, X, y, K):
         g = jax.grad(loss)(p, xb, yb)
         return jax.tree_util.tree_map(lambda w, d: w - LR * d, p, g)
 
-    step = jax.jit(jax.vmap(member_step))
+    step = jax.jit(jax.vmap(member_step, in_axes=(0, None, None) if shared else 0))
     Xj, yj, rng, state = jnp.asarray(X), jnp.asarray(y), np.random.default_rng(SEED), {"params": params}
 
     def run():
-        p, order = state["params"], orders(K, len(X), rng)
+        p, order = state["params"], orders(1 if shared else K, len(X), rng)
         for start in range(0, len(X), batch):
-            idx = order[:, start:start + batch]
+            idx = order[0 if shared else slice(None), start:start + batch]
             p = step(p, Xj[idx], yj[idx])
         jax.block_until_ready(p)
         state["params"] = p
@@ -162,39 +171,50 @@ def jax_vmap(sizes, batch, X, y, K):
 
 
 FACTORIES = {"pack": ours_pack, "ours_sequential": ours_sequential, "torch_sequential": torch_sequential,
-             "torch_vmap": torch_vmap, "jax_vmap": jax_vmap}
+             "torch_vmap": torch_vmap, "jax_vmap": jax_vmap,
+             "pack_shared": functools.partial(ours_pack, batches="shared"),
+             "torch_vmap_shared": functools.partial(torch_vmap, shared=True),
+             "jax_vmap_shared": functools.partial(jax_vmap, shared=True)}
+PACKS = {"pack": ("ours_sequential", "torch_sequential", "torch_vmap", "jax_vmap"),  # each pack: its peers
+         "pack_shared": ("ours_sequential", "torch_sequential", "torch_vmap_shared", "jax_vmap_shared")}
 
 
 def available_impls():
-    need = {"torch_sequential": "torch", "torch_vmap": "torch", "jax_vmap": "jax"}
+    need = {name: "torch" for name in FACTORIES if name.startswith("torch")}
+    need.update({name: "jax" for name in FACTORIES if name.startswith("jax")})
     return [name for name in FACTORIES if name not in need or have(need[name])]
 
 
 def measure_case(sizes, batch, rows, K, impls, repeats, ceiling_gflops):
-    """One row: each implementation's seconds per epoch of K members, and the pack's speed-ups."""
+    """One row: each implementation's seconds per epoch of K members, and each pack's speed-ups."""
     X, y = make_data(sizes, rows)
     runs = {name: FACTORIES[name](sizes, batch, X, y, K) for name in impls}
     timings = time_interleaved(runs, target_s=1e-9, repeats=repeats)  # one epoch per repeat: a run is long
     row = {"case": case_id(sizes, batch), "sizes": list(sizes), "batch": batch, "rows": rows, "members": K}
     for name in impls:
         row[name] = {"epoch_s": timings[name].best, "timing": timings[name].as_dict()}
-    pack_s = row["pack"]["epoch_s"]
-    row["pack_speedup"] = {name: row[name]["epoch_s"] / pack_s for name in impls if name != "pack"}
-    gflops = K * step_flops(sizes, batch) * (rows // batch) / pack_s / 1e9
-    row["pack_gflops"], row["pack_fraction_of_ceiling"] = gflops, gflops / ceiling_gflops
+    for pack in (p for p in PACKS if p in impls):
+        pack_s = row[pack]["epoch_s"]
+        row[f"{pack}_speedup"] = {name: row[name]["epoch_s"] / pack_s for name in PACKS[pack] if name in impls}
+        gflops = K * step_flops(sizes, batch) * (rows // batch) / pack_s / 1e9
+        row[f"{pack}_gflops"], row[f"{pack}_fraction_of_ceiling"] = gflops, gflops / ceiling_gflops
     return row
 
 
 def markdown(rows, impls):
-    others = [name for name in impls if name != "pack"]
-    head = ["net @ batch", "K", "pack s / epoch"] + [f"over {name}" for name in others] + ["of the sgemm ceiling"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [f"{', '.join(map(str, r['sizes']))} @ {r['batch']}", str(r["members"]), f"{r['pack']['epoch_s']:.3f}"]
-        cells += [f"{r['pack_speedup'][name]:.2f}x" for name in others]
-        cells.append(f"{r['pack_fraction_of_ceiling']:.0%}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """A table per pack: its time and its speed-up over each of its peers."""
+    tables = []
+    for pack in (p for p in PACKS if p in impls):
+        others = [name for name in PACKS[pack] if name in impls]
+        head = ["net @ batch", "K", f"{pack} s / epoch"] + [f"over {name}" for name in others] + ["of the sgemm ceiling"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [f"{', '.join(map(str, r['sizes']))} @ {r['batch']}", str(r["members"]), f"{r[pack]['epoch_s']:.3f}"]
+            cells += [f"{r[f'{pack}_speedup'][name]:.2f}x" for name in others]
+            cells.append(f"{r[f'{pack}_fraction_of_ceiling']:.0%}")
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main(argv=None):
@@ -203,9 +223,11 @@ def main(argv=None):
     p.add_argument("--members", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cases", nargs="*", help="case ids (default all), e.g. 784-128-10_b64")
-    p.add_argument("--impls", nargs="*", help=f"of {list(FACTORIES)} (default: all that install; pack always)")
+    p.add_argument("--impls", nargs="*", help=f"of {list(FACTORIES)} (default: all that install)")
     args = p.parse_args(argv)
-    impls = [name for name in available_impls() if not args.impls or name in args.impls or name == "pack"]
+    impls = [name for name in available_impls() if not args.impls or name in args.impls]
+    if not any(name in PACKS for name in impls):
+        p.error(f"--impls must name a pack: {' or '.join(PACKS)}")
     cases = [c for c in CASES if not args.cases or case_id(c[0], c[1]) in args.cases]
     ceiling, _ = sgemm_ceiling()
     facts = machine()

@@ -15,9 +15,20 @@ def test_a_tiny_run_writes_the_table_and_the_json(tmp_path, capsys, monkeypatch)
     pack_bench.main(["--members", "2", "--repeats", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.startswith("| net @ batch | K | pack s / epoch |") and "| 6, 5, 3 @ 8 | 2 |" in out
+    assert "| net @ batch | K | pack_shared s / epoch |" in out
     [path] = tmp_path.iterdir()
     row = json.loads(path.read_text())["rows"][0]
-    assert row["members"] == 2 and set(row["pack_speedup"]) == set(pack_bench.available_impls()) - {"pack"}
+    available = set(pack_bench.available_impls())
+    assert row["members"] == 2
+    for pack, peers in pack_bench.PACKS.items():
+        assert set(row[f"{pack}_speedup"]) == set(peers) & available
+
+
+def test_every_implementation_trains_its_members_on_the_rows_given():
+    """Each factory runs an epoch on a tiny case without error, own and shared batches alike."""
+    X, y = pack_bench.make_data((6, 5, 3), 32)
+    for name in pack_bench.available_impls():
+        pack_bench.FACTORIES[name]((6, 5, 3), 8, X, y, 2)()
 
 
 def test_the_peers_start_from_the_packs_weights():

@@ -27,11 +27,10 @@ import numpy as np
 from .. import state, validation
 from ..optim import SGD, Adam
 from ..train.loop import SYNC_EVERY, validation_set, weight_total
-from ..train.pack_trainer import PackTrainer
+from ..train.pack_trainer import SharedBatches
 from ..train.trainer import Trainer
 from .losses import HUBER_DELTA
 from .mlp import MLP
-from .packed import PackedNetwork
 
 FORMAT, VERSION = "gpubackprop.mlppack", "1"
 OPTIMIZERS = {"sgd": SGD, "adam": Adam}
@@ -124,12 +123,10 @@ class MLPPack:
                 for _ in range(epochs):
                     self._epoch(Xd, T, W, batch, shuffle, trainers, histories, val)
             else:
-                trainer = PackTrainer(PackedNetwork(lead.backend, lead.sizes, lead.act, lead.criterion, lead.dtype,
-                                                    self.members), optimizers)
-                trainer.net.load(self.params)
+                shared = SharedBatches(self.models, optimizers, batch)
                 for _ in range(epochs):
-                    self._shared_epoch(Xd, T, W, batch, shuffle, trainer, histories, val)
-                trainer.store_state()
+                    self._shared_epoch(Xd, T, W, batch, shuffle, shared, histories, val)
+                shared.store_state()
         return histories
 
     def _epoch(self, Xd, T, W, batch, shuffle, trainers, histories, val=None):
@@ -154,20 +151,19 @@ class MLPPack:
             trainer.optimizer.sync_steps()
             self._log_epoch(k, be.to_host(running), W, n, val, histories[k], idle[k])
 
-    def _shared_epoch(self, Xd, T, W, batch, shuffle, trainer, histories, val=None):
-        """One epoch of every member on the same batches, member 0's order of the rows,
-        each step all members' (PackTrainer); then the parameters back into the members."""
+    def _shared_epoch(self, Xd, T, W, batch, shuffle, shared, histories, val=None):
+        """One epoch of every member on the same batches, member 0's order of the rows
+        (SharedBatches: each step all members'); then the parameters back into the members."""
         n, be, K = Xd.shape[0], self.models[0].backend, self.members
         idle = [s is not None for s in self.stopped]
         order = be.asarray(self.models[0].shuffle_rng.permutation(n) if shuffle else np.arange(n))
         running = be.zeros((K, 2), np.float64)
         for start in range(0, n, batch):
-            ws = trainer.net.workspace(min(batch, n - start))
-            be.xp.copyto(ws.index, order[start:start + ws.batch])
-            trainer.step(ws, running, Xd, T, W)
-            self._stop_flagged(trainer)
-        for model, row in zip(self.models, trainer.net.to_members()):
-            model.parameters.assign(row)
+            shared.step(order[start:start + batch], running, Xd, T, W)
+            for k, step, overflowed in shared.flagged():
+                self.stopped[k] = step
+                self._warn_stopped(k, overflowed)
+        shared.sync()
         running = be.to_host(running)
         for k in range(K):
             self._log_epoch(k, running[k], W, n, val, histories[k], idle[k])
@@ -183,16 +179,6 @@ class MLPPack:
         for name, value in logs.items():
             history.setdefault(name, []).append(float("nan") if idle else value)
 
-    def _stop_flagged(self, trainer):
-        """Members whose step the PackTrainer flagged stop, as _stop_if_nonfinite's."""
-        flagged, overflowed = (np.asarray(trainer.net.backend.to_host(f)) for f in (trainer.flagged,
-                                                                                  trainer.overflowed))
-        steps = np.asarray(trainer.net.backend.to_host(trainer.steps))
-        for k in np.flatnonzero((flagged | overflowed) & ~trainer.frozen):
-            self.stopped[k] = int(steps[k]) + 1 if flagged[k] else int(steps[k])
-            self._warn_stopped(k, overflowed[k] and not flagged[k])
-            trainer.freeze(k)
-
     def _stop_if_nonfinite(self, k, trainer):
         """Member k stops where its guard flagged a step, a warning naming it (its flagged
         steps were skipped: the parameters are the last finite ones)."""
@@ -207,7 +193,7 @@ class MLPPack:
         how = "its update overflowed the parameters" if overflowed else \
             "its gradients went non-finite (the step was skipped)"
         warnings.warn(f"pack member {k} (seed {self.seeds[k]}) is stopped at step {self.stopped[k]}: {how}; "
-                      "the others train on", RuntimeWarning, stacklevel=6)
+                      "the others train on", RuntimeWarning, stacklevel=5)
 
     def _optimizers_for(self, name, hyperparams):
         """An optimizer per member, kept from the last fit where the optimizer and its
