@@ -5,7 +5,10 @@ step after the first of its batch size allocates nothing either.
 """
 
 import contextlib
+import functools
 from typing import NamedTuple
+
+from ..optim.base import Update
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -197,28 +200,42 @@ class Backend:
         """After the update: if flag[0], count[0] += 1 (first_bad[0] = steps[0] on the first); clear flag."""
         raise NotImplementedError
 
+    # ---- a pack's member axis (gpubackprop.nn.packed) -------------------------------------
+    # Member by member through the primitives above, on views: each member's arithmetic
+    # is its lone network's. A backend that can runs them (``supports_members``); the
+    # fused CPU backend has its own loops over the members instead.
     def dense_forward_members(self, layer, buf):
         """dense_forward of every member of a pack at once: ``layer`` a Dense whose W is
         (K, n_l, n_{l-1}) and b (K, n_l), ``buf`` DenseBuffers of (K, B, n) stacks."""
-        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
-                                  "batches='own'")
+        for k in range(layer.W.shape[0]):
+            self.dense_forward(member(layer, k), member(buf, k))
 
     def dense_backward_members(self, layer, buf):
         """dense_backward of every member of a pack at once (as dense_forward_members's)."""
-        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
-                                  "batches='own'")
+        for k in range(layer.W.shape[0]):
+            self.dense_backward(member(layer, k), member(buf, k))
 
     def flag_nonfinite_members(self, g, blocks, flags):
         """flags[k] = 1 where member k's part of g (a pack's flat buffer, laid out as
         MemberUpdate's) holds Inf or NaN, else 0."""
-        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
-                                  "batches='own'")
+        flags.fill(0)
+        for k in range(flags.shape[0]):
+            for blk in blocks:
+                self.flag_nonfinite(member_part(g, blk, k), flags[k:k + 1])
 
     def optimizer_update_members(self, rule, update, settings):
-        """Each member's ``optimizer_update`` of ``rule`` over its part of ``update``
-        (a MemberUpdate), with its hyperparameters ``settings[k][j]`` for block j."""
-        raise NotImplementedError(f"{self.name} has no member-axis primitives: train a pack there with "
-                                  "batches='own'")
+        """Each member's ``optimizer_update`` of ``rule`` over its part of ``update`` (a
+        MemberUpdate), with its hyperparameters ``settings[k][j]`` for block j: block by
+        block, each counting from the member's steps, which advance once, after them."""
+        steps = self.empty((1,), update.steps.dtype)
+        for k, member_settings in enumerate(settings):
+            for blk, h in zip(update.blocks, member_settings):
+                self.xp.copyto(steps, update.steps[k:k + 1])
+                part = functools.partial(member_part, blk=blk, k=k)
+                self.optimizer_update(rule, Update(part(update.p), part(update.g), tuple(map(part, update.state)),
+                                                   tuple(map(part, update.scratch)), steps, update.skip[k:k + 1],
+                                                   update.params_flag[k:k + 1]), h)
+            self.xp.copyto(update.steps[k:k + 1], steps)
 
     def capture(self, fn):
         """fn's work recorded once; the result's ``launch()`` replays it."""
@@ -226,3 +243,16 @@ class Backend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
+
+
+def member(stack, k):
+    """Member k's Dense or DenseBuffers from a pack's stacked one (what is shared stays)."""
+    shared = ("ones", "matmul", "act")
+    return type(stack)(*(x if name in shared or x is None else tuple(s[k] for s in x) if isinstance(x, tuple)
+                         else x[k] for name, x in zip(stack._fields, stack)))
+
+
+def member_part(flat, blk, k):
+    """Member k's part of block ``blk`` of a pack's flat buffer."""
+    start = blk.start + k * blk.size
+    return flat[start:start + blk.size]

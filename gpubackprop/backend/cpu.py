@@ -11,21 +11,19 @@ them on CuPy arrays to compare with the kernels).
 """
 
 import contextlib
-import functools
 import math
 
 import numpy as np
 
 from ..nn import losses
 from ..nn.dropout import keep_mask
-from ..optim.base import Update
 from .base import Backend
 
 
 class NumpyBackend(Backend):
     name = "cpu"
     xp = np
-    supports_members = True
+    supports_members = True  # Backend's member-by-member primitives
 
     def __init__(self, note=""):
         self.note = note
@@ -117,44 +115,3 @@ class NumpyBackend(Backend):
             rule.numpy_update(self.xp, update, h)
         if update.params_flag is not None:
             self.flag_nonfinite(update.p, update.params_flag)
-
-    # ---- a pack's member axis (gpubackprop.nn.packed) -------------------------------------
-    def dense_forward_members(self, layer, buf):
-        for k in range(layer.W.shape[0]):
-            self.dense_forward(_member(layer, k), _member(buf, k))
-
-    def dense_backward_members(self, layer, buf):
-        for k in range(layer.W.shape[0]):
-            self.dense_backward(_member(layer, k), _member(buf, k))
-
-    def flag_nonfinite_members(self, g, blocks, flags):
-        flags.fill(0)
-        for k in range(flags.shape[0]):
-            for blk in blocks:
-                self.flag_nonfinite(_member_part(g, blk, k), flags[k:k + 1])
-
-    def optimizer_update_members(self, rule, update, settings):
-        """Member by member, block by block, the lone ``optimizer_update`` on the views:
-        each block's call counts from the member's steps, which advance once, after them."""
-        steps = np.empty(1, update.steps.dtype)
-        for k, member_settings in enumerate(settings):
-            for blk, h in zip(update.blocks, member_settings):
-                steps[0] = update.steps[k]
-                part = functools.partial(_member_part, blk=blk, k=k)
-                self.optimizer_update(rule, Update(part(update.p), part(update.g), tuple(map(part, update.state)),
-                                                   tuple(map(part, update.scratch)), steps, update.skip[k:k + 1],
-                                                   update.params_flag[k:k + 1]), h)
-            update.steps[k] = steps[0]
-
-
-def _member_part(flat, blk, k):
-    """Member k's part of block ``blk`` of a pack's flat buffer."""
-    start = blk.start + k * blk.size
-    return flat[start:start + blk.size]
-
-
-def _member(stack, k):
-    """Member k's Dense or DenseBuffers from a pack's stacked one (what is shared stays)."""
-    shared = ("ones", "matmul", "act")
-    return type(stack)(*(x if name in shared or x is None else tuple(s[k] for s in x) if isinstance(x, tuple)
-                         else x[k] for name, x in zip(stack._fields, stack)))

@@ -107,6 +107,7 @@ class KernelBackend(Backend):
     BLOCK = 256
     supports_graphs = True
     supports_mixed_precision = True
+    supports_members = True  # Backend's member-by-member primitives: launches on contiguous views, strided GEMMs
     elementwise_scratch = False
     matmul_precision = "float32"
 
@@ -328,23 +329,34 @@ def column_major_gemm(a, b, out):
     """out = a @ b (row-major, 2-D) as one column-major GEMM call, cuBLAS's layout.
 
     Row-major out (M x N) is column-major out^T, so the call computes
-    out^T = op(b)^T op(a)^T with b first. An operand is C-contiguous (used as
-    stored: OP_N) or the transpose of a C-contiguous array (OP_T). Returns
-    (transa, transb, m, n, k, first, ld_first, second, ld_second, ldc).
+    out^T = op(b)^T op(a)^T with b first. An operand is rows of unit stride (used
+    as stored: OP_N, its leading dimension the row stride: a C-contiguous array, or
+    a pack member's columns of a wider one) or the transpose of such (OP_T); out
+    is rows of unit stride. Returns (transa, transb, m, n, k, first, ld_first,
+    second, ld_second, ldc).
     """
     (M, K), N = a.shape, b.shape[1]
-    if b.shape[0] != K or out.shape != (M, N) or not out.flags.c_contiguous:
+    if b.shape[0] != K or out.shape != (M, N):
         raise ValueError(f"gemm of {a.shape} by {b.shape} into {out.shape}: shapes or layout do not fit")
 
     def operand(x):
+        rows, cols = x.shape
+        step = x.itemsize
         if x.flags.c_contiguous:
-            return 0, x.shape[1]  # OP_N, leading dimension = row length
+            return 0, max(cols, 1)  # OP_N, leading dimension = row length
         if x.flags.f_contiguous:
-            return 1, x.shape[0]  # OP_T of the C-contiguous array x.T
-        raise ValueError("gemm operands must be C-contiguous or transposes of C-contiguous arrays")
+            return 1, max(rows, 1)  # OP_T of the C-contiguous array x.T
+        if x.strides[1] == step and x.strides[0] % step == 0 and x.strides[0] >= cols * step:
+            return 0, x.strides[0] // step
+        if x.strides[0] == step and x.strides[1] % step == 0 and x.strides[1] >= rows * step:
+            return 1, x.strides[1] // step
+        raise ValueError("gemm operands must be rows of unit stride (C-contiguous, or columns of a wider array) "
+                         "or their transposes")
 
-    (op_b, ld_b), (op_a, ld_a) = operand(b), operand(a)
-    return op_b, op_a, N, M, K, b, ld_b, a, ld_a, N
+    (op_b, ld_b), (op_a, ld_a), (op_out, ldc) = operand(b), operand(a), operand(out)
+    if op_out:
+        raise ValueError(f"gemm into {out.shape}: out must be rows of unit stride")
+    return op_b, op_a, N, M, K, b, ld_b, a, ld_a, ldc
 
 
 class _Replay:

@@ -112,6 +112,8 @@ class PackedNetwork:
         be.dense_forward(self.layers[0], ws.wide)
         for layer, buf in zip(self.layers[1:], ws.above):
             be.dense_forward_members(layer, buf)
+        if ws.logits is not None:  # no hidden layer: each member's logits in rows of its own for the loss
+            be.xp.copyto(ws.logits[0], by_member(ws.wide.out, self.members))
 
     def compute_loss(self, ws, running):
         """Each member's loss over the batch into ws.loss[k] and its delta_L; running[k]
@@ -123,6 +125,8 @@ class PackedNetwork:
         be = self.backend
         for layer, buf in zip(reversed(self.layers[1:]), reversed(ws.above)):
             be.dense_backward_members(layer, buf)
+        if ws.logits is not None:
+            be.xp.copyto(by_member(ws.wide.grad, self.members), ws.logits[1])
         be.dense_backward(self.layers[0], ws.wide)
 
 
@@ -167,6 +171,11 @@ class PackedWorkspace:
             out, z, grad, scratch = buffers((K, batch, sizes[l]), l < L)
             self.above.append(DenseBuffers(below[0], out, z, grad, below[2], scratch, self.ones, matmul))
             below = [out, None, grad]
+        # Without a hidden layer the first is the output: the loss reads each member's logits
+        # and writes its delta_L in rows of their own (kernels take contiguous rows), copied over.
+        self.logits = None if L > 1 else (empty((K, batch, sizes[1]), dtype), empty((K, batch, sizes[1]), dtype))
+        if self.logits is not None:
+            below = [self.logits[0], None, self.logits[1]]
         unweighted = [LossBuffers(below[0][k], self.target, below[2][k], self.loss[k:k + 1].reshape(()), self.row[k])
                       for k in range(K)]
         self.loss_buffers = {False: unweighted,

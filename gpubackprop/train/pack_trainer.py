@@ -80,7 +80,8 @@ class PackTrainer:
         net.compute_loss(ws, running)
         net.backward_pass(ws)
         be.flag_nonfinite_members(net.grads, net.blocks, self.flagged)
-        self.flagged[self.frozen] = 1
+        for k in np.flatnonzero(self.frozen):
+            self.flagged[k:k + 1].fill(1)
         self.overflowed.fill(0)
         update = MemberUpdate(net.flat, net.grads, self.state, self.scratch, tuple(net.blocks), self.steps,
                               self.flagged, self.overflowed)

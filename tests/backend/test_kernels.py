@@ -376,6 +376,40 @@ def test_column_major_gemm_describes_each_product_the_model_makes(rng):
             np.testing.assert_allclose(out, a @ b, rtol=1e-12)
 
 
+def test_column_major_gemm_takes_a_packs_member_columns_as_operands_and_out(rng):
+    """Member columns of a wide array (a pack's first-layer activations and their
+    gradients): each operand described by its row stride, carried out on raw memory."""
+    K, B, n_in, n_out = 3, 7, 5, 4
+
+    def columns(rows, cols, k, fill):  # member k's columns of a (rows, K cols) array, and that array
+        wide = np.full((rows, K * cols), fill, np.float64) if np.isscalar(fill) else fill
+        return wide[:, k * cols:(k + 1) * cols], wide
+
+    def stored(x, base, rows, cols, ld):  # the column-major matrix at x's address in base's memory
+        start = (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // x.itemsize
+        memory = np.concatenate([base.ravel(), np.full(cols * ld, np.nan)])[start:start + cols * ld]
+        return memory.reshape(cols, ld)[:, :rows].T
+
+    W, grad = rng.standard_normal((n_out, n_in)), rng.standard_normal((B, n_out))
+    wide_in = rng.standard_normal((B, K * n_in))
+    for k in range(K):
+        a_prev, _ = columns(B, n_in, k, wide_in)
+        out_prev, wide_out = columns(B, n_in, k, np.nan)
+        for a, b, out, bases in ((a_prev, W.T, np.full((B, n_out), np.nan), (wide_in, W)),
+                                 (grad.T, a_prev, np.full((n_out, n_in), np.nan), (grad, wide_in)),
+                                 (grad, W, out_prev, (grad, W))):
+            ta, tb, m, n, kk, first, ld1, second, ld2, ldc = kb.column_major_gemm(a, b, out)
+            A = stored(first, bases[1] if first is b else bases[0], *((kk, m) if ta else (m, kk)), ld1)
+            Bm = stored(second, bases[0] if second is a else bases[1], *((n, kk) if tb else (kk, n)), ld2)
+            expected = (A.T if ta else A) @ (Bm.T if tb else Bm)  # m x n: out^T
+            assert ldc == out.strides[0] // out.itemsize
+            np.testing.assert_allclose(expected.T, a @ b, rtol=1e-12)
+    with pytest.raises(ValueError, match="out must be rows of unit stride"):
+        kb.column_major_gemm(grad.T, wide_in[:, :n_in], np.empty((n_in, n_out)).T)
+    with pytest.raises(ValueError, match="gemm operands must be rows of unit stride"):
+        kb.column_major_gemm(wide_in[:, ::2], np.empty((wide_in.shape[1] // 2 + 1, 2)), np.empty((B, 2)))
+
+
 def test_tf32_precision_rounds_gemm_operands_and_stays_close(kernel_backend, rng):
     """precision="tf32": within TF32's ~3e-4 of float64, and not bit-equal to float32
     (on the GPU the tensor cores do this; the host harness models it)."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
+from gpubackprop.backend import NumpyBackend
 from gpubackprop.nn.network import seed_streams
 from gpubackprop.nn.pack import MLPPack
 
@@ -233,9 +234,28 @@ def test_a_stopped_member_logs_nan_for_the_epochs_it_did_not_train(batches, rng)
         np.testing.assert_array_equal(pack.params[k], calm.params[k])
 
 
-def test_shared_batches_are_refused_where_the_backend_has_no_member_axis(kernel_backend, rng):
+@pytest.mark.parametrize("sizes", [[5, 8, 6, 3], [5, 3]], ids=["hidden layers", "no hidden layer"])
+def test_on_the_kernels_shared_batches_give_each_member_its_lone_fit(sizes, kernel_backend, rng):
+    """The CUDA backend's path (host harness here, a GPU with -m gpu): the member axis as
+    launches on contiguous views and GEMMs on strided ones, against lone fits there."""
+    X, y = random_batch(rng, sizes, "cross_entropy", 50)
+    w = rng.random((3, 50))
+    pack = MLPPack(sizes, members=3, seed=1, device=kernel_backend)
+    settings = dict(lr=[1e-2, 3e-2, 2e-2], weight_decay=[0.0, 1e-2, 1e-3], decay_biases=False)
+    histories = pack.fit(X, y, epochs=2, batch_size=16, sample_weight=w, batches="shared", **settings)
+    for k in range(3):
+        model = gb.MLP(sizes, seed=1 + k, device=kernel_backend)
+        model.shuffle_rng = seed_streams(1)[1]
+        history = model.fit(X, y, epochs=2, batch_size=16, optimizer=gb.optim.Adam(**member_settings(settings, k)),
+                            sample_weight=w[k], progress=False)
+        assert_same_training(pack, k, model, history, histories[k], "float32")
+
+
+def test_shared_batches_are_refused_where_the_backend_has_no_member_axis(rng):
     X, y = random_batch(rng, SIZES, "cross_entropy", 10)
-    pack = MLPPack(SIZES, members=2, device=kernel_backend)
+    backend = NumpyBackend()
+    backend.supports_members = False
+    pack = MLPPack(SIZES, members=2, device=backend)
     with pytest.raises(NotImplementedError, match="batches='shared' needs the member-axis primitives.*batches='own'"):
         pack.fit(X, y, batches="shared")
     with pytest.raises(ValueError, match="batches must be one of \\('own', 'shared'\\), got 'mine'"):
