@@ -136,8 +136,11 @@ def _host_state(optimizer, name, net):
     return buf
 
 
-def member_groups(members, batch, sizes, dtype):
-    """The slices of members SharedBatches trains as one PackedNetwork each."""
+def member_groups(members, batch, sizes, dtype, cpu=True):
+    """The slices of members SharedBatches trains as one PackedNetwork each: on a GPU
+    (``cpu`` False) all of them, the wider the better."""
+    if not cpu:
+        return [slice(0, members)]
     per_member = batch * max(sizes[1:]) * np.dtype(dtype).itemsize
     size = int(max(1, min(members, GROUP_BYTES // per_member)))
     return [slice(start, min(start + size, members)) for start in range(0, members, size)]
@@ -152,7 +155,7 @@ class SharedBatches:
         lead, self.models = models[0], models
         self.groups = [(g, PackTrainer(PackedNetwork(lead.backend, lead.sizes, lead.act, lead.criterion, lead.dtype,
                                                      g.stop - g.start), optimizers[g]))
-                       for g in member_groups(len(models), batch, lead.sizes, lead.dtype)]
+                       for g in member_groups(len(models), batch, lead.sizes, lead.dtype, lead.backend.name == "cpu")]
         params = np.stack([lead.backend.to_host(m.params) for m in models])
         for g, trainer in self.groups:
             trainer.net.load(params[g])

@@ -17,6 +17,7 @@ from ..helpers import random_batch
 ])
 def test_members_are_grouped_by_what_a_layers_activations_take(members, batch, sizes, dtype, expected):
     assert pack_trainer.member_groups(members, batch, sizes, dtype) == expected
+    assert pack_trainer.member_groups(members, batch, sizes, dtype, cpu=False) == [slice(0, members)]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
