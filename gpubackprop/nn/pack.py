@@ -1,20 +1,25 @@
 """MLPPack: K MLPs of the same layer sizes trained together, epoch by epoch.
 
-Member k is ``MLP(sizes, seed=seeds[k])`` and trains as that MLP trained alone with
-``fit`` on the same data and settings, bit for bit: every step of the pack is each
-member's own train step (gpubackprop.train.Trainer: forward, loss, backward, the
-divergence guard, its own optimizer's update, a captured CUDA graph where the
-backend captures), on its own shuffle of the rows, with its own hyperparameters
-and row weights; an epoch runs member after member. The data go to the device once
-for all members; each epoch, each member draws its order from its own shuffle
-generator, as ``fit`` does.
+Member k is ``MLP(sizes, seed=seeds[k])``. Two ways to train them:
 
-What a pack saves over K fits one after another is the per-fit work (checks, the
-data's copies, the loop's bookkeeping) and the waits between them, not arithmetic:
-its steps are the members' own, so it costs about what K fits cost on the CPU
-(bench/pack_bench.py measures it), while a batched step over a member axis (one
-GEMM for all members, the kernels with a member axis) is not built yet. A member
-whose gradients go non-finite is stopped alone (its guard skipped the step, so its
+batches="own"     each member on its own shuffle of the rows, with its own steps
+                  (gpubackprop.train.Trainer: forward, loss, backward, the divergence
+                  guard, its optimizer's update, a captured CUDA graph where the
+                  backend captures), member after member each epoch: member k equals
+                  that MLP trained alone with ``fit`` on the same data and settings,
+                  bit for bit. What this saves over K fits is the per-fit work (checks,
+                  the data's copies, the loop's bookkeeping), not arithmetic.
+batches="shared"  every member on the same batches (member 0's shuffle), all members'
+                  step at once (gpubackprop.train.pack_trainer.SharedBatches over
+                  gpubackprop.nn.packed): the first layers of all members are one wide
+                  GEMM, and the step's other work is paid once per group of members
+                  instead of once per member. Member k equals its MLP trained alone on
+                  that order of the rows, to the rounding of the GEMMs' sums (the same
+                  bits where the pack's BLAS calls sum as the lone model's do).
+
+Either way each member has its own hyperparameters, optimizer state and row
+weights, and the data go to the device once for all members. A member whose
+gradients go non-finite is stopped alone (its flagged step was skipped, so its
 parameters are the last finite ones); the others train on, and ``stopped[k]``
 names the step.
 """
