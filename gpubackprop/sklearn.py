@@ -58,6 +58,7 @@ Where the engine differs from scikit-learn's MLP, on purpose:
     clf.score(X_test, y_test)
 """
 
+import collections
 import functools
 import inspect
 import math
@@ -148,6 +149,19 @@ class _BaseMLP(BaseEstimator):
         return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     def _fit(self, X, y, incremental, classes=None, sample_weight=None):
+        X, targets, weights = self._begin_fit(X, y, incremental, classes, sample_weight)
+        if self.solver == "lbfgs":
+            return self._fit_lbfgs(X, targets, weights)
+        run = self._start_stochastic(X, targets, weights, incremental)
+        self.model_.fit(_take(X, run.rows), _take(targets, run.rows), epochs=run.epochs, batch_size=run.batch,
+                        optimizer=self._optimizer, shuffle=self.shuffle, progress=False, callbacks=[run.stop],
+                        sample_weight=_take(weights, run.rows))
+        return self._finish_stochastic(run, incremental)
+
+    def _begin_fit(self, X, y, incremental, classes=None, sample_weight=None):
+        """The first part of every fit: the parameters and data checked, the targets
+        encoded, the rows' weights, and a new model where the fit starts from scratch;
+        (X, targets, weights) as the solvers take them."""
         self._check_params()
         if incremental:
             _check_partial_fit(self)
@@ -162,9 +176,7 @@ class _BaseMLP(BaseEstimator):
         elif loss != self.model_.loss:
             raise ValueError(f"y is {_TARGET_KINDS[loss]} but this {type(self).__name__} was fitted to "
                              f"{_TARGET_KINDS[self.model_.loss]}; refit from scratch (warm_start=False)")
-        if self.solver == "lbfgs":
-            return self._fit_lbfgs(X, targets, weights)
-        return self._fit_stochastic(X, targets, weights, incremental)
+        return X, targets, weights
 
     _regresses = False
 
@@ -182,9 +194,12 @@ class _BaseMLP(BaseEstimator):
         for name in _STOCHASTIC_ATTRIBUTES:  # a refit's: lbfgs has none, and sgd / adam start them anew
             self.__dict__.pop(name, None)
 
-    def _fit_stochastic(self, X, targets, weights, incremental):
-        """Epochs of sgd / adam, as scikit-learn's _fit_stochastic: n_iter_ counts
-        this call's epochs, t_ every sample seen since the model was made."""
+    def _start_stochastic(self, X, targets, weights, incremental):
+        """Everything sgd / adam's epochs need, as scikit-learn's _fit_stochastic sets it
+        up (a _Run): the batch size, the optimizer (made once per model), the rows to
+        train on (early stopping holds the rest out for its score) and the stop rule.
+        The epochs themselves are the model's fit on those rows (or one member of an
+        MLPPack's, in MLPSearchCV); then _finish_stochastic."""
         if not hasattr(self, "loss_curve_"):  # a new model, or a warm start after lbfgs
             self.loss_curve_, self.best_loss_ = [], np.inf
             self.validation_scores_ = self.best_validation_score_ = None
@@ -195,24 +210,28 @@ class _BaseMLP(BaseEstimator):
         batch = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
         if self._optimizer is None:  # alpha / the batch's weight, as scikit-learn's alpha / sum of the batch's weights
             self._optimizer = self._make_optimizer(batch * (1.0 if weights is None else float(np.mean(weights))))
-        validation = None
+        rows, validation = None, None
         if self.early_stopping:
             held_out = math.ceil(self.validation_fraction * len(X))  # as train_test_split rounds it
             if held_out < 2:  # scikit-learn's error: no score to stop on from one row
                 raise ValueError(f"The validation set is too small: {held_out} row of n_samples = {len(X)}. Increase "
                                  "'validation_fraction' or the size of your dataset, or set early_stopping=False")
             stratify = targets if self.model_.loss == "cross_entropy" and _can_stratify(targets, held_out) else None
-            rows = np.arange(len(X))
-            train, held = train_test_split(rows, test_size=self.validation_fraction, random_state=self.random_state,
-                                           stratify=stratify)
-            validation = (X[held], targets[held], None if weights is None else weights[held])
-            X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
-        stop = _StopRule(self, validation, len(X), self._loss_offset(targets, weights))
+            rows, held = train_test_split(np.arange(len(X)), test_size=self.validation_fraction,
+                                          random_state=self.random_state, stratify=stratify)
+            validation = (X[held], targets[held], _take(weights, held))
+        stop = _StopRule(self, validation, len(X) if rows is None else len(rows),
+                         self._loss_offset(_take(targets, rows), _take(weights, rows)))
         self.n_iter_ = 0
-        self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
-                        optimizer=self._optimizer, shuffle=self.shuffle, progress=False,
-                        callbacks=[stop], sample_weight=weights)
-        self.t_ += len(X) * stop.epochs
+        return _Run(rows, batch, 1 if incremental else self.max_iter, stop)
+
+    def _finish_stochastic(self, run, incremental):
+        """After sgd / adam's epochs: t_, the best epoch's parameters where early stopping
+        kept them, scikit-learn's warning where max_iter ended the fit, the fitted
+        attributes. n_iter_ counts this call's epochs, t_ every sample seen since the
+        model was made."""
+        stop = run.stop
+        self.t_ += stop.rows * stop.epochs
         if stop.best_state is not None:
             self.model_.load_state_dict(stop.best_state)
         if not incremental and not stop.stopped:  # as scikit-learn: every fit that max_iter ends, never partial_fit
@@ -414,6 +433,16 @@ class _StopRule:
                 optimizer.lr, self.bad_epochs = optimizer.lr / 5.0, 0
             else:
                 self.stopped = model.stop_training = True
+
+
+class _Run(collections.namedtuple("_Run", "rows batch epochs stop")):
+    """One stochastic fit's plan (_start_stochastic): the rows of X it trains on (None:
+    all), its batch size, epochs and stop rule (a callback, which records the epochs)."""
+
+
+def _take(a, rows):
+    """a's ``rows`` (None: all of a, itself); None stays None."""
+    return a if a is None or rows is None else a[rows]
 
 
 _STOCHASTIC_ATTRIBUTES = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_")
