@@ -124,3 +124,70 @@ def test_validation_data_gives_every_member_its_lone_fits_val_metrics(rng):
         assert histories[k] == model.fit(X, y, epochs=2, batch_size=8, validation_data=(X_val, y_val, w_val),
                                          progress=False, optimizer=gb.optim.Adam())
     assert set(histories[0]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+class StopAfter(gb.callbacks.Callback):
+    """Stops its model after ``epochs`` epochs; records the epochs it saw."""
+
+    def __init__(self, epochs):
+        self.epochs, self.seen = epochs, []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.seen.append((epoch, logs["loss"]))
+        if len(self.seen) >= self.epochs:
+            model.stop_training = True
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["all rows", "row weights"])
+def test_members_own_rows_optimizers_epochs_and_callbacks_train_as_lone_fits_on_their_rows(weighted, rng):
+    """Member k with rows[k] (one a bootstrap, with repeats), its own optimizer object,
+    batch size, epochs and a callback that stops it early trains as a lone MLP fitted on
+    X[rows[k]] with the same, bit for bit; the others train on past the stopped one."""
+    X, y = random_batch(rng, SIZES, "cross_entropy", 60)
+    w = rng.random(60) + 0.1 if weighted else None
+    rows = [np.arange(0, 40), rng.integers(0, 60, 60), np.sort(rng.permutation(60)[:25])]
+    make = [lambda: gb.optim.SGD(0.05, momentum=0.9), lambda: gb.optim.Adam(3e-3), lambda: gb.optim.Adam(1e-2)]
+    stops = [StopAfter(2), StopAfter(99), StopAfter(99)]
+    models = [gb.MLP(SIZES, seed=s, dtype="float64") for s in (5, 6, 7)]
+    pack = MLPPack.of(models)
+    histories = pack.fit(X, y, epochs=[4, 4, 3], batch_size=[16, 16, 8], optimizer=[m() for m in make],
+                         rows=rows, callbacks=[[c] for c in stops], sample_weight=w)
+    assert [len(h["loss"]) for h in histories] == [2, 4, 3]
+    for k in range(3):
+        lone, stop = gb.MLP(SIZES, seed=5 + k, dtype="float64"), StopAfter(stops[k].epochs)
+        history = lone.fit(X[rows[k]], y[rows[k]], epochs=[4, 4, 3][k], batch_size=[16, 16, 8][k],
+                           optimizer=make[k](), callbacks=[stop], progress=False,
+                           sample_weight=None if w is None else w[rows[k]])
+        assert histories[k] == history and stops[k].seen == stop.seen
+        np.testing.assert_array_equal(pack.params[k], lone.backend.to_host(lone.params), err_msg=f"member {k}")
+        assert pack.member(k) is models[k] and models[k].optimizer.steps == lone.optimizer.steps
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rows=[np.arange(5)]), "rows must be a list of 2 index arrays"),
+    (dict(rows=[np.arange(5), np.array([0, 10])]), r"rows\[1\] holds indices outside \[0, 10\)"),
+    (dict(rows=[np.arange(5), np.array([], int)]), r"rows\[1\] must be a non-empty 1-D array"),
+    (dict(callbacks=[[]]), "callbacks must be a list of 2 lists"),
+    (dict(epochs=[1, 2, 3]), "epochs must be one value for every member or a list of 2"),
+    (dict(optimizer=[gb.optim.Adam()]), "a list of 2 optimizers"),
+    (dict(optimizer=[gb.optim.Adam(), gb.optim.Adam()], lr=0.1), "hold their own settings"),
+])
+def test_bad_per_member_settings_are_refused(kwargs, message, rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    with pytest.raises(ValueError, match=message):
+        MLPPack(SIZES, members=2).fit(X, y, **kwargs)
+
+
+def test_one_optimizer_object_for_two_members_is_refused(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    shared = gb.optim.Adam()
+    with pytest.raises(ValueError, match="an optimizer object of its own"):
+        MLPPack(SIZES, members=2).fit(X, y, optimizer=[shared, shared])
+
+
+def test_a_pack_of_existing_models_needs_them_alike():
+    assert MLPPack.of([gb.MLP(SIZES, seed=3), gb.MLP(SIZES, seed=9)]).seeds == [3, 9]
+    with pytest.raises(ValueError, match=r"models\[1\] is not of models\[0\]'s kind \(activation 'relu' vs 'tanh'\)"):
+        MLPPack.of([gb.MLP(SIZES, activation="tanh"), gb.MLP(SIZES)])
+    with pytest.raises(TypeError, match="not a gpubackprop MLP"):
+        MLPPack.of([gb.MLP(SIZES), object()])
