@@ -63,6 +63,7 @@ import functools
 import inspect
 import math
 import os
+import time
 import types
 import warnings
 
@@ -73,10 +74,11 @@ try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 except ImportError:
     raise ImportError("gpubackprop.sklearn needs scikit-learn >= 1.6: pip install 'gpubackprop[sklearn]'") from None
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import clone, is_classifier
+from sklearn.exceptions import ConvergenceWarning, FitFailedWarning
 from sklearn.metrics import accuracy_score, r2_score
-from sklearn.model_selection import train_test_split
-from sklearn.utils import check_random_state
+from sklearn.model_selection import GridSearchCV, ParameterGrid, check_cv, train_test_split
+from sklearn.utils import check_random_state, indexable
 from scipy.special import xlogy
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
@@ -88,6 +90,7 @@ from .optim.lbfgs import minimize_lbfgs
 from .nn import losses
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
+from .nn.pack import MLPPack
 from .nn.network import EVAL_BATCH
 
 ACTIVATIONS = {"logistic": "sigmoid", **{name: name for name in OURS}}  # scikit-learn's names, and ours
@@ -703,3 +706,228 @@ MLPClassifier.__init__.__signature__ = _init_signature(
     last=[inspect.Parameter("class_weight", inspect.Parameter.KEYWORD_ONLY, default=None)])
 MLPRegressor.__init__.__signature__ = _init_signature(
     first=[inspect.Parameter("loss", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="squared_error")])
+
+
+class MLPSearchCV(GridSearchCV):
+    """GridSearchCV over an MLPClassifier or MLPRegressor of this module, training the
+    (configuration x fold) fits as members of MLPPacks (gpubackprop.nn.pack).
+
+    Its parameters, and its results (``cv_results_`` with the same keys and scores,
+    ``best_params_``, ``best_score_``, ``best_index_``, ``best_estimator_`` refitted on
+    all of X, ``n_splits_``, ``scorer_``, ``refit_time_``, predict / score / ... of the
+    best estimator), are scikit-learn's GridSearchCV's: the fit of configuration c on
+    fold f is the estimator's own fit, ``clone(estimator).set_params(**c).fit(X[train],
+    y[train])``, up to its epochs: the estimator prepares it (_begin_fit: checks,
+    targets, weights, the model seeded from random_state; _start_stochastic: batch
+    size, optimizer, early stopping's split, stop rule), the epochs run as one member
+    of a pack on exactly the fold's training rows (its own shuffle, optimizer and stop
+    rule: a member that stops, stops alone), and the estimator finishes it
+    (_finish_stochastic), so that each member's parameters, loss_curve_ and score
+    are its lone fit's, bit for bit on the CPU.
+
+    The fits whose models are of one kind (layer sizes, activation, loss, device,
+    dtype), with the same shuffle, classes and weighting, share one pack; every other
+    setting (learning_rate_init, alpha, solver "sgd" / "adam", momentum, beta_1,
+    beta_2, epsilon, batch_size, max_iter, random_state, tol, n_iter_no_change,
+    early_stopping, ...) may differ inside it. solver="lbfgs" fits run one by one,
+    as GridSearchCV runs them (a warning says how many).
+
+    Where it differs from GridSearchCV: every fit runs in this process (n_jobs and
+    pre_dispatch are taken and ignored); a pack's fit time is shared equally by its
+    members in ``mean_fit_time``; scoring is one metric (a name, a callable or None:
+    several metrics raise NotImplementedError, use GridSearchCV); fit takes
+    ``groups`` and ``sample_weight`` (split with the folds, for fit, as GridSearchCV
+    without metadata routing); and a member whose gradients go non-finite is a
+    failed fit (error_score), where the lone fit raises FloatingPointError.
+    """
+
+    def fit(self, X, y=None, *, groups=None, sample_weight=None):
+        if not isinstance(self.estimator, _BaseMLP):
+            raise TypeError(f"MLPSearchCV searches gpubackprop.sklearn's MLPClassifier or MLPRegressor, got "
+                            f"{type(self.estimator).__name__}: use scikit-learn's GridSearchCV for other estimators")
+        if not (self.scoring is None or isinstance(self.scoring, str) or callable(self.scoring)):
+            raise NotImplementedError("MLPSearchCV scores one metric (scoring=None, a name or a callable); for "
+                                      "several, use scikit-learn's GridSearchCV with this estimator")
+        candidates = list(ParameterGrid(self.param_grid))
+        _check_grid_keys(self.estimator, candidates)
+        scorer, refit_metric = self._get_scorers()
+        X, y, sample_weight = indexable(X, y, sample_weight)
+        cv = check_cv(self.cv, y, classifier=is_classifier(self.estimator))
+        splits = list(cv.split(X, y, groups))
+        self.n_splits_ = len(splits)
+        out = _PackedSearch(self, X, y, sample_weight, scorer).run(candidates, splits)
+        results = self._format_results(candidates, self.n_splits_, out)
+        self.multimetric_ = False
+        self.best_index_ = self._select_best_index(self.refit, refit_metric, results)
+        if not callable(self.refit):
+            self.best_score_ = results[f"mean_test_{refit_metric}"][self.best_index_]
+        self.best_params_ = results["params"][self.best_index_]
+        if self.refit:
+            self.best_estimator_ = clone(self.estimator).set_params(**clone(self.best_params_, safe=False))
+            start = time.perf_counter()
+            self.best_estimator_.fit(X, y, sample_weight=sample_weight)
+            self.refit_time_ = time.perf_counter() - start
+            if hasattr(self.best_estimator_, "feature_names_in_"):
+                self.feature_names_in_ = self.best_estimator_.feature_names_in_
+        self.scorer_, self.cv_results_ = scorer, results
+        return self
+
+
+def _check_grid_keys(estimator, candidates):
+    """Every parameter the grid sets is one of the estimator's, else a ValueError naming the valid ones."""
+    valid = estimator.get_params(deep=True)
+    unknown = sorted({key for c in candidates for key in c} - set(valid))
+    if unknown:
+        raise ValueError(f"param_grid sets {unknown}, which {'is' if len(unknown) == 1 else 'are'} not "
+                         f"parameter(s) of {type(estimator).__name__}; its parameters are {sorted(valid)}")
+
+
+def _rows_of(a, rows):
+    """The rows of an array, a DataFrame (by position) or a sparse matrix, as GridSearchCV splits them; None stays."""
+    if a is None:
+        return None
+    return a.iloc[rows] if hasattr(a, "iloc") else a[rows] if sp.issparse(a) else np.asarray(a)[rows]
+
+
+class _Fit:
+    """One (configuration, fold) fit of a search: its estimator, its stochastic run,
+    and the rows of the whole X it trains on; the seconds spent on it; an error."""
+
+    def __init__(self, est, train, test):
+        self.est, self.train, self.test = est, train, test
+        self.run, self.seconds, self.error = None, 0.0, None
+
+
+class _PackedSearch:
+    """MLPSearchCV's fits: prepared by their estimators, trained in packs (a pack per
+    kind of model, _Group), finished by their estimators, and scored."""
+
+    def __init__(self, search, X, y, sample_weight, scorer):
+        self.search, self.X, self.y, self.sample_weight, self.scorer = search, X, y, sample_weight, scorer
+
+    def run(self, candidates, splits):
+        """GridSearchCV's per-fit results (fit_time, score_time, test_scores, ...), candidate by candidate,
+        fold by fold within each."""
+        fits = [_Fit(clone(self.search.estimator).set_params(**clone(c, safe=False)), train, test)
+                for c in candidates for train, test in splits]
+        groups, alone = {}, []
+        for fit in fits:
+            if fit.est.solver == "lbfgs":
+                alone.append(fit)
+            else:
+                self._prepare(fit, groups)
+        if alone:
+            warnings.warn(f"MLPSearchCV: {len(alone)} of {len(fits)} fits (solver='lbfgs', full batch) cannot "
+                          "be pack members and run one by one", UserWarning, stacklevel=3)
+        if self.search.verbose > 0:
+            print(f"Fitting {len(splits)} folds for each of {len(candidates)} candidates, totalling {len(fits)} "
+                  f"fits: {len(fits) - len(alone)} in {len(groups)} pack(s), {len(alone)} one by one")
+        for group in groups.values():
+            group.train()
+        for fit in alone:
+            self._guarded(fit, lambda f: f.est.fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train),
+                                                   sample_weight=_rows_of(self.sample_weight, f.train)))
+        out = [self._score(fit) for fit in fits]
+        _warn_or_raise_about_failures(out, self.search.error_score)
+        return out
+
+    def _prepare(self, fit, groups):
+        """The estimator's fit up to its epochs (_begin_fit, _start_stochastic); the fit joins its kind's group."""
+        def prepare(f):
+            X, targets, weights = f.est._begin_fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train), False,
+                                                   sample_weight=_rows_of(self.sample_weight, f.train))
+            f.run = f.est._start_stochastic(X, targets, weights, incremental=False)
+            model = f.est.model_
+            key = (tuple(model.sizes), model.activation, model.loss, model.device, model.dtype, f.est.shuffle,
+                   weights is None, tuple(getattr(f.est, "classes_", ())))
+            if key not in groups:
+                groups[key] = _Group(len(self.y), X, targets)
+            groups[key].add(f, X, targets, weights)
+
+        self._guarded(fit, prepare)
+
+    def _guarded(self, fit, step):
+        """step(fit), timed into fit.seconds; an exception recorded as the fit's error (error_score), or raised."""
+        start = time.perf_counter()
+        try:
+            if fit.error is None:
+                step(fit)
+        except Exception as e:
+            if self.search.error_score == "raise":
+                raise
+            fit.error = f"{type(e).__name__}: {e}"
+        finally:
+            fit.seconds += time.perf_counter() - start
+
+    def _score(self, fit):
+        """The fit's result as GridSearchCV's _fit_and_score gives it (error_score where it failed)."""
+        result = {"fit_time": fit.seconds, "fit_error": fit.error, "n_test_samples": len(fit.test)}
+        error_score = self.search.error_score
+        start = time.perf_counter()
+        result["test_scores"] = error_score if fit.error else self._scored(fit.est, fit.test)
+        result["score_time"] = time.perf_counter() - start if fit.error is None else 0.0
+        if self.search.return_train_score:
+            result["train_scores"] = error_score if fit.error else self._scored(fit.est, fit.train)
+        return result
+
+    def _scored(self, est, rows):
+        score = self.scorer(est, _rows_of(self.X, rows), _rows_of(self.y, rows))
+        if isinstance(score, dict):
+            raise NotImplementedError("MLPSearchCV scores one metric; this scoring callable gave several: use "
+                                      "scikit-learn's GridSearchCV for several")
+        return score
+
+
+class _Group:
+    """The fits of one kind of model, trained as one MLPPack: the whole data's rows
+    (each fit's training rows filled in from its own prepared X and targets: every
+    fit of a group encodes a row alike) and each fit's weights over them."""
+
+    def __init__(self, n, X, targets):
+        self.X = np.zeros((n, X.shape[1]), X.dtype)
+        self.T = np.repeat(targets[:1], n, axis=0)  # rows no member trains on: a valid target, never read
+        self.fits, self.weights = [], []
+
+    def add(self, fit, X, targets, weights):
+        self.X[fit.train], self.T[fit.train] = X, targets
+        if weights is not None:
+            w = np.zeros(len(self.X))
+            w[fit.train] = weights
+            self.weights.append(w)
+        self.fits.append(fit)
+
+    def train(self):
+        """Every fit's epochs as a member of one pack, then its estimator's _finish_stochastic.
+        The pack's time is shared equally by its fits."""
+        fits = self.fits
+        pack = MLPPack.of([f.est.model_ for f in fits])
+        start = time.perf_counter()
+        pack.fit(self.X, self.T, epochs=[f.run.epochs for f in fits], batch_size=[f.run.batch for f in fits],
+                 optimizer=[f.est._optimizer for f in fits], sample_weight=np.array(self.weights) if self.weights
+                 else None, rows=[f.train if f.run.rows is None else f.train[f.run.rows] for f in fits],
+                 callbacks=[[f.run.stop] for f in fits], shuffle=fits[0].est.shuffle)
+        share = (time.perf_counter() - start) / len(fits)
+        for k, fit in enumerate(fits):
+            fit.seconds += share
+            if pack.stopped[k] is not None:
+                fit.error = (f"FloatingPointError: the gradients went non-finite at step {pack.stopped[k]} (a lone fit "
+                             "raises here)")
+            else:
+                start = time.perf_counter()
+                fit.est._finish_stochastic(fit.run, incremental=False)
+                fit.seconds += time.perf_counter() - start
+
+
+def _warn_or_raise_about_failures(out, error_score):
+    """As GridSearchCV: a ValueError where every fit failed, else a FitFailedWarning counting the failures."""
+    errors = collections.Counter(r["fit_error"] for r in out if r["fit_error"] is not None)
+    if not errors:
+        return
+    details = "\n".join(f"{n} fits failed with the following error:\n{e}" for e, n in errors.items())
+    failed = sum(errors.values())
+    if failed == len(out):
+        raise ValueError(f"All the {len(out)} fits failed. It is very likely that your model is misconfigured. You "
+                         f"can try to debug the error by setting error_score='raise'.\n{details}")
+    warnings.warn(f"{failed} fits failed out of a total of {len(out)}. The score on these train-test partitions for "
+                  f"these parameters will be set to {error_score}. If these failures are not expected, you can try "
+                  f"to debug them by setting error_score='raise'.\n{details}", FitFailedWarning)
