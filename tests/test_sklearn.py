@@ -14,7 +14,7 @@ sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, train_test_split  # noqa: E402
 from sklearn.neural_network import MLPClassifier as SkMLPClassifier  # noqa: E402
 from sklearn.neural_network import MLPRegressor as SkMLPRegressor  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -23,7 +23,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
 import gpubackprop.sklearn as gbs  # noqa: E402
-from gpubackprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+from gpubackprop.sklearn import MLPClassifier, MLPRegressor, MLPSearchCV  # noqa: E402
 
 
 def _settings_to_check(seed=0):
@@ -527,3 +527,76 @@ def test_alpha_spares_the_biases_as_scikit_learns():
     clf = _fit_quietly(MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, alpha=0.1, random_state=0),
                        np.random.default_rng(4).normal(size=(30, 3)), np.arange(30) % 2)
     assert clf.model_.optimizer.hyperparams["decay_biases"] is False
+
+
+# ---- MLPSearchCV ------------------------------------------------------------------------------------------
+
+def _search_problem(kind):
+    if kind == "classifier":
+        X, y = load_digits(return_X_y=True)
+        return MLPClassifier((8,), random_state=0), X[:240] / 16.0, y[:240], StratifiedKFold(3)
+    X, y = _problem("regression", rows=150)
+    return MLPRegressor(hidden_layer_sizes=(8,), random_state=0), X, y, KFold(3, shuffle=True, random_state=1)
+
+
+def _quiet(run):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return run()
+
+
+@pytest.mark.parametrize("early_stopping", [False, True], ids=["training loss", "early stopping"])
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_search_scores_and_chooses_as_grid_search_cv_on_the_same_folds(kind, early_stopping):
+    """Every (configuration, fold) fit is the estimator's own, so the scores are
+    GridSearchCV's bit for bit (same rows, shuffle, optimizer, stop rule): sgd and adam,
+    rates, penalties, seeds and patience in one pack, the no-improvement rule stopping
+    the members at different epochs (checked on the lone fits)."""
+    est, X, y, cv = _search_problem(kind)
+    est.set_params(max_iter=25, tol=1e-2, early_stopping=early_stopping, validation_fraction=0.2)
+    grid = {"solver": ["adam", "sgd"], "learning_rate_init": [3e-3, 3e-2], "alpha": [1e-4, 1e-1],
+            "n_iter_no_change": [2, 5], "random_state": [0, 1]}
+    ours = _quiet(lambda: MLPSearchCV(est, grid, cv=cv).fit(X, y))
+    theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
+    assert ours.cv_results_.keys() == theirs.cv_results_.keys()
+    for key, value in theirs.cv_results_.items():
+        if not key.endswith("_time"):
+            np.testing.assert_array_equal(ours.cv_results_[key], value, err_msg=key)
+    assert ours.best_params_ == theirs.best_params_ and ours.best_index_ == theirs.best_index_
+    assert ours.best_score_ == theirs.best_score_ and ours.n_splits_ == 3
+    np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
+    assert ours.score(X, y) == theirs.score(X, y)
+    epochs = {_quiet(lambda: clone(est).set_params(**c).fit(X[train], y[train])).n_iter_
+              for c in ours.cv_results_["params"][::3] for train, _ in cv.split(X, y)}
+    assert len(epochs) > 2 and min(epochs) < 25
+
+
+def test_search_runs_lbfgs_one_by_one_and_scores_failures_as_grid_search_cv():
+    """lbfgs fits cannot be members: one warning says so and they run alone; a fit
+    that fails (alpha < 0) scores error_score, with GridSearchCV's warning."""
+    est, X, y, cv = _search_problem("classifier")
+    grid = {"solver": ["adam", "lbfgs"], "alpha": [1e-4, -1.0], "max_iter": [5]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = MLPSearchCV(est, grid, cv=cv).fit(X, y)
+    said = [str(w.message) for w in caught]
+    assert sum("6 of 12 fits (solver='lbfgs', full batch) cannot be pack members" in s for s in said) == 1
+    assert any("6 fits failed out of a total of 12" in s for s in said)
+    theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
+    np.testing.assert_array_equal(ours.cv_results_["mean_test_score"], theirs.cv_results_["mean_test_score"])
+    assert np.isnan(ours.cv_results_["mean_test_score"][2:]).all()  # alpha -1, the second of the sorted grid
+    with pytest.raises(ValueError, match="alpha and tol must be >= 0"):
+        MLPSearchCV(est, {"alpha": [-1.0]}, cv=cv, error_score="raise").fit(X, y)
+
+
+def test_search_refuses_what_it_cannot_search():
+    est, X, y, cv = _search_problem("classifier")
+    with pytest.raises(ValueError, match=r"param_grid sets \['learning_rate_int'\], which is not parameter\(s\) of "
+                                         r"MLPClassifier; its parameters are \[.*'learning_rate_init'"):
+        MLPSearchCV(est, {"learning_rate_int": [0.1]}).fit(X, y)
+    with pytest.raises(TypeError, match="use scikit-learn's GridSearchCV for other estimators"):
+        MLPSearchCV(SkMLPClassifier(), {"alpha": [0.1]}).fit(X, y)
+    with pytest.raises(NotImplementedError, match="scores one metric"):
+        MLPSearchCV(est, {"alpha": [0.1]}, scoring=["accuracy", "f1_macro"]).fit(X, y)
+    with pytest.raises(TypeError):  # scikit-learn's own check of the grid
+        MLPSearchCV(est, {"alpha": 0.1}).fit(X, y)
