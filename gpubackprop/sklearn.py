@@ -111,13 +111,58 @@ SPARSE_PREDICT_CHUNK_BYTES = 64 * 2**20
 CPU = get_backend("cpu")  # where sample weights are checked, on the host
 
 
-class _BaseMLP(BaseEstimator):
+class _Ensemble:
+    """Deep ensembles for the estimators (n_ensemble, bootstrap): the members' fit as one
+    MLPPack, and their predictions."""
+
+    def _fit_ensemble(self, X, y, sample_weight):
+        """A deep ensemble: n_ensemble members, each this estimator with n_ensemble=1 and
+        its own random_state (drawn from random_state), fitted on all rows or, with
+        bootstrap, on its own resample of n rows drawn with replacement (from the same
+        generator), as one MLPPack (each member as its lone fit, bit for bit); they
+        are ``estimators_``. Predictions are the members' mean (_outputs)."""
+        if self.warm_start:
+            raise ValueError("warm_start=True continues one model; an ensemble (n_ensemble > 1 or bootstrap=True) "
+                             "is fitted from scratch: set warm_start=False")
+        X_checked, _, _ = self._begin_fit(X, y, False, sample_weight=sample_weight)  # the checks, classes_
+        n, rng = len(X_checked), check_random_state(self.random_state)
+        X, y = indexable(X, y)
+        sample_weight = _sample_weight(sample_weight, n)
+        fits = []
+        for _ in range(self.n_ensemble):
+            member = clone(self).set_params(n_ensemble=1, bootstrap=False, random_state=int(rng.randint(2**31)))
+            fits.append(_Fit(member, rng.randint(n, size=n) if self.bootstrap else np.arange(n), None))
+        packs = _Packs(X, y, sample_weight, raise_errors=True)
+        for fit in fits:
+            packs.add(fit)
+        packs.train()
+        self.estimators_ = [fit.est for fit in fits]
+        lead = self.estimators_[0]
+        self.model_ = lead.model_  # the kind of model, its dtype and outputs; the members predict
+        self.n_iter_ = max(est.n_iter_ for est in self.estimators_)
+        self.loss_ = float(np.mean([est.loss_ for est in self.estimators_]))
+        self.n_layers_, self.out_activation_ = lead.n_layers_, lead.out_activation_
+        self.n_outputs_ = max(est.n_outputs_ for est in self.estimators_)  # a member may have missed a class
+        return self
+
+    def _members_outputs(self, X):
+        """Each ensemble member's _outputs for X, stacked: (members, n, outputs)."""
+        check_is_fitted(self)
+        validate_data(self, X, reset=False, dtype=self._dtype(first=False), accept_sparse="csr")  # the names, the width
+        return np.stack([self._in_my_columns(est, est._outputs(X)) for est in self.estimators_])
+
+    def _in_my_columns(self, member, outputs):
+        """A member's outputs in this ensemble's columns (the classifier's may miss classes)."""
+        return outputs
+
+
+class _BaseMLP(_Ensemble, BaseEstimator):
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
                  batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
                  shuffle=True, random_state=None,
                  tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None):
+                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None, n_ensemble=1, bootstrap=False):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -143,12 +188,16 @@ class _BaseMLP(BaseEstimator):
         self.max_fun = max_fun
         self.device = device
         self.dtype = dtype
+        self.n_ensemble = n_ensemble
+        self.bootstrap = bootstrap
 
     # ---- fitting ----------------------------------------------------------------------
     def fit(self, X, y, sample_weight=None):
         """Train from scratch (or on from the last fit, with warm_start) for up to max_iter
         epochs; ``sample_weight`` weighs the rows as scikit-learn's (a weight of 0 leaves
         a row out; the loss is the weighted mean of the rows' losses)."""
+        if self.n_ensemble != 1 or self.bootstrap:
+            return self._fit_ensemble(X, y, sample_weight)
         return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     def _fit(self, X, y, incremental, classes=None, sample_weight=None):
@@ -194,7 +243,7 @@ class _BaseMLP(BaseEstimator):
                           device=self.device, dtype=X.dtype.name, seed=int(seed))
         self._optimizer = None
         self.n_iter_, self.t_ = 0, 0
-        for name in _STOCHASTIC_ATTRIBUTES:  # a refit's: lbfgs has none, and sgd / adam start them anew
+        for name in ("estimators_", "coefs_", "intercepts_", *_STOCHASTIC_ATTRIBUTES):  # a refit's: lbfgs has none, and sgd / adam start them anew
             self.__dict__.pop(name, None)
 
     def _start_stochastic(self, X, targets, weights, incremental):
@@ -291,6 +340,10 @@ class _BaseMLP(BaseEstimator):
                             f"got {self.n_iter_no_change!r}")
         if self.alpha < 0 or self.tol < 0:
             problems.append("alpha and tol must be >= 0")
+        if not (isinstance(self.n_ensemble, (int, np.integer)) and self.n_ensemble >= 1):
+            problems.append(f"n_ensemble must be an integer >= 1 (the members of a deep ensemble), got {self.n_ensemble!r}")
+        if not isinstance(self.bootstrap, (bool, np.bool_)):
+            problems.append(f"bootstrap must be True or False, got {self.bootstrap!r}")
         self._hidden()  # raises for bad sizes
         if problems:
             raise ValueError("; ".join(problems))
@@ -344,6 +397,9 @@ class _BaseMLP(BaseEstimator):
         classifier (as skl2onnx names them with zipmap=False), ``variable`` for a
         regressor."""
         check_is_fitted(self)
+        if hasattr(self, "estimators_"):
+            raise NotImplementedError("to_onnx exports one network; this is an ensemble of "
+                                      f"{len(self.estimators_)}: export each of estimators_")
         return export.to_onnx(self.model_, path, opset, getattr(self, "classes_", None))
 
     def _forward(self, X):
@@ -357,7 +413,9 @@ class _BaseMLP(BaseEstimator):
 
     def _outputs(self, X):
         """What the model's loss makes of the network's outputs for X (gpubackprop.nn.losses.output):
-        softmax or sigmoid probabilities, e^z, or z itself."""
+        softmax or sigmoid probabilities, e^z, or z itself; for an ensemble, the members' mean."""
+        if hasattr(self, "estimators_"):
+            return np.mean(self._members_outputs(X), axis=0)
         z = self._forward(X)
         out = np.empty_like(z)
         losses.output(np, self.model_.criterion, z, out, np.empty(z.shape[0], z.dtype))
@@ -529,6 +587,9 @@ def _check_partial_fit(est):
                             "balanced by its own class counts. Compute the weights once, "
                             "compute_class_weight('balanced', classes=classes, y=y) over enough of the whole "
                             "target, and pass them as class_weight={class: weight}")
+    if est.n_ensemble != 1 or est.bootstrap:
+        raise _NoPartialFit("partial_fit trains one model; an ensemble (n_ensemble > 1 or bootstrap=True) is "
+                            "fitted whole: use fit")
     if est.early_stopping:
         raise _NoPartialFit("partial_fit does not support early_stopping=True, as scikit-learn's MLP: a call "
                             "trains one epoch on the rows it is given, with none held out; set "
@@ -633,10 +694,24 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return accuracy_score(targets.argmax(1), self.model_.predict(X), sample_weight=weights)
 
     def predict(self, X):
+        """The most probable class (for multilabel, each label whose probability is over
+        1/2); for an ensemble, by the members' mean probabilities."""
+        if hasattr(self, "estimators_"):
+            p = self._outputs(X)
+            return (p > 0.5).astype(np.int64) if self.model_.loss == "binary_cross_entropy" else self.classes_[p.argmax(1)]
         z = self._forward(X)
         if self.model_.loss == "binary_cross_entropy":
             return (z > 0).astype(np.int64)
         return self.classes_[z.argmax(1)]
+
+    def _in_my_columns(self, member, outputs):
+        """A member's probabilities in this ensemble's columns: a member whose bootstrap
+        resample missed a class gives it probability 0."""
+        if self.model_.loss == "binary_cross_entropy" or len(member.classes_) == len(self.classes_):
+            return outputs
+        aligned = np.zeros((len(outputs), len(self.classes_)), outputs.dtype)
+        aligned[:, np.searchsorted(self.classes_, member.classes_)] = outputs
+        return aligned
 
     def predict_proba(self, X):
         """Class probabilities (softmax), or for multilabel each label's (sigmoid)."""
@@ -693,8 +768,18 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return float(np.average((xlogy(targets, targets) - targets).sum(axis=1), weights=weights))
 
     def predict(self, X):
+        """The predicted values (for poisson, the mean counts e^z); for an ensemble, the members' mean."""
         out = self._outputs(X)  # e^z for poisson: the mean count
         return out.ravel() if self._y_1d else out
+
+    def predict_std(self, X):
+        """The ensemble members' standard deviation of their predictions (ddof 0), shaped
+        as predict's: a measure of the ensemble's uncertainty, larger where the members
+        disagree (away from the training data); zeros for a single model."""
+        if not hasattr(self, "estimators_"):
+            return np.zeros_like(self.predict(X))
+        std = self._members_outputs(X).std(axis=0)
+        return std.ravel() if self._y_1d else std
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -729,8 +814,9 @@ class MLPSearchCV(GridSearchCV):
     dtype), with the same shuffle, classes and weighting, share one pack; every other
     setting (learning_rate_init, alpha, solver "sgd" / "adam", momentum, beta_1,
     beta_2, epsilon, batch_size, max_iter, random_state, tol, n_iter_no_change,
-    early_stopping, ...) may differ inside it. solver="lbfgs" fits run one by one,
-    as GridSearchCV runs them (a warning says how many).
+    early_stopping, ...) may differ inside it. solver="lbfgs" fits, and ensembles
+    (n_ensemble > 1 or bootstrap: each trains as a pack of its own), run one by one,
+    as GridSearchCV runs them (one warning says how many, and why).
 
     Where it differs from GridSearchCV: every fit runs in this process (n_jobs and
     pre_dispatch are taken and ignored); a pack's fit time is shared equally by its
@@ -798,9 +884,59 @@ class _Fit:
         self.run, self.seconds, self.error = None, 0.0, None
 
 
+class _Packs:
+    """Fits (_Fit) on rows of one (X, y, sample_weight): each prepared by its estimator
+    (_begin_fit, _start_stochastic), its epochs run as a member of as few MLPPacks as
+    hold them (one per kind of model: _Group), and finished by its estimator; lbfgs
+    fits (full batch: no epochs to share) and ensembles (packs themselves) are fitted
+    alone. A fit that raises keeps
+    its error (fit.error), or with ``raise_errors`` raises it."""
+
+    def __init__(self, X, y, sample_weight, raise_errors):
+        self.X, self.y, self.sample_weight, self.raise_errors = X, y, sample_weight, raise_errors
+        self.groups, self.alone = {}, []
+
+    def add(self, fit):
+        if _alone_why(fit.est):
+            self.alone.append(fit)
+            return
+
+        def prepare(f):
+            X, targets, weights = f.est._begin_fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train), False,
+                                                   sample_weight=_rows_of(self.sample_weight, f.train))
+            f.run = f.est._start_stochastic(X, targets, weights, incremental=False)
+            model = f.est.model_
+            key = (tuple(model.sizes), model.activation, model.loss, model.device, model.dtype, f.est.shuffle,
+                   weights is None, tuple(getattr(f.est, "classes_", ())))
+            if key not in self.groups:
+                self.groups[key] = _Group(len(self.y), X, targets)
+            self.groups[key].add(f, X, targets, weights)
+
+        self.guarded(fit, prepare)
+
+    def train(self):
+        for group in self.groups.values():
+            group.train(self)
+        for fit in self.alone:
+            self.guarded(fit, lambda f: f.est.fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train),
+                                                  sample_weight=_rows_of(self.sample_weight, f.train)))
+
+    def guarded(self, fit, step):
+        """step(fit), timed into fit.seconds; an exception kept as the fit's error, or raised."""
+        start = time.perf_counter()
+        try:
+            if fit.error is None:
+                step(fit)
+        except Exception as e:
+            if self.raise_errors:
+                raise
+            fit.error = f"{type(e).__name__}: {e}"
+        finally:
+            fit.seconds += time.perf_counter() - start
+
+
 class _PackedSearch:
-    """MLPSearchCV's fits: prepared by their estimators, trained in packs (a pack per
-    kind of model, _Group), finished by their estimators, and scored."""
+    """MLPSearchCV's fits, trained by _Packs, and scored as GridSearchCV scores them."""
 
     def __init__(self, search, X, y, sample_weight, scorer):
         self.search, self.X, self.y, self.sample_weight, self.scorer = search, X, y, sample_weight, scorer
@@ -810,54 +946,21 @@ class _PackedSearch:
         fold by fold within each."""
         fits = [_Fit(clone(self.search.estimator).set_params(**clone(c, safe=False)), train, test)
                 for c in candidates for train, test in splits]
-        groups, alone = {}, []
+        packs = _Packs(self.X, self.y, self.sample_weight, raise_errors=self.search.error_score == "raise")
         for fit in fits:
-            if fit.est.solver == "lbfgs":
-                alone.append(fit)
-            else:
-                self._prepare(fit, groups)
+            packs.add(fit)
+        alone = len(packs.alone)
         if alone:
-            warnings.warn(f"MLPSearchCV: {len(alone)} of {len(fits)} fits (solver='lbfgs', full batch) cannot "
-                          "be pack members and run one by one", UserWarning, stacklevel=3)
+            why = " or ".join(sorted({_alone_why(fit.est) for fit in packs.alone}))
+            warnings.warn(f"MLPSearchCV: {alone} of {len(fits)} fits ({why}) cannot be pack members and run one "
+                          "by one", UserWarning, stacklevel=3)
         if self.search.verbose > 0:
             print(f"Fitting {len(splits)} folds for each of {len(candidates)} candidates, totalling {len(fits)} "
-                  f"fits: {len(fits) - len(alone)} in {len(groups)} pack(s), {len(alone)} one by one")
-        for group in groups.values():
-            group.train()
-        for fit in alone:
-            self._guarded(fit, lambda f: f.est.fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train),
-                                                   sample_weight=_rows_of(self.sample_weight, f.train)))
+                  f"fits: {len(fits) - alone} in {len(packs.groups)} pack(s), {alone} one by one")
+        packs.train()
         out = [self._score(fit) for fit in fits]
         _warn_or_raise_about_failures(out, self.search.error_score)
         return out
-
-    def _prepare(self, fit, groups):
-        """The estimator's fit up to its epochs (_begin_fit, _start_stochastic); the fit joins its kind's group."""
-        def prepare(f):
-            X, targets, weights = f.est._begin_fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train), False,
-                                                   sample_weight=_rows_of(self.sample_weight, f.train))
-            f.run = f.est._start_stochastic(X, targets, weights, incremental=False)
-            model = f.est.model_
-            key = (tuple(model.sizes), model.activation, model.loss, model.device, model.dtype, f.est.shuffle,
-                   weights is None, tuple(getattr(f.est, "classes_", ())))
-            if key not in groups:
-                groups[key] = _Group(len(self.y), X, targets)
-            groups[key].add(f, X, targets, weights)
-
-        self._guarded(fit, prepare)
-
-    def _guarded(self, fit, step):
-        """step(fit), timed into fit.seconds; an exception recorded as the fit's error (error_score), or raised."""
-        start = time.perf_counter()
-        try:
-            if fit.error is None:
-                step(fit)
-        except Exception as e:
-            if self.search.error_score == "raise":
-                raise
-            fit.error = f"{type(e).__name__}: {e}"
-        finally:
-            fit.seconds += time.perf_counter() - start
 
     def _score(self, fit):
         """The fit's result as GridSearchCV's _fit_and_score gives it (error_score where it failed)."""
@@ -896,9 +999,9 @@ class _Group:
             self.weights.append(w)
         self.fits.append(fit)
 
-    def train(self):
-        """Every fit's epochs as a member of one pack, then its estimator's _finish_stochastic.
-        The pack's time is shared equally by its fits."""
+    def train(self, packs):
+        """Every fit's epochs as a member of one pack, then its estimator's _finish_stochastic
+        (guarded by ``packs``). The pack's time is shared equally by its fits."""
         fits = self.fits
         pack = MLPPack.of([f.est.model_ for f in fits])
         start = time.perf_counter()
@@ -909,13 +1012,25 @@ class _Group:
         share = (time.perf_counter() - start) / len(fits)
         for k, fit in enumerate(fits):
             fit.seconds += share
-            if pack.stopped[k] is not None:
-                fit.error = (f"FloatingPointError: the gradients went non-finite at step {pack.stopped[k]} (a lone fit "
-                             "raises here)")
-            else:
-                start = time.perf_counter()
-                fit.est._finish_stochastic(fit.run, incremental=False)
-                fit.seconds += time.perf_counter() - start
+            packs.guarded(fit, functools.partial(_finish, stopped=pack.stopped[k]))
+
+
+def _alone_why(est):
+    """Why ``est``'s fit cannot be a pack member, or None where it can."""
+    if est.solver == "lbfgs":
+        return "solver='lbfgs', full batch"
+    if est.n_ensemble != 1 or est.bootstrap:
+        return "ensembles, each a pack of its own"
+    return None
+
+
+def _finish(fit, stopped):
+    """A pack member's end: its estimator's _finish_stochastic, or where its gradients went
+    non-finite (the pack stopped it alone) the FloatingPointError its lone fit raises."""
+    if stopped is not None:
+        raise FloatingPointError(f"the gradients went non-finite at step {stopped}; the step was skipped and the "
+                                 "parameters are the last finite ones (lower the learning rate, or scale the data)")
+    fit.est._finish_stochastic(fit.run, incremental=False)
 
 
 def _warn_or_raise_about_failures(out, error_score):

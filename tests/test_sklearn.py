@@ -48,6 +48,8 @@ def _settings_to_check(seed=0):
         *(Est(early_stopping=True, validation_fraction=0.2, learning_rate_init=lr, max_iter=50, **small)
           for Est, lr in ((MLPClassifier, 0.05), (MLPRegressor, 0.01))),
         MLPClassifier(class_weight="balanced", learning_rate_init=0.01, max_iter=100, **small),
+        MLPClassifier(n_ensemble=3, bootstrap=True, learning_rate_init=0.01, max_iter=100, **small),
+        MLPRegressor(n_ensemble=2, random_state=seed),
     ]
 
 
@@ -59,7 +61,9 @@ def _expected_failures(estimator):
     twin lands on one (scikit-learn's _fit_stochastic says so in a TODO); and
     class_weight="balanced" weighs classes by their row counts. The solvers and
     schedules that do not count rows pass them: lbfgs, adam, sgd constant and adaptive."""
-    if estimator.early_stopping or estimator.learning_rate == "invscaling":
+    if estimator.bootstrap:
+        why = "each member trains on a resample of the rows, which repeating rows changes"
+    elif estimator.early_stopping or estimator.learning_rate == "invscaling":
         why = "training counts rows (early stopping's split, invscaling's t_), as scikit-learn's MLP does"
     elif getattr(estimator, "class_weight", None) == "balanced":
         why = "'balanced' weighs classes by their counts of rows, which repeating rows changes"
@@ -600,3 +604,71 @@ def test_search_refuses_what_it_cannot_search():
         MLPSearchCV(est, {"alpha": [0.1]}, scoring=["accuracy", "f1_macro"]).fit(X, y)
     with pytest.raises(TypeError):  # scikit-learn's own check of the grid
         MLPSearchCV(est, {"alpha": 0.1}).fit(X, y)
+
+
+# ---- deep ensembles ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bootstrap", [False, True], ids=["all rows", "bootstrap"])
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_each_ensemble_member_is_its_lone_fit_and_predictions_are_their_mean(kind, bootstrap):
+    """Member k is the estimator with n_ensemble=1 and the k-th random_state drawn from
+    random_state (then, with bootstrap, its n rows drawn with replacement), fitted
+    alone on its rows: bit for bit, early stopping ending each at its own epoch."""
+    est, X, y, _ = _search_problem(kind)
+    est.set_params(n_ensemble=3, bootstrap=bootstrap, max_iter=30, early_stopping=True, n_iter_no_change=3,
+                   learning_rate_init=0.01, random_state=4)
+    ens = _quiet(lambda: clone(est).fit(X, y))
+    draws = np.random.RandomState(4)
+    for member in ens.estimators_:
+        seed = draws.randint(2**31)
+        rows = draws.randint(len(X), size=len(X)) if bootstrap else np.arange(len(X))
+        lone = _quiet(lambda: clone(est).set_params(n_ensemble=1, bootstrap=False, random_state=seed)
+                      .fit(X[rows], y[rows]))
+        assert member.loss_curve_ == lone.loss_curve_ and member.n_iter_ == lone.n_iter_
+        for ours, theirs in zip(member.coefs_ + member.intercepts_, lone.coefs_ + lone.intercepts_):
+            np.testing.assert_array_equal(ours, theirs)
+    outputs = np.stack([m.predict_proba(X) if kind == "classifier" else m.predict(X) for m in ens.estimators_])
+    if kind == "classifier":
+        np.testing.assert_allclose(ens.predict_proba(X), outputs.mean(axis=0), rtol=1e-12)
+        np.testing.assert_array_equal(ens.predict(X), ens.classes_[outputs.mean(axis=0).argmax(axis=1)])
+    else:
+        np.testing.assert_allclose(ens.predict(X), outputs.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(ens.predict_std(X), outputs.std(axis=0), rtol=1e-12)
+    assert ens.n_iter_ == max(m.n_iter_ for m in ens.estimators_)
+
+
+def test_an_ensemble_member_whose_resample_missed_a_class_gives_it_probability_0():
+    X, y = _problem("multiclass", rows=30)
+    y = np.where(np.arange(30) == 0, 3, y)  # class 3 on one row: most resamples miss it
+    ens = _quiet(lambda: MLPClassifier((4,), n_ensemble=4, bootstrap=True, max_iter=3, random_state=0).fit(X, y))
+    missed = [m for m in ens.estimators_ if 3 not in m.classes_]
+    assert missed and list(ens.classes_) == [0, 1, 2, 3]
+    proba = ens.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    have = [m.predict_proba(X)[:, -1] for m in ens.estimators_ if 3 in m.classes_]
+    np.testing.assert_allclose(proba[:, 3], np.sum(have, axis=0) / 4 if have else 0.0)
+
+
+def test_a_single_model_has_no_spread_and_an_ensemble_refuses_what_it_cannot_do():
+    X, y = _problem("regression")
+    one = _quiet(lambda: MLPRegressor(hidden_layer_sizes=(4,), max_iter=5).fit(X, y))
+    np.testing.assert_array_equal(one.predict_std(X), np.zeros(len(X)))
+    assert not hasattr(one, "estimators_")
+    ens = MLPRegressor(hidden_layer_sizes=(4,), max_iter=5, n_ensemble=2)
+    assert not hasattr(ens, "partial_fit")
+    with pytest.raises(ValueError, match="an ensemble .* is fitted from scratch: set warm_start=False"):
+        clone(ens).set_params(warm_start=True).fit(X, y)
+    with pytest.raises(ValueError, match="n_ensemble must be an integer >= 1"):
+        clone(ens).set_params(n_ensemble=0).fit(X, y)
+    with pytest.raises(NotImplementedError, match="export each of estimators_"):
+        _quiet(lambda: ens.fit(X, y)).to_onnx()
+    refit = _quiet(lambda: ens.set_params(n_ensemble=1).fit(X, y))  # a single model again: no members left over
+    assert not hasattr(refit, "estimators_")
+
+
+def test_the_search_fits_ensembles_one_by_one_and_says_so():
+    est, X, y, cv = _search_problem("classifier")
+    with pytest.warns(UserWarning, match="3 of 6 fits \\(ensembles, each a pack of its own\\)"):
+        search = _quiet(lambda: MLPSearchCV(est.set_params(max_iter=3), {"n_ensemble": [1, 2]}, cv=cv).fit(X, y))
+    theirs = _quiet(lambda: GridSearchCV(est, {"n_ensemble": [1, 2]}, cv=cv).fit(X, y))
+    np.testing.assert_array_equal(search.cv_results_["split0_test_score"], theirs.cv_results_["split0_test_score"])
