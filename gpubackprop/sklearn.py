@@ -56,6 +56,18 @@ Where the engine differs from scikit-learn's MLP, on purpose:
     import gpubackprop.sklearn as gbs
     clf = gbs.MLPClassifier(hidden_layer_sizes=(128,), max_iter=50, device="auto").fit(X, y)
     clf.score(X_test, y_test)
+
+Beyond scikit-learn's MLP, built on gpubackprop.nn.pack.MLPPack:
+
+    n_ensemble, bootstrap  n_ensemble=K > 1 fits a deep ensemble: K members (the
+              estimator with n_ensemble=1 and its own random_state, drawn from
+              random_state; with bootstrap=True each on its own resample of the
+              rows, drawn from the same generator) trained as one MLPPack, each
+              equal to its lone fit; ``estimators_`` holds them, predict_proba and
+              the regressor's predict are their mean, MLPRegressor.predict_std their
+              spread (ddof 0). The default, 1, is the single model.
+    MLPSearchCV  GridSearchCV whose fits run as MLPPack members, each the
+              estimator's own fit on its fold's rows (see its docstring)
 """
 
 import collections
