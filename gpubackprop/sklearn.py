@@ -828,7 +828,8 @@ class MLPSearchCV(GridSearchCV):
     beta_2, epsilon, batch_size, max_iter, random_state, tol, n_iter_no_change,
     early_stopping, ...) may differ inside it. solver="lbfgs" fits, and ensembles
     (n_ensemble > 1 or bootstrap: each trains as a pack of its own), run one by one,
-    as GridSearchCV runs them (one warning says how many, and why).
+    as GridSearchCV runs them. Where the fits are not all in one pack, one warning
+    says how many packs, and how many fits run alone and why.
 
     Where it differs from GridSearchCV: every fit runs in this process (n_jobs and
     pre_dispatch are taken and ignored); a pack's fit time is shared equally by its
@@ -961,14 +962,17 @@ class _PackedSearch:
         packs = _Packs(self.X, self.y, self.sample_weight, raise_errors=self.search.error_score == "raise")
         for fit in fits:
             packs.add(fit)
-        alone = len(packs.alone)
-        if alone:
-            why = " or ".join(sorted({_alone_why(fit.est) for fit in packs.alone}))
-            warnings.warn(f"MLPSearchCV: {alone} of {len(fits)} fits ({why}) cannot be pack members and run one "
-                          "by one", UserWarning, stacklevel=3)
+        alone, groups = len(packs.alone), len(packs.groups)
+        if alone or groups > 1:  # one line for whatever is not one pack
+            said = [f"{len(fits) - alone} of {len(fits)} fits run in {groups} packs, one per kind of model (layer "
+                    "sizes, activation, loss, dtype, shuffle, weighting, classes)"] if groups > 1 else []
+            if alone:
+                why = " or ".join(sorted({_alone_why(fit.est) for fit in packs.alone}))
+                said.append(f"{alone} of {len(fits)} fits ({why}) cannot be pack members and run one by one")
+            warnings.warn("MLPSearchCV: " + "; ".join(said), UserWarning, stacklevel=3)
         if self.search.verbose > 0:
             print(f"Fitting {len(splits)} folds for each of {len(candidates)} candidates, totalling {len(fits)} "
-                  f"fits: {len(fits) - alone} in {len(packs.groups)} pack(s), {alone} one by one")
+                  f"fits: {len(fits) - alone} in {groups} pack(s), {alone} one by one")
         packs.train()
         out = [self._score(fit) for fit in fits]
         _warn_or_raise_about_failures(out, self.search.error_score)

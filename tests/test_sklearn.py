@@ -672,3 +672,17 @@ def test_the_search_fits_ensembles_one_by_one_and_says_so():
         search = _quiet(lambda: MLPSearchCV(est.set_params(max_iter=3), {"n_ensemble": [1, 2]}, cv=cv).fit(X, y))
     theirs = _quiet(lambda: GridSearchCV(est, {"n_ensemble": [1, 2]}, cv=cv).fit(X, y))
     np.testing.assert_array_equal(search.cv_results_["split0_test_score"], theirs.cv_results_["split0_test_score"])
+
+
+def test_fits_of_other_layer_sizes_go_in_packs_of_their_own_in_one_warning():
+    est, X, y, cv = _search_problem("regressor")
+    grid = {"hidden_layer_sizes": [(4,), (6, 3)], "learning_rate_init": [1e-3, 1e-2], "max_iter": [4]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = MLPSearchCV(est, grid, cv=cv).fit(X, y)
+    said = [str(w.message) for w in caught if "MLPSearchCV" in str(w.message)]
+    assert said == ["MLPSearchCV: 12 of 12 fits run in 2 packs, one per kind of model (layer sizes, activation, "
+                    "loss, dtype, shuffle, weighting, classes)"]
+    theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
+    np.testing.assert_array_equal(ours.cv_results_["split2_test_score"], theirs.cv_results_["split2_test_score"])
+    assert ours.best_params_ == theirs.best_params_
