@@ -835,9 +835,10 @@ class MLPSearchCV(GridSearchCV):
     pre_dispatch are taken and ignored); a pack's fit time is shared equally by its
     members in ``mean_fit_time``; scoring is one metric (a name, a callable or None:
     several metrics raise NotImplementedError, use GridSearchCV); fit takes
-    ``groups`` and ``sample_weight`` (split with the folds, for fit, as GridSearchCV
-    without metadata routing); and a member whose gradients go non-finite is a
-    failed fit (error_score), where the lone fit raises FloatingPointError.
+    ``groups`` and ``sample_weight`` alone (split with the folds, for fit and for
+    the scorer where it takes weights, as GridSearchCV without metadata routing;
+    nothing else is routed); and a member whose gradients go non-finite is a failed
+    fit (error_score), where the lone fit raises FloatingPointError.
     """
 
     def fit(self, X, y=None, *, groups=None, sample_weight=None):
@@ -854,7 +855,9 @@ class MLPSearchCV(GridSearchCV):
         cv = check_cv(self.cv, y, classifier=is_classifier(self.estimator))
         splits = list(cv.split(X, y, groups))
         self.n_splits_ = len(splits)
-        out = _PackedSearch(self, X, y, sample_weight, scorer).run(candidates, splits)
+        # as GridSearchCV (without metadata routing): the weights go to the scorer too where it takes them
+        weigh_scores = sample_weight is not None and self._check_scorers_accept_sample_weight()
+        out = _PackedSearch(self, X, y, sample_weight, scorer, weigh_scores).run(candidates, splits)
         results = self._format_results(candidates, self.n_splits_, out)
         self.multimetric_ = False
         self.best_index_ = self._select_best_index(self.refit, refit_metric, results)
@@ -951,8 +954,9 @@ class _Packs:
 class _PackedSearch:
     """MLPSearchCV's fits, trained by _Packs, and scored as GridSearchCV scores them."""
 
-    def __init__(self, search, X, y, sample_weight, scorer):
+    def __init__(self, search, X, y, sample_weight, scorer, weigh_scores):
         self.search, self.X, self.y, self.sample_weight, self.scorer = search, X, y, sample_weight, scorer
+        self.weigh_scores = weigh_scores
 
     def run(self, candidates, splits):
         """GridSearchCV's per-fit results (fit_time, score_time, test_scores, ...), candidate by candidate,
@@ -990,7 +994,8 @@ class _PackedSearch:
         return result
 
     def _scored(self, est, rows):
-        score = self.scorer(est, _rows_of(self.X, rows), _rows_of(self.y, rows))
+        weights = {"sample_weight": _rows_of(self.sample_weight, rows)} if self.weigh_scores else {}
+        score = self.scorer(est, _rows_of(self.X, rows), _rows_of(self.y, rows), **weights)
         if isinstance(score, dict):
             raise NotImplementedError("MLPSearchCV scores one metric; this scoring callable gave several: use "
                                       "scikit-learn's GridSearchCV for several")

@@ -686,3 +686,20 @@ def test_fits_of_other_layer_sizes_go_in_packs_of_their_own_in_one_warning():
     theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
     np.testing.assert_array_equal(ours.cv_results_["split2_test_score"], theirs.cv_results_["split2_test_score"])
     assert ours.best_params_ == theirs.best_params_
+
+
+def test_search_weighs_fits_and_scores_and_keeps_train_scores_as_grid_search_cv():
+    """sample_weight split with the folds for fit and for a scorer that takes weights,
+    class_weight varying inside the grid, train scores, a DataFrame's feature names."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(90, 4)), columns=list("abcd"))
+    y, w = np.arange(90) % 3, rng.random(90)
+    est, grid = MLPClassifier((5,), max_iter=5, random_state=0), {"class_weight": [None, "balanced"]}
+    kwargs = dict(cv=3, scoring="neg_log_loss", return_train_score=True)
+    ours = _quiet(lambda: MLPSearchCV(est, grid, **kwargs).fit(X, y, sample_weight=w))
+    theirs = _quiet(lambda: GridSearchCV(est, grid, **kwargs).fit(X, y, sample_weight=w))
+    assert ours.cv_results_.keys() == theirs.cv_results_.keys()
+    for key in (k for k in theirs.cv_results_ if k.startswith(("split", "mean_t", "std_t"))):
+        np.testing.assert_array_equal(ours.cv_results_[key], theirs.cv_results_[key], err_msg=key)
+    assert list(ours.feature_names_in_) == list("abcd")
