@@ -191,3 +191,18 @@ def test_a_pack_of_existing_models_needs_them_alike():
         MLPPack.of([gb.MLP(SIZES, activation="tanh"), gb.MLP(SIZES)])
     with pytest.raises(TypeError, match="not a gpubackprop MLP"):
         MLPPack.of([gb.MLP(SIZES), object()])
+
+
+def test_on_the_kernels_a_member_on_its_own_rows_is_its_lone_fit_on_them(kernel_backend, rng):
+    """The captured steps gather a member's rows from the whole data set: as its lone
+    fit's gather from its own rows (host harness here, a GPU with -m gpu)."""
+    X, y = random_batch(rng, SIZES, "cross_entropy", 50)
+    rows = [np.arange(10, 50), rng.integers(0, 50, 50)]
+    pack = MLPPack(SIZES, members=2, seed=3, device=kernel_backend)
+    histories = pack.fit(X, y, epochs=2, batch_size=16, optimizer=[gb.optim.Adam(1e-2), gb.optim.SGD(0.1)],
+                         rows=rows)
+    for k, make in enumerate((lambda: gb.optim.Adam(1e-2), lambda: gb.optim.SGD(0.1))):
+        model = gb.MLP(SIZES, seed=3 + k, device=kernel_backend)
+        assert histories[k] == model.fit(X[rows[k]], y[rows[k]], epochs=2, batch_size=16, optimizer=make(),
+                                         progress=False)
+        np.testing.assert_array_equal(pack.params[k], model.backend.to_host(model.params))
