@@ -83,8 +83,8 @@ def measure(X, y, max_iter, folds, repeats):
 
 def rows_of(times, fitted):
     packed = min(times[IMPLS[0]])
-    return [{"impl": name, "wall_s": min(times[name]), "times_s": times[name], "over_packed": min(times[name]) / packed,
-             "best_score": float(fitted[name].best_score_),
+    return [{"impl": name, "wall_s": min(times[name]), "times_s": times[name],
+             "over_packed": min(times[name]) / packed, "best_score": float(fitted[name].best_score_),
              "best_params": {k: float(v) for k, v in fitted[name].best_params_.items()}} for name in IMPLS]
 
 
@@ -92,7 +92,8 @@ def table(rows):
     lines = list(HEADER)
     for r in rows:
         params = ", ".join(f"{k} {v:g}" for k, v in sorted(r["best_params"].items()))
-        lines.append(f"| {r['impl']} | {r['wall_s']:.1f} | {r['over_packed']:.2f}x | {r['best_score']:.4f} | {params} |")
+        lines.append(f"| {r['impl']} | {r['wall_s']:.1f} | {r['over_packed']:.2f}x | {r['best_score']:.4f} "
+                     f"| {params} |")
     return lines
 
 
@@ -123,7 +124,8 @@ def main(argv=None):
               "packed_scores_equal_gridsearch_ours": bool(same), "rows": rows_of(times, fitted)}
     result["table"] = "\n".join(table(result["rows"]))
     m = result["machine"]
-    result["caption"] = (f"{m['cores']}-core {m['cpu']}, {stamp}, commit {(result['versions'].get('commit') or '?')[:7]}, "
+    commit = (result["versions"].get("commit") or "?")[:7]
+    result["caption"] = (f"{m['cores']}-core {m['cpu']}, {stamp}, commit {commit}, "
                          f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, "
                          f"best of {args.repeats}; MLPSearchCV's scores equal GridSearchCV's with ours: {same}")
     print(result["caption"] + ":\n\n" + result["table"])

@@ -255,7 +255,9 @@ class _BaseMLP(_Ensemble, BaseEstimator):
                           device=self.device, dtype=X.dtype.name, seed=int(seed))
         self._optimizer = None
         self.n_iter_, self.t_ = 0, 0
-        for name in ("estimators_", "coefs_", "intercepts_", *_STOCHASTIC_ATTRIBUTES):  # a refit's: lbfgs has none, and sgd / adam start them anew
+        # a refit's: an ensemble's members and the last model's weights (an ensemble has none of its own);
+        # lbfgs has no stochastic attributes, and sgd / adam start them anew
+        for name in ("estimators_", "coefs_", "intercepts_", *_STOCHASTIC_ATTRIBUTES):
             self.__dict__.pop(name, None)
 
     def _start_stochastic(self, X, targets, weights, incremental):
@@ -353,7 +355,7 @@ class _BaseMLP(_Ensemble, BaseEstimator):
         if self.alpha < 0 or self.tol < 0:
             problems.append("alpha and tol must be >= 0")
         if not (isinstance(self.n_ensemble, (int, np.integer)) and self.n_ensemble >= 1):
-            problems.append(f"n_ensemble must be an integer >= 1 (the members of a deep ensemble), got {self.n_ensemble!r}")
+            problems.append(f"n_ensemble must be an integer >= 1 (a deep ensemble's members), got {self.n_ensemble!r}")
         if not isinstance(self.bootstrap, (bool, np.bool_)):
             problems.append(f"bootstrap must be True or False, got {self.bootstrap!r}")
         self._hidden()  # raises for bad sizes
@@ -710,7 +712,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         1/2); for an ensemble, by the members' mean probabilities."""
         if hasattr(self, "estimators_"):
             p = self._outputs(X)
-            return (p > 0.5).astype(np.int64) if self.model_.loss == "binary_cross_entropy" else self.classes_[p.argmax(1)]
+            multilabel = self.model_.loss == "binary_cross_entropy"
+            return (p > 0.5).astype(np.int64) if multilabel else self.classes_[p.argmax(1)]
         z = self._forward(X)
         if self.model_.loss == "binary_cross_entropy":
             return (z > 0).astype(np.int64)
@@ -842,6 +845,8 @@ class MLPSearchCV(GridSearchCV):
     """
 
     def fit(self, X, y=None, *, groups=None, sample_weight=None):
+        """Every configuration of param_grid fitted on every fold of cv (``groups`` to its
+        split) and scored, as GridSearchCV's fit; then the best refitted on all of X."""
         if not isinstance(self.estimator, _BaseMLP):
             raise TypeError(f"MLPSearchCV searches gpubackprop.sklearn's MLPClassifier or MLPRegressor, got "
                             f"{type(self.estimator).__name__}: use scikit-learn's GridSearchCV for other estimators")
