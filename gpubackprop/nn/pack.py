@@ -17,6 +17,12 @@ GEMM for all members, the kernels with a member axis) is not built yet. A member
 whose gradients go non-finite is stopped alone (its guard skipped the step, so its
 parameters are the last finite ones); the others train on, and ``stopped[k]``
 names the step.
+
+Each member may have its own rows of the data (``rows``: a fold, a bootstrap
+resample; it trains as a lone fit on X[rows[k]]), callbacks (one that sets
+``model.stop_training`` stops its member alone: gpubackprop.sklearn's stop rules),
+epochs, batch size and optimizer object; ``MLPPack.of`` packs MLPs made elsewhere
+(gpubackprop.sklearn.MLPSearchCV's and the ensembles' estimators' models).
 """
 
 import json
