@@ -56,12 +56,26 @@ Where the engine differs from scikit-learn's MLP, on purpose:
     import gpubackprop.sklearn as gbs
     clf = gbs.MLPClassifier(hidden_layer_sizes=(128,), max_iter=50, device="auto").fit(X, y)
     clf.score(X_test, y_test)
+
+Beyond scikit-learn's MLP, built on gpubackprop.nn.pack.MLPPack:
+
+    n_ensemble, bootstrap  n_ensemble=K > 1 fits a deep ensemble: K members (the
+              estimator with n_ensemble=1 and its own random_state, drawn from
+              random_state; with bootstrap=True each on its own resample of the
+              rows, drawn from the same generator) trained as one MLPPack, each
+              equal to its lone fit; ``estimators_`` holds them, predict_proba and
+              the regressor's predict are their mean, MLPRegressor.predict_std their
+              spread (ddof 0). The default, 1, is the single model.
+    MLPSearchCV  GridSearchCV whose fits run as MLPPack members, each the
+              estimator's own fit on its fold's rows (see its docstring)
 """
 
+import collections
 import functools
 import inspect
 import math
 import os
+import time
 import types
 import warnings
 
@@ -72,10 +86,11 @@ try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 except ImportError:
     raise ImportError("gpubackprop.sklearn needs scikit-learn >= 1.6: pip install 'gpubackprop[sklearn]'") from None
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import clone, is_classifier
+from sklearn.exceptions import ConvergenceWarning, FitFailedWarning
 from sklearn.metrics import accuracy_score, r2_score
-from sklearn.model_selection import train_test_split
-from sklearn.utils import check_random_state
+from sklearn.model_selection import GridSearchCV, ParameterGrid, check_cv, train_test_split
+from sklearn.utils import check_random_state, indexable
 from scipy.special import xlogy
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
@@ -87,6 +102,7 @@ from .optim.lbfgs import minimize_lbfgs
 from .nn import losses
 from .nn.activations import ACTIVATIONS as OURS
 from .nn.mlp import MLP
+from .nn.pack import MLPPack
 from .nn.network import EVAL_BATCH
 
 ACTIVATIONS = {"logistic": "sigmoid", **{name: name for name in OURS}}  # scikit-learn's names, and ours
@@ -107,13 +123,58 @@ SPARSE_PREDICT_CHUNK_BYTES = 64 * 2**20
 CPU = get_backend("cpu")  # where sample weights are checked, on the host
 
 
-class _BaseMLP(BaseEstimator):
+class _Ensemble:
+    """Deep ensembles for the estimators (n_ensemble, bootstrap): the members' fit as one
+    MLPPack, and their predictions."""
+
+    def _fit_ensemble(self, X, y, sample_weight):
+        """A deep ensemble: n_ensemble members, each this estimator with n_ensemble=1 and
+        its own random_state (drawn from random_state), fitted on all rows or, with
+        bootstrap, on its own resample of n rows drawn with replacement (from the same
+        generator), as one MLPPack (each member as its lone fit, bit for bit); they
+        are ``estimators_``. Predictions are the members' mean (_outputs)."""
+        if self.warm_start:
+            raise ValueError("warm_start=True continues one model; an ensemble (n_ensemble > 1 or bootstrap=True) "
+                             "is fitted from scratch: set warm_start=False")
+        X_checked, _, _ = self._begin_fit(X, y, False, sample_weight=sample_weight)  # the checks, classes_
+        n, rng = len(X_checked), check_random_state(self.random_state)
+        X, y = indexable(X, y)
+        sample_weight = _sample_weight(sample_weight, n)
+        fits = []
+        for _ in range(self.n_ensemble):
+            member = clone(self).set_params(n_ensemble=1, bootstrap=False, random_state=int(rng.randint(2**31)))
+            fits.append(_Fit(member, rng.randint(n, size=n) if self.bootstrap else np.arange(n), None))
+        packs = _Packs(X, y, sample_weight, raise_errors=True)
+        for fit in fits:
+            packs.add(fit)
+        packs.train()
+        self.estimators_ = [fit.est for fit in fits]
+        lead = self.estimators_[0]
+        self.model_ = lead.model_  # the kind of model, its dtype and outputs; the members predict
+        self.n_iter_ = max(est.n_iter_ for est in self.estimators_)
+        self.loss_ = float(np.mean([est.loss_ for est in self.estimators_]))
+        self.n_layers_, self.out_activation_ = lead.n_layers_, lead.out_activation_
+        self.n_outputs_ = max(est.n_outputs_ for est in self.estimators_)  # a member may have missed a class
+        return self
+
+    def _members_outputs(self, X):
+        """Each ensemble member's _outputs for X, stacked: (members, n, outputs)."""
+        check_is_fitted(self)
+        validate_data(self, X, reset=False, dtype=self._dtype(first=False), accept_sparse="csr")  # the names, the width
+        return np.stack([self._in_my_columns(est, est._outputs(X)) for est in self.estimators_])
+
+    def _in_my_columns(self, member, outputs):
+        """A member's outputs in this ensemble's columns (the classifier's may miss classes)."""
+        return outputs
+
+
+class _BaseMLP(_Ensemble, BaseEstimator):
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
                  batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
                  shuffle=True, random_state=None,
                  tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None):
+                 n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None, n_ensemble=1, bootstrap=False):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -139,15 +200,32 @@ class _BaseMLP(BaseEstimator):
         self.max_fun = max_fun
         self.device = device
         self.dtype = dtype
+        self.n_ensemble = n_ensemble
+        self.bootstrap = bootstrap
 
     # ---- fitting ----------------------------------------------------------------------
     def fit(self, X, y, sample_weight=None):
         """Train from scratch (or on from the last fit, with warm_start) for up to max_iter
         epochs; ``sample_weight`` weighs the rows as scikit-learn's (a weight of 0 leaves
         a row out; the loss is the weighted mean of the rows' losses)."""
+        if self.n_ensemble != 1 or self.bootstrap:
+            return self._fit_ensemble(X, y, sample_weight)
         return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     def _fit(self, X, y, incremental, classes=None, sample_weight=None):
+        X, targets, weights = self._begin_fit(X, y, incremental, classes, sample_weight)
+        if self.solver == "lbfgs":
+            return self._fit_lbfgs(X, targets, weights)
+        run = self._start_stochastic(X, targets, weights, incremental)
+        self.model_.fit(_take(X, run.rows), _take(targets, run.rows), epochs=run.epochs, batch_size=run.batch,
+                        optimizer=self._optimizer, shuffle=self.shuffle, progress=False, callbacks=[run.stop],
+                        sample_weight=_take(weights, run.rows))
+        return self._finish_stochastic(run, incremental)
+
+    def _begin_fit(self, X, y, incremental, classes=None, sample_weight=None):
+        """The first part of every fit: the parameters and data checked, the targets
+        encoded, the rows' weights, and a new model where the fit starts from scratch;
+        (X, targets, weights) as the solvers take them."""
         self._check_params()
         if incremental:
             _check_partial_fit(self)
@@ -162,9 +240,7 @@ class _BaseMLP(BaseEstimator):
         elif loss != self.model_.loss:
             raise ValueError(f"y is {_TARGET_KINDS[loss]} but this {type(self).__name__} was fitted to "
                              f"{_TARGET_KINDS[self.model_.loss]}; refit from scratch (warm_start=False)")
-        if self.solver == "lbfgs":
-            return self._fit_lbfgs(X, targets, weights)
-        return self._fit_stochastic(X, targets, weights, incremental)
+        return X, targets, weights
 
     _regresses = False
 
@@ -179,12 +255,17 @@ class _BaseMLP(BaseEstimator):
                           device=self.device, dtype=X.dtype.name, seed=int(seed))
         self._optimizer = None
         self.n_iter_, self.t_ = 0, 0
-        for name in _STOCHASTIC_ATTRIBUTES:  # a refit's: lbfgs has none, and sgd / adam start them anew
+        # a refit's: an ensemble's members and the last model's weights (an ensemble has none of its own);
+        # lbfgs has no stochastic attributes, and sgd / adam start them anew
+        for name in ("estimators_", "coefs_", "intercepts_", *_STOCHASTIC_ATTRIBUTES):
             self.__dict__.pop(name, None)
 
-    def _fit_stochastic(self, X, targets, weights, incremental):
-        """Epochs of sgd / adam, as scikit-learn's _fit_stochastic: n_iter_ counts
-        this call's epochs, t_ every sample seen since the model was made."""
+    def _start_stochastic(self, X, targets, weights, incremental):
+        """Everything sgd / adam's epochs need, as scikit-learn's _fit_stochastic sets it
+        up (a _Run): the batch size, the optimizer (made once per model), the rows to
+        train on (early stopping holds the rest out for its score) and the stop rule.
+        The epochs themselves are the model's fit on those rows (or one member of an
+        MLPPack's, in MLPSearchCV); then _finish_stochastic."""
         if not hasattr(self, "loss_curve_"):  # a new model, or a warm start after lbfgs
             self.loss_curve_, self.best_loss_ = [], np.inf
             self.validation_scores_ = self.best_validation_score_ = None
@@ -195,24 +276,28 @@ class _BaseMLP(BaseEstimator):
         batch = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
         if self._optimizer is None:  # alpha / the batch's weight, as scikit-learn's alpha / sum of the batch's weights
             self._optimizer = self._make_optimizer(batch * (1.0 if weights is None else float(np.mean(weights))))
-        validation = None
+        rows, validation = None, None
         if self.early_stopping:
             held_out = math.ceil(self.validation_fraction * len(X))  # as train_test_split rounds it
             if held_out < 2:  # scikit-learn's error: no score to stop on from one row
                 raise ValueError(f"The validation set is too small: {held_out} row of n_samples = {len(X)}. Increase "
                                  "'validation_fraction' or the size of your dataset, or set early_stopping=False")
             stratify = targets if self.model_.loss == "cross_entropy" and _can_stratify(targets, held_out) else None
-            rows = np.arange(len(X))
-            train, held = train_test_split(rows, test_size=self.validation_fraction, random_state=self.random_state,
-                                           stratify=stratify)
-            validation = (X[held], targets[held], None if weights is None else weights[held])
-            X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
-        stop = _StopRule(self, validation, len(X), self._loss_offset(targets, weights))
+            rows, held = train_test_split(np.arange(len(X)), test_size=self.validation_fraction,
+                                          random_state=self.random_state, stratify=stratify)
+            validation = (X[held], targets[held], _take(weights, held))
+        stop = _StopRule(self, validation, len(X) if rows is None else len(rows),
+                         self._loss_offset(_take(targets, rows), _take(weights, rows)))
         self.n_iter_ = 0
-        self.model_.fit(X, targets, epochs=1 if incremental else self.max_iter, batch_size=batch,
-                        optimizer=self._optimizer, shuffle=self.shuffle, progress=False,
-                        callbacks=[stop], sample_weight=weights)
-        self.t_ += len(X) * stop.epochs
+        return _Run(rows, batch, 1 if incremental else self.max_iter, stop)
+
+    def _finish_stochastic(self, run, incremental):
+        """After sgd / adam's epochs: t_, the best epoch's parameters where early stopping
+        kept them, scikit-learn's warning where max_iter ended the fit, the fitted
+        attributes. n_iter_ counts this call's epochs, t_ every sample seen since the
+        model was made."""
+        stop = run.stop
+        self.t_ += stop.rows * stop.epochs
         if stop.best_state is not None:
             self.model_.load_state_dict(stop.best_state)
         if not incremental and not stop.stopped:  # as scikit-learn: every fit that max_iter ends, never partial_fit
@@ -269,6 +354,10 @@ class _BaseMLP(BaseEstimator):
                             f"got {self.n_iter_no_change!r}")
         if self.alpha < 0 or self.tol < 0:
             problems.append("alpha and tol must be >= 0")
+        if not (isinstance(self.n_ensemble, (int, np.integer)) and self.n_ensemble >= 1):
+            problems.append(f"n_ensemble must be an integer >= 1 (a deep ensemble's members), got {self.n_ensemble!r}")
+        if not isinstance(self.bootstrap, (bool, np.bool_)):
+            problems.append(f"bootstrap must be True or False, got {self.bootstrap!r}")
         self._hidden()  # raises for bad sizes
         if problems:
             raise ValueError("; ".join(problems))
@@ -322,6 +411,9 @@ class _BaseMLP(BaseEstimator):
         classifier (as skl2onnx names them with zipmap=False), ``variable`` for a
         regressor."""
         check_is_fitted(self)
+        if hasattr(self, "estimators_"):
+            raise NotImplementedError("to_onnx exports one network; this is an ensemble of "
+                                      f"{len(self.estimators_)}: export each of estimators_")
         return export.to_onnx(self.model_, path, opset, getattr(self, "classes_", None))
 
     def _forward(self, X):
@@ -335,7 +427,9 @@ class _BaseMLP(BaseEstimator):
 
     def _outputs(self, X):
         """What the model's loss makes of the network's outputs for X (gpubackprop.nn.losses.output):
-        softmax or sigmoid probabilities, e^z, or z itself."""
+        softmax or sigmoid probabilities, e^z, or z itself; for an ensemble, the members' mean."""
+        if hasattr(self, "estimators_"):
+            return np.mean(self._members_outputs(X), axis=0)
         z = self._forward(X)
         out = np.empty_like(z)
         losses.output(np, self.model_.criterion, z, out, np.empty(z.shape[0], z.dtype))
@@ -414,6 +508,16 @@ class _StopRule:
                 optimizer.lr, self.bad_epochs = optimizer.lr / 5.0, 0
             else:
                 self.stopped = model.stop_training = True
+
+
+class _Run(collections.namedtuple("_Run", "rows batch epochs stop")):
+    """One stochastic fit's plan (_start_stochastic): the rows of X it trains on (None:
+    all), its batch size, epochs and stop rule (a callback, which records the epochs)."""
+
+
+def _take(a, rows):
+    """a's ``rows`` (None: all of a, itself); None stays None."""
+    return a if a is None or rows is None else a[rows]
 
 
 _STOCHASTIC_ATTRIBUTES = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_")
@@ -497,6 +601,9 @@ def _check_partial_fit(est):
                             "balanced by its own class counts. Compute the weights once, "
                             "compute_class_weight('balanced', classes=classes, y=y) over enough of the whole "
                             "target, and pass them as class_weight={class: weight}")
+    if est.n_ensemble != 1 or est.bootstrap:
+        raise _NoPartialFit("partial_fit trains one model; an ensemble (n_ensemble > 1 or bootstrap=True) is "
+                            "fitted whole: use fit")
     if est.early_stopping:
         raise _NoPartialFit("partial_fit does not support early_stopping=True, as scikit-learn's MLP: a call "
                             "trains one epoch on the rows it is given, with none held out; set "
@@ -601,10 +708,25 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return accuracy_score(targets.argmax(1), self.model_.predict(X), sample_weight=weights)
 
     def predict(self, X):
+        """The most probable class (for multilabel, each label whose probability is over
+        1/2); for an ensemble, by the members' mean probabilities."""
+        if hasattr(self, "estimators_"):
+            p = self._outputs(X)
+            multilabel = self.model_.loss == "binary_cross_entropy"
+            return (p > 0.5).astype(np.int64) if multilabel else self.classes_[p.argmax(1)]
         z = self._forward(X)
         if self.model_.loss == "binary_cross_entropy":
             return (z > 0).astype(np.int64)
         return self.classes_[z.argmax(1)]
+
+    def _in_my_columns(self, member, outputs):
+        """A member's probabilities in this ensemble's columns: a member whose bootstrap
+        resample missed a class gives it probability 0."""
+        if self.model_.loss == "binary_cross_entropy" or len(member.classes_) == len(self.classes_):
+            return outputs
+        aligned = np.zeros((len(outputs), len(self.classes_)), outputs.dtype)
+        aligned[:, np.searchsorted(self.classes_, member.classes_)] = outputs
+        return aligned
 
     def predict_proba(self, X):
         """Class probabilities (softmax), or for multilabel each label's (sigmoid)."""
@@ -661,8 +783,18 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return float(np.average((xlogy(targets, targets) - targets).sum(axis=1), weights=weights))
 
     def predict(self, X):
+        """The predicted values (for poisson, the mean counts e^z); for an ensemble, the members' mean."""
         out = self._outputs(X)  # e^z for poisson: the mean count
         return out.ravel() if self._y_1d else out
+
+    def predict_std(self, X):
+        """The ensemble members' standard deviation of their predictions (ddof 0), shaped
+        as predict's: a measure of the ensemble's uncertainty, larger where the members
+        disagree (away from the training data); zeros for a single model."""
+        if not hasattr(self, "estimators_"):
+            return np.zeros_like(self.predict(X))
+        std = self._members_outputs(X).std(axis=0)
+        return std.ravel() if self._y_1d else std
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -674,3 +806,269 @@ MLPClassifier.__init__.__signature__ = _init_signature(
     last=[inspect.Parameter("class_weight", inspect.Parameter.KEYWORD_ONLY, default=None)])
 MLPRegressor.__init__.__signature__ = _init_signature(
     first=[inspect.Parameter("loss", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="squared_error")])
+
+
+class MLPSearchCV(GridSearchCV):
+    """GridSearchCV over an MLPClassifier or MLPRegressor of this module, training the
+    (configuration x fold) fits as members of MLPPacks (gpubackprop.nn.pack).
+
+    Its parameters, and its results (``cv_results_`` with the same keys and scores,
+    ``best_params_``, ``best_score_``, ``best_index_``, ``best_estimator_`` refitted on
+    all of X, ``n_splits_``, ``scorer_``, ``refit_time_``, predict / score / ... of the
+    best estimator), are scikit-learn's GridSearchCV's: the fit of configuration c on
+    fold f is the estimator's own fit, ``clone(estimator).set_params(**c).fit(X[train],
+    y[train])``, up to its epochs: the estimator prepares it (_begin_fit: checks,
+    targets, weights, the model seeded from random_state; _start_stochastic: batch
+    size, optimizer, early stopping's split, stop rule), the epochs run as one member
+    of a pack on exactly the fold's training rows (its own shuffle, optimizer and stop
+    rule: a member that stops, stops alone), and the estimator finishes it
+    (_finish_stochastic), so that each member's parameters, loss_curve_ and score
+    are its lone fit's, bit for bit on the CPU.
+
+    The fits whose models are of one kind (layer sizes, activation, loss, device,
+    dtype), with the same shuffle, classes and weighting, share one pack; every other
+    setting (learning_rate_init, alpha, solver "sgd" / "adam", momentum, beta_1,
+    beta_2, epsilon, batch_size, max_iter, random_state, tol, n_iter_no_change,
+    early_stopping, ...) may differ inside it. solver="lbfgs" fits, and ensembles
+    (n_ensemble > 1 or bootstrap: each trains as a pack of its own), run one by one,
+    as GridSearchCV runs them. Where the fits are not all in one pack, one warning
+    says how many packs, and how many fits run alone and why.
+
+    Where it differs from GridSearchCV: every fit runs in this process (n_jobs and
+    pre_dispatch are taken and ignored); a pack's fit time is shared equally by its
+    members in ``mean_fit_time``; scoring is one metric (a name, a callable or None:
+    several metrics raise NotImplementedError, use GridSearchCV); fit takes
+    ``groups`` and ``sample_weight`` alone (split with the folds, for fit and for
+    the scorer where it takes weights, as GridSearchCV without metadata routing;
+    nothing else is routed); and a member whose gradients go non-finite is a failed
+    fit (error_score), where the lone fit raises FloatingPointError.
+    """
+
+    def fit(self, X, y=None, *, groups=None, sample_weight=None):
+        """Every configuration of param_grid fitted on every fold of cv (``groups`` to its
+        split) and scored, as GridSearchCV's fit; then the best refitted on all of X."""
+        if not isinstance(self.estimator, _BaseMLP):
+            raise TypeError(f"MLPSearchCV searches gpubackprop.sklearn's MLPClassifier or MLPRegressor, got "
+                            f"{type(self.estimator).__name__}: use scikit-learn's GridSearchCV for other estimators")
+        if not (self.scoring is None or isinstance(self.scoring, str) or callable(self.scoring)):
+            raise NotImplementedError("MLPSearchCV scores one metric (scoring=None, a name or a callable); for "
+                                      "several, use scikit-learn's GridSearchCV with this estimator")
+        candidates = list(ParameterGrid(self.param_grid))
+        _check_grid_keys(self.estimator, candidates)
+        scorer, refit_metric = self._get_scorers()
+        X, y, sample_weight = indexable(X, y, sample_weight)
+        cv = check_cv(self.cv, y, classifier=is_classifier(self.estimator))
+        splits = list(cv.split(X, y, groups))
+        self.n_splits_ = len(splits)
+        # as GridSearchCV (without metadata routing): the weights go to the scorer too where it takes them
+        weigh_scores = sample_weight is not None and self._check_scorers_accept_sample_weight()
+        out = _PackedSearch(self, X, y, sample_weight, scorer, weigh_scores).run(candidates, splits)
+        results = self._format_results(candidates, self.n_splits_, out)
+        self.multimetric_ = False
+        self.best_index_ = self._select_best_index(self.refit, refit_metric, results)
+        if not callable(self.refit):
+            self.best_score_ = results[f"mean_test_{refit_metric}"][self.best_index_]
+        self.best_params_ = results["params"][self.best_index_]
+        if self.refit:
+            self.best_estimator_ = clone(self.estimator).set_params(**clone(self.best_params_, safe=False))
+            start = time.perf_counter()
+            self.best_estimator_.fit(X, y, sample_weight=sample_weight)
+            self.refit_time_ = time.perf_counter() - start
+            if hasattr(self.best_estimator_, "feature_names_in_"):
+                self.feature_names_in_ = self.best_estimator_.feature_names_in_
+        self.scorer_, self.cv_results_ = scorer, results
+        return self
+
+
+def _check_grid_keys(estimator, candidates):
+    """Every parameter the grid sets is one of the estimator's, else a ValueError naming the valid ones."""
+    valid = estimator.get_params(deep=True)
+    unknown = sorted({key for c in candidates for key in c} - set(valid))
+    if unknown:
+        raise ValueError(f"param_grid sets {unknown}, which {'is' if len(unknown) == 1 else 'are'} not "
+                         f"parameter(s) of {type(estimator).__name__}; its parameters are {sorted(valid)}")
+
+
+def _rows_of(a, rows):
+    """The rows of an array, a DataFrame (by position) or a sparse matrix, as GridSearchCV splits them; None stays."""
+    if a is None:
+        return None
+    return a.iloc[rows] if hasattr(a, "iloc") else a[rows] if sp.issparse(a) else np.asarray(a)[rows]
+
+
+class _Fit:
+    """One (configuration, fold) fit of a search: its estimator, its stochastic run,
+    and the rows of the whole X it trains on; the seconds spent on it; an error."""
+
+    def __init__(self, est, train, test):
+        self.est, self.train, self.test = est, train, test
+        self.run, self.seconds, self.error = None, 0.0, None
+
+
+class _Packs:
+    """Fits (_Fit) on rows of one (X, y, sample_weight): each prepared by its estimator
+    (_begin_fit, _start_stochastic), its epochs run as a member of as few MLPPacks as
+    hold them (one per kind of model: _Group), and finished by its estimator; lbfgs
+    fits (full batch: no epochs to share) and ensembles (packs themselves) are fitted
+    alone. A fit that raises keeps
+    its error (fit.error), or with ``raise_errors`` raises it."""
+
+    def __init__(self, X, y, sample_weight, raise_errors):
+        self.X, self.y, self.sample_weight, self.raise_errors = X, y, sample_weight, raise_errors
+        self.groups, self.alone = {}, []
+
+    def add(self, fit):
+        if _alone_why(fit.est):
+            self.alone.append(fit)
+            return
+
+        def prepare(f):
+            X, targets, weights = f.est._begin_fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train), False,
+                                                   sample_weight=_rows_of(self.sample_weight, f.train))
+            f.run = f.est._start_stochastic(X, targets, weights, incremental=False)
+            model = f.est.model_
+            key = (tuple(model.sizes), model.activation, model.loss, model.device, model.dtype, f.est.shuffle,
+                   weights is None, tuple(getattr(f.est, "classes_", ())))
+            if key not in self.groups:
+                self.groups[key] = _Group(len(self.y), X, targets)
+            self.groups[key].add(f, X, targets, weights)
+
+        self.guarded(fit, prepare)
+
+    def train(self):
+        for group in self.groups.values():
+            group.train(self)
+        for fit in self.alone:
+            self.guarded(fit, lambda f: f.est.fit(_rows_of(self.X, f.train), _rows_of(self.y, f.train),
+                                                  sample_weight=_rows_of(self.sample_weight, f.train)))
+
+    def guarded(self, fit, step):
+        """step(fit), timed into fit.seconds; an exception kept as the fit's error, or raised."""
+        start = time.perf_counter()
+        try:
+            if fit.error is None:
+                step(fit)
+        except Exception as e:
+            if self.raise_errors:
+                raise
+            fit.error = f"{type(e).__name__}: {e}"
+        finally:
+            fit.seconds += time.perf_counter() - start
+
+
+class _PackedSearch:
+    """MLPSearchCV's fits, trained by _Packs, and scored as GridSearchCV scores them."""
+
+    def __init__(self, search, X, y, sample_weight, scorer, weigh_scores):
+        self.search, self.X, self.y, self.sample_weight, self.scorer = search, X, y, sample_weight, scorer
+        self.weigh_scores = weigh_scores
+
+    def run(self, candidates, splits):
+        """GridSearchCV's per-fit results (fit_time, score_time, test_scores, ...), candidate by candidate,
+        fold by fold within each."""
+        fits = [_Fit(clone(self.search.estimator).set_params(**clone(c, safe=False)), train, test)
+                for c in candidates for train, test in splits]
+        packs = _Packs(self.X, self.y, self.sample_weight, raise_errors=self.search.error_score == "raise")
+        for fit in fits:
+            packs.add(fit)
+        alone, groups = len(packs.alone), len(packs.groups)
+        if alone or groups > 1:  # one line for whatever is not one pack
+            said = [f"{len(fits) - alone} of {len(fits)} fits run in {groups} packs, one per kind of model (layer "
+                    "sizes, activation, loss, dtype, shuffle, weighting, classes)"] if groups > 1 else []
+            if alone:
+                why = " or ".join(sorted({_alone_why(fit.est) for fit in packs.alone}))
+                said.append(f"{alone} of {len(fits)} fits ({why}) cannot be pack members and run one by one")
+            warnings.warn("MLPSearchCV: " + "; ".join(said), UserWarning, stacklevel=3)
+        if self.search.verbose > 0:
+            print(f"Fitting {len(splits)} folds for each of {len(candidates)} candidates, totalling {len(fits)} "
+                  f"fits: {len(fits) - alone} in {groups} pack(s), {alone} one by one")
+        packs.train()
+        out = [self._score(fit) for fit in fits]
+        _warn_or_raise_about_failures(out, self.search.error_score)
+        return out
+
+    def _score(self, fit):
+        """The fit's result as GridSearchCV's _fit_and_score gives it (error_score where it failed)."""
+        result = {"fit_time": fit.seconds, "fit_error": fit.error, "n_test_samples": len(fit.test)}
+        error_score = self.search.error_score
+        start = time.perf_counter()
+        result["test_scores"] = error_score if fit.error else self._scored(fit.est, fit.test)
+        result["score_time"] = time.perf_counter() - start if fit.error is None else 0.0
+        if self.search.return_train_score:
+            result["train_scores"] = error_score if fit.error else self._scored(fit.est, fit.train)
+        return result
+
+    def _scored(self, est, rows):
+        weights = {"sample_weight": _rows_of(self.sample_weight, rows)} if self.weigh_scores else {}
+        score = self.scorer(est, _rows_of(self.X, rows), _rows_of(self.y, rows), **weights)
+        if isinstance(score, dict):
+            raise NotImplementedError("MLPSearchCV scores one metric; this scoring callable gave several: use "
+                                      "scikit-learn's GridSearchCV for several")
+        return score
+
+
+class _Group:
+    """The fits of one kind of model, trained as one MLPPack: the whole data's rows
+    (each fit's training rows filled in from its own prepared X and targets: every
+    fit of a group encodes a row alike) and each fit's weights over them."""
+
+    def __init__(self, n, X, targets):
+        self.X = np.zeros((n, X.shape[1]), X.dtype)
+        self.T = np.repeat(targets[:1], n, axis=0)  # rows no member trains on: a valid target, never read
+        self.fits, self.weights = [], []
+
+    def add(self, fit, X, targets, weights):
+        self.X[fit.train], self.T[fit.train] = X, targets
+        if weights is not None:
+            w = np.zeros(len(self.X))
+            w[fit.train] = weights
+            self.weights.append(w)
+        self.fits.append(fit)
+
+    def train(self, packs):
+        """Every fit's epochs as a member of one pack, then its estimator's _finish_stochastic
+        (guarded by ``packs``). The pack's time is shared equally by its fits."""
+        fits = self.fits
+        pack = MLPPack.of([f.est.model_ for f in fits])
+        start = time.perf_counter()
+        pack.fit(self.X, self.T, epochs=[f.run.epochs for f in fits], batch_size=[f.run.batch for f in fits],
+                 optimizer=[f.est._optimizer for f in fits], sample_weight=np.array(self.weights) if self.weights
+                 else None, rows=[f.train if f.run.rows is None else f.train[f.run.rows] for f in fits],
+                 callbacks=[[f.run.stop] for f in fits], shuffle=fits[0].est.shuffle)
+        share = (time.perf_counter() - start) / len(fits)
+        for k, fit in enumerate(fits):
+            fit.seconds += share
+            packs.guarded(fit, functools.partial(_finish, stopped=pack.stopped[k]))
+
+
+def _alone_why(est):
+    """Why ``est``'s fit cannot be a pack member, or None where it can."""
+    if est.solver == "lbfgs":
+        return "solver='lbfgs', full batch"
+    if est.n_ensemble != 1 or est.bootstrap:
+        return "ensembles, each a pack of its own"
+    return None
+
+
+def _finish(fit, stopped):
+    """A pack member's end: its estimator's _finish_stochastic, or where its gradients went
+    non-finite (the pack stopped it alone) the FloatingPointError its lone fit raises."""
+    if stopped is not None:
+        raise FloatingPointError(f"the gradients went non-finite at step {stopped}; the step was skipped and the "
+                                 "parameters are the last finite ones (lower the learning rate, or scale the data)")
+    fit.est._finish_stochastic(fit.run, incremental=False)
+
+
+def _warn_or_raise_about_failures(out, error_score):
+    """As GridSearchCV: a ValueError where every fit failed, else a FitFailedWarning counting the failures."""
+    errors = collections.Counter(r["fit_error"] for r in out if r["fit_error"] is not None)
+    if not errors:
+        return
+    details = "\n".join(f"{n} fits failed with the following error:\n{e}" for e, n in errors.items())
+    failed = sum(errors.values())
+    if failed == len(out):
+        raise ValueError(f"All the {len(out)} fits failed. It is very likely that your model is misconfigured. You "
+                         f"can try to debug the error by setting error_score='raise'.\n{details}")
+    warnings.warn(f"{failed} fits failed out of a total of {len(out)}. The score on these train-test partitions for "
+                  f"these parameters will be set to {error_score}. If these failures are not expected, you can try "
+                  f"to debug them by setting error_score='raise'.\n{details}", FitFailedWarning)

@@ -14,7 +14,7 @@ sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, train_test_split  # noqa: E402
 from sklearn.neural_network import MLPClassifier as SkMLPClassifier  # noqa: E402
 from sklearn.neural_network import MLPRegressor as SkMLPRegressor  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -23,7 +23,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
 import gpubackprop.sklearn as gbs  # noqa: E402
-from gpubackprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+from gpubackprop.sklearn import MLPClassifier, MLPRegressor, MLPSearchCV  # noqa: E402
 
 
 def _settings_to_check(seed=0):
@@ -48,6 +48,8 @@ def _settings_to_check(seed=0):
         *(Est(early_stopping=True, validation_fraction=0.2, learning_rate_init=lr, max_iter=50, **small)
           for Est, lr in ((MLPClassifier, 0.05), (MLPRegressor, 0.01))),
         MLPClassifier(class_weight="balanced", learning_rate_init=0.01, max_iter=100, **small),
+        MLPClassifier(n_ensemble=3, bootstrap=True, learning_rate_init=0.01, max_iter=100, **small),
+        MLPRegressor(n_ensemble=2, random_state=seed),
     ]
 
 
@@ -59,7 +61,9 @@ def _expected_failures(estimator):
     twin lands on one (scikit-learn's _fit_stochastic says so in a TODO); and
     class_weight="balanced" weighs classes by their row counts. The solvers and
     schedules that do not count rows pass them: lbfgs, adam, sgd constant and adaptive."""
-    if estimator.early_stopping or estimator.learning_rate == "invscaling":
+    if estimator.bootstrap:
+        why = "each member trains on a resample of the rows, which repeating rows changes"
+    elif estimator.early_stopping or estimator.learning_rate == "invscaling":
         why = "training counts rows (early stopping's split, invscaling's t_), as scikit-learn's MLP does"
     elif getattr(estimator, "class_weight", None) == "balanced":
         why = "'balanced' weighs classes by their counts of rows, which repeating rows changes"
@@ -527,3 +531,175 @@ def test_alpha_spares_the_biases_as_scikit_learns():
     clf = _fit_quietly(MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, alpha=0.1, random_state=0),
                        np.random.default_rng(4).normal(size=(30, 3)), np.arange(30) % 2)
     assert clf.model_.optimizer.hyperparams["decay_biases"] is False
+
+
+# ---- MLPSearchCV ------------------------------------------------------------------------------------------
+
+def _search_problem(kind):
+    if kind == "classifier":
+        X, y = load_digits(return_X_y=True)
+        return MLPClassifier((8,), random_state=0), X[:240] / 16.0, y[:240], StratifiedKFold(3)
+    X, y = _problem("regression", rows=150)
+    return MLPRegressor(hidden_layer_sizes=(8,), random_state=0), X, y, KFold(3, shuffle=True, random_state=1)
+
+
+def _quiet(run):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return run()
+
+
+@pytest.mark.parametrize("early_stopping", [False, True], ids=["training loss", "early stopping"])
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_search_scores_and_chooses_as_grid_search_cv_on_the_same_folds(kind, early_stopping):
+    """Every (configuration, fold) fit is the estimator's own, so the scores are
+    GridSearchCV's bit for bit (same rows, shuffle, optimizer, stop rule): sgd and adam,
+    rates, penalties, seeds and patience in one pack, the no-improvement rule stopping
+    the members at different epochs (checked on the lone fits)."""
+    est, X, y, cv = _search_problem(kind)
+    est.set_params(max_iter=25, tol=1e-2, early_stopping=early_stopping, validation_fraction=0.2)
+    grid = {"solver": ["adam", "sgd"], "learning_rate_init": [3e-3, 3e-2], "alpha": [1e-4, 1e-1],
+            "n_iter_no_change": [2, 5], "random_state": [0, 1]}
+    ours = _quiet(lambda: MLPSearchCV(est, grid, cv=cv).fit(X, y))
+    theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
+    assert ours.cv_results_.keys() == theirs.cv_results_.keys()
+    for key, value in theirs.cv_results_.items():
+        if not key.endswith("_time"):
+            np.testing.assert_array_equal(ours.cv_results_[key], value, err_msg=key)
+    assert ours.best_params_ == theirs.best_params_ and ours.best_index_ == theirs.best_index_
+    assert ours.best_score_ == theirs.best_score_ and ours.n_splits_ == 3
+    np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
+    assert ours.score(X, y) == theirs.score(X, y)
+    epochs = {_quiet(lambda: clone(est).set_params(**c).fit(X[train], y[train])).n_iter_
+              for c in ours.cv_results_["params"][::3] for train, _ in cv.split(X, y)}
+    assert len(epochs) > 2 and min(epochs) < 25
+
+
+def test_search_runs_lbfgs_one_by_one_and_scores_failures_as_grid_search_cv():
+    """lbfgs fits cannot be members: one warning says so and they run alone; a fit
+    that fails (alpha < 0) scores error_score, with GridSearchCV's warning."""
+    est, X, y, cv = _search_problem("classifier")
+    grid = {"solver": ["adam", "lbfgs"], "alpha": [1e-4, -1.0], "max_iter": [5]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = MLPSearchCV(est, grid, cv=cv).fit(X, y)
+    said = [str(w.message) for w in caught]
+    assert sum("6 of 12 fits (solver='lbfgs', full batch) cannot be pack members" in s for s in said) == 1
+    assert any("6 fits failed out of a total of 12" in s for s in said)
+    theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
+    np.testing.assert_array_equal(ours.cv_results_["mean_test_score"], theirs.cv_results_["mean_test_score"])
+    assert np.isnan(ours.cv_results_["mean_test_score"][2:]).all()  # alpha -1, the second of the sorted grid
+    with pytest.raises(ValueError, match="alpha and tol must be >= 0"):
+        MLPSearchCV(est, {"alpha": [-1.0]}, cv=cv, error_score="raise").fit(X, y)
+
+
+def test_search_refuses_what_it_cannot_search():
+    est, X, y, cv = _search_problem("classifier")
+    with pytest.raises(ValueError, match=r"param_grid sets \['learning_rate_int'\], which is not parameter\(s\) of "
+                                         r"MLPClassifier; its parameters are \[.*'learning_rate_init'"):
+        MLPSearchCV(est, {"learning_rate_int": [0.1]}).fit(X, y)
+    with pytest.raises(TypeError, match="use scikit-learn's GridSearchCV for other estimators"):
+        MLPSearchCV(SkMLPClassifier(), {"alpha": [0.1]}).fit(X, y)
+    with pytest.raises(NotImplementedError, match="scores one metric"):
+        MLPSearchCV(est, {"alpha": [0.1]}, scoring=["accuracy", "f1_macro"]).fit(X, y)
+    with pytest.raises(TypeError):  # scikit-learn's own check of the grid
+        MLPSearchCV(est, {"alpha": 0.1}).fit(X, y)
+
+
+# ---- deep ensembles ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bootstrap", [False, True], ids=["all rows", "bootstrap"])
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_each_ensemble_member_is_its_lone_fit_and_predictions_are_their_mean(kind, bootstrap):
+    """Member k is the estimator with n_ensemble=1 and the k-th random_state drawn from
+    random_state (then, with bootstrap, its n rows drawn with replacement), fitted
+    alone on its rows: bit for bit, early stopping ending each at its own epoch."""
+    est, X, y, _ = _search_problem(kind)
+    est.set_params(n_ensemble=3, bootstrap=bootstrap, max_iter=30, early_stopping=True, n_iter_no_change=3,
+                   learning_rate_init=0.01, random_state=4)
+    ens = _quiet(lambda: clone(est).fit(X, y))
+    draws = np.random.RandomState(4)
+    for member in ens.estimators_:
+        seed = draws.randint(2**31)
+        rows = draws.randint(len(X), size=len(X)) if bootstrap else np.arange(len(X))
+        lone = _quiet(lambda: clone(est).set_params(n_ensemble=1, bootstrap=False, random_state=seed)
+                      .fit(X[rows], y[rows]))
+        assert member.loss_curve_ == lone.loss_curve_ and member.n_iter_ == lone.n_iter_
+        for ours, theirs in zip(member.coefs_ + member.intercepts_, lone.coefs_ + lone.intercepts_):
+            np.testing.assert_array_equal(ours, theirs)
+    outputs = np.stack([m.predict_proba(X) if kind == "classifier" else m.predict(X) for m in ens.estimators_])
+    if kind == "classifier":
+        np.testing.assert_allclose(ens.predict_proba(X), outputs.mean(axis=0), rtol=1e-12)
+        np.testing.assert_array_equal(ens.predict(X), ens.classes_[outputs.mean(axis=0).argmax(axis=1)])
+    else:
+        np.testing.assert_allclose(ens.predict(X), outputs.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(ens.predict_std(X), outputs.std(axis=0), rtol=1e-12)
+    assert ens.n_iter_ == max(m.n_iter_ for m in ens.estimators_)
+
+
+def test_an_ensemble_member_whose_resample_missed_a_class_gives_it_probability_0():
+    X, y = _problem("multiclass", rows=30)
+    y = np.where(np.arange(30) == 0, 3, y)  # class 3 on one row: most resamples miss it
+    ens = _quiet(lambda: MLPClassifier((4,), n_ensemble=4, bootstrap=True, max_iter=3, random_state=0).fit(X, y))
+    missed = [m for m in ens.estimators_ if 3 not in m.classes_]
+    assert missed and list(ens.classes_) == [0, 1, 2, 3]
+    proba = ens.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    have = [m.predict_proba(X)[:, -1] for m in ens.estimators_ if 3 in m.classes_]
+    np.testing.assert_allclose(proba[:, 3], np.sum(have, axis=0) / 4 if have else 0.0)
+
+
+def test_a_single_model_has_no_spread_and_an_ensemble_refuses_what_it_cannot_do():
+    X, y = _problem("regression")
+    one = _quiet(lambda: MLPRegressor(hidden_layer_sizes=(4,), max_iter=5).fit(X, y))
+    np.testing.assert_array_equal(one.predict_std(X), np.zeros(len(X)))
+    assert not hasattr(one, "estimators_")
+    ens = MLPRegressor(hidden_layer_sizes=(4,), max_iter=5, n_ensemble=2)
+    assert not hasattr(ens, "partial_fit")
+    with pytest.raises(ValueError, match="an ensemble .* is fitted from scratch: set warm_start=False"):
+        clone(ens).set_params(warm_start=True).fit(X, y)
+    with pytest.raises(ValueError, match="n_ensemble must be an integer >= 1"):
+        clone(ens).set_params(n_ensemble=0).fit(X, y)
+    with pytest.raises(NotImplementedError, match="export each of estimators_"):
+        _quiet(lambda: ens.fit(X, y)).to_onnx()
+    refit = _quiet(lambda: ens.set_params(n_ensemble=1).fit(X, y))  # a single model again: no members left over
+    assert not hasattr(refit, "estimators_")
+
+
+def test_the_search_fits_ensembles_one_by_one_and_says_so():
+    est, X, y, cv = _search_problem("classifier")
+    with pytest.warns(UserWarning, match="3 of 6 fits \\(ensembles, each a pack of its own\\)"):
+        search = _quiet(lambda: MLPSearchCV(est.set_params(max_iter=3), {"n_ensemble": [1, 2]}, cv=cv).fit(X, y))
+    theirs = _quiet(lambda: GridSearchCV(est, {"n_ensemble": [1, 2]}, cv=cv).fit(X, y))
+    np.testing.assert_array_equal(search.cv_results_["split0_test_score"], theirs.cv_results_["split0_test_score"])
+
+
+def test_fits_of_other_layer_sizes_go_in_packs_of_their_own_in_one_warning():
+    est, X, y, cv = _search_problem("regressor")
+    grid = {"hidden_layer_sizes": [(4,), (6, 3)], "learning_rate_init": [1e-3, 1e-2], "max_iter": [4]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = MLPSearchCV(est, grid, cv=cv).fit(X, y)
+    said = [str(w.message) for w in caught if "MLPSearchCV" in str(w.message)]
+    assert said == ["MLPSearchCV: 12 of 12 fits run in 2 packs, one per kind of model (layer sizes, activation, "
+                    "loss, dtype, shuffle, weighting, classes)"]
+    theirs = _quiet(lambda: GridSearchCV(est, grid, cv=cv).fit(X, y))
+    np.testing.assert_array_equal(ours.cv_results_["split2_test_score"], theirs.cv_results_["split2_test_score"])
+    assert ours.best_params_ == theirs.best_params_
+
+
+def test_search_weighs_fits_and_scores_and_keeps_train_scores_as_grid_search_cv():
+    """sample_weight split with the folds for fit and for a scorer that takes weights,
+    class_weight varying inside the grid, train scores, a DataFrame's feature names."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(90, 4)), columns=list("abcd"))
+    y, w = np.arange(90) % 3, rng.random(90)
+    est, grid = MLPClassifier((5,), max_iter=5, random_state=0), {"class_weight": [None, "balanced"]}
+    kwargs = dict(cv=3, scoring="neg_log_loss", return_train_score=True)
+    ours = _quiet(lambda: MLPSearchCV(est, grid, **kwargs).fit(X, y, sample_weight=w))
+    theirs = _quiet(lambda: GridSearchCV(est, grid, **kwargs).fit(X, y, sample_weight=w))
+    assert ours.cv_results_.keys() == theirs.cv_results_.keys()
+    for key in (k for k in theirs.cv_results_ if k.startswith(("split", "mean_t", "std_t"))):
+        np.testing.assert_array_equal(ours.cv_results_[key], theirs.cv_results_[key], err_msg=key)
+    assert list(ours.feature_names_in_) == list("abcd")

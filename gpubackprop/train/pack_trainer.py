@@ -172,6 +172,12 @@ class SharedBatches:
         """[(member, step, overflowed)] of the members newly stopped (PackTrainer.poll)."""
         return [(g.start + k, step, overflowed) for g, trainer in self.groups for k, step, overflowed in trainer.poll()]
 
+    def freeze(self, k):
+        """Member k is updated no more (its callbacks stopped it)."""
+        for g, trainer in self.groups:
+            if g.start <= k < g.stop:
+                trainer.frozen[k - g.start] = True
+
     def sync(self):
         """The members' parameters into their models."""
         for g, trainer in self.groups:

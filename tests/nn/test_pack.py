@@ -219,7 +219,7 @@ def test_shared_batches_continue_across_fits_and_from_own_batches(rng):
 
 
 @pytest.mark.parametrize("batches", ["own", "shared"])
-def test_a_stopped_member_logs_nan_for_the_epochs_it_did_not_train(batches, rng):
+def test_a_stopped_members_history_ends_with_the_epoch_it_stopped_in(batches, rng):
     X, y = random_batch(rng, SIZES, "mse", 40)
     pack = MLPPack(SIZES, members=3, loss="mse", activation="identity", dtype="float64", seed=0)
     calm = MLPPack(SIZES, members=3, loss="mse", activation="identity", dtype="float64", seed=0)
@@ -229,7 +229,7 @@ def test_a_stopped_member_logs_nan_for_the_epochs_it_did_not_train(batches, rng)
     calm.fit(X * 1e3, y * 1e3, epochs=3, batch_size=8, optimizer="sgd", lr=[1e-9, 1e-9, 1e-9], batches=batches)
     assert pack.stopped[0] is None and pack.stopped[2] is None and 1 <= pack.stopped[1] <= 5  # in its first epoch
     assert np.isfinite(pack.params).all()
-    assert np.isnan(histories[1]["loss"][1:]).all() and not np.isnan(histories[0]["loss"]).any()
+    assert [len(h["loss"]) for h in histories] == [3, 1, 3]
     for k in (0, 2):
         np.testing.assert_array_equal(pack.params[k], calm.params[k])
 
@@ -260,3 +260,107 @@ def test_shared_batches_are_refused_where_the_backend_has_no_member_axis(rng):
         pack.fit(X, y, batches="shared")
     with pytest.raises(ValueError, match="batches must be one of \\('own', 'shared'\\), got 'mine'"):
         pack.fit(X, y, batches="mine")
+
+
+class StopAfter(gb.callbacks.Callback):
+    """Stops its model after ``epochs`` epochs; records the epochs it saw."""
+
+    def __init__(self, epochs):
+        self.epochs, self.seen = epochs, []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.seen.append((epoch, logs["loss"]))
+        if len(self.seen) >= self.epochs:
+            model.stop_training = True
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["all rows", "row weights"])
+def test_members_own_rows_optimizers_epochs_and_callbacks_train_as_lone_fits_on_their_rows(weighted, rng):
+    """Member k with rows[k] (one a bootstrap, with repeats), its own optimizer object,
+    batch size, epochs and a callback that stops it early trains as a lone MLP fitted on
+    X[rows[k]] with the same, bit for bit; the others train on past the stopped one."""
+    X, y = random_batch(rng, SIZES, "cross_entropy", 60)
+    w = rng.random(60) + 0.1 if weighted else None
+    rows = [np.arange(0, 40), rng.integers(0, 60, 60), np.sort(rng.permutation(60)[:25])]
+    make = [lambda: gb.optim.SGD(0.05, momentum=0.9), lambda: gb.optim.Adam(3e-3), lambda: gb.optim.Adam(1e-2)]
+    stops = [StopAfter(2), StopAfter(99), StopAfter(99)]
+    models = [gb.MLP(SIZES, seed=s, dtype="float64") for s in (5, 6, 7)]
+    pack = MLPPack.of(models)
+    histories = pack.fit(X, y, epochs=[4, 4, 3], batch_size=[16, 16, 8], optimizer=[m() for m in make],
+                         rows=rows, callbacks=[[c] for c in stops], sample_weight=w)
+    assert [len(h["loss"]) for h in histories] == [2, 4, 3]
+    for k in range(3):
+        lone, stop = gb.MLP(SIZES, seed=5 + k, dtype="float64"), StopAfter(stops[k].epochs)
+        history = lone.fit(X[rows[k]], y[rows[k]], epochs=[4, 4, 3][k], batch_size=[16, 16, 8][k],
+                           optimizer=make[k](), callbacks=[stop], progress=False,
+                           sample_weight=None if w is None else w[rows[k]])
+        assert histories[k] == history and stops[k].seen == stop.seen
+        np.testing.assert_array_equal(pack.params[k], lone.backend.to_host(lone.params), err_msg=f"member {k}")
+        assert pack.member(k) is models[k] and models[k].optimizer.steps == lone.optimizer.steps
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rows=[np.arange(5)]), "rows must be a list of 2 index arrays"),
+    (dict(rows=[np.arange(5), np.array([0, 10])]), r"rows\[1\] holds indices outside \[0, 10\)"),
+    (dict(rows=[np.arange(5), np.array([], int)]), r"rows\[1\] must be a non-empty 1-D array"),
+    (dict(callbacks=[[]]), "callbacks must be a list of 2 lists"),
+    (dict(epochs=[1, 2, 3]), "epochs must be one value for every member or a list of 2"),
+    (dict(optimizer=[gb.optim.Adam()]), "a list of 2 optimizers"),
+    (dict(optimizer=[gb.optim.Adam(), gb.optim.Adam()], lr=0.1), "hold their own settings"),
+])
+def test_bad_per_member_settings_are_refused(kwargs, message, rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    with pytest.raises(ValueError, match=message):
+        MLPPack(SIZES, members=2).fit(X, y, **kwargs)
+
+
+def test_one_optimizer_object_for_two_members_is_refused(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    shared = gb.optim.Adam()
+    with pytest.raises(ValueError, match="an optimizer object of its own"):
+        MLPPack(SIZES, members=2).fit(X, y, optimizer=[shared, shared])
+
+
+def test_a_pack_of_existing_models_needs_them_alike():
+    assert MLPPack.of([gb.MLP(SIZES, seed=3), gb.MLP(SIZES, seed=9)]).seeds == [3, 9]
+    with pytest.raises(ValueError, match=r"models\[1\] is not of models\[0\]'s kind \(activation 'relu' vs 'tanh'\)"):
+        MLPPack.of([gb.MLP(SIZES, activation="tanh"), gb.MLP(SIZES)])
+    with pytest.raises(TypeError, match="not a gpubackprop MLP"):
+        MLPPack.of([gb.MLP(SIZES), object()])
+
+
+def test_on_the_kernels_a_member_on_its_own_rows_is_its_lone_fit_on_them(kernel_backend, rng):
+    """The captured steps gather a member's rows from the whole data set: as its lone
+    fit's gather from its own rows (host harness here, a GPU with -m gpu)."""
+    X, y = random_batch(rng, SIZES, "cross_entropy", 50)
+    rows = [np.arange(10, 50), rng.integers(0, 50, 50)]
+    pack = MLPPack(SIZES, members=2, seed=3, device=kernel_backend)
+    histories = pack.fit(X, y, epochs=2, batch_size=16, optimizer=[gb.optim.Adam(1e-2), gb.optim.SGD(0.1)],
+                         rows=rows)
+    for k, make in enumerate((lambda: gb.optim.Adam(1e-2), lambda: gb.optim.SGD(0.1))):
+        model = gb.MLP(SIZES, seed=3 + k, device=kernel_backend)
+        assert histories[k] == model.fit(X[rows[k]], y[rows[k]], epochs=2, batch_size=16, optimizer=make(),
+                                         progress=False)
+        np.testing.assert_array_equal(pack.params[k], model.backend.to_host(model.params))
+
+
+def test_shared_batches_stop_a_member_its_callback_stops_and_train_the_others_on(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 40)
+    stops = [StopAfter(99), StopAfter(2), StopAfter(99)]
+    pack = MLPPack(SIZES, members=3, seed=2, dtype="float64")
+    histories = pack.fit(X, y, epochs=4, batch_size=16, lr=[1e-2, 2e-2, 3e-2], callbacks=[[c] for c in stops],
+                         batches="shared")
+    assert [len(h["loss"]) for h in histories] == [4, 2, 4]
+    for k in range(3):
+        model, history = shared_twin(k, pack, X, y, gb.optim.Adam, [dict(lr=1e-2 * (j + 1)) for j in range(3)], None,
+                                     epochs=4, batch_size=16, callbacks=[StopAfter(stops[k].epochs)])
+        assert_same_training(pack, k, model, history, histories[k], "float64")
+
+
+@pytest.mark.parametrize("kwargs,what", [(dict(rows=[np.arange(5), np.arange(5)]), "rows"),
+                                         (dict(epochs=[1, 2]), "epochs"), (dict(batch_size=[4, 8]), "batch_size")])
+def test_shared_batches_refuse_per_member_rows_epochs_and_batch_sizes(kwargs, what, rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    pack = MLPPack(SIZES, members=2)
+    with pytest.raises(ValueError, match=f"the same batches: per-member {what} need batches='own'"):
+        pack.fit(X, y, batches="shared", **kwargs)
