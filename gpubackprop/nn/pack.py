@@ -34,7 +34,7 @@ from ..optim import SGD, Adam
 from ..train.loop import SYNC_EVERY, validation_set, weight_total
 from ..train.callbacks import call
 from ..train.pack_trainer import SharedBatches
-from ..train.trainer import Trainer, check_optimizer
+from ..train.trainer import Trainer, check_clip_norm, check_optimizer
 from .losses import HUBER_DELTA
 from .mlp import MLP
 
@@ -45,13 +45,14 @@ BATCHES = ("own", "shared")
 
 class MLPPack:
     """K = ``members`` MLPs of layer sizes ``sizes``, member k seeded ``seed + k`` (or
-    ``seeds[k]``); activation, loss, device, dtype and huber_delta as MLP's. A class of
+    ``seeds[k]``); activation, loss, device, dtype and huber_delta as MLP's; ``dropout``
+    a rate for every member or a list of K (each member's masks its own). A class of
     its own rather than ``MLP(..., members=K)``: every result gains a member axis
     (predict gives (K, n) labels, fit K histories), so no MLP method would keep its
     meaning."""
 
     def __init__(self, sizes, members=None, activation="relu", loss="cross_entropy", device="cpu", dtype="float32",
-                 seed=0, seeds=None, huber_delta=HUBER_DELTA):
+                 seed=0, seeds=None, huber_delta=HUBER_DELTA, dropout=0.0):
         if seeds is None:
             members = validation.check_positive_int("members", members)
             seeds = [validation.check_positive_int("seed", seed, minimum=0) + k for k in range(members)]
@@ -61,7 +62,8 @@ class MLPPack:
         if not seeds:
             raise ValueError("a pack needs at least one member")
         self.models = [MLP(sizes, activation=activation, loss=loss, device=device, dtype=dtype, seed=s,
-                           huber_delta=huber_delta) for s in seeds]
+                           huber_delta=huber_delta, dropout=rate)
+                       for s, rate in zip(seeds, _per_member("dropout", dropout, len(seeds)))]
         self.seeds = seeds
         self.stopped = [None] * len(seeds)  # the step at which each member was stopped, or None
         self._optimizers = None  # (their key, the members' optimizers) of the last fit
@@ -110,7 +112,7 @@ class MLPPack:
 
     # ---- training -------------------------------------------------------------------
     def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", sample_weight=None, validation_data=None,
-            shuffle=True, graphs=True, rows=None, callbacks=None, batches="own", **hyperparams):
+            shuffle=True, graphs=True, rows=None, callbacks=None, clip_norm=None, batches="own", **hyperparams):
         """Train every member ``epochs`` times over (X, y) in batches of ``batch_size``
         rows; returns K histories, each as MLP.fit's (a member's ends with the epoch in
         which it was stopped).
@@ -141,11 +143,10 @@ class MLPPack:
                       sets ``model.stop_training`` stops that member alone after its epoch
         validation_data  (X_val, y_val) or (X_val, y_val, sample_weight_val), as MLP.fit's:
                       every member's "val_" metrics after each of its epochs
-        graphs        as MLP.fit's: each member's step captured where the backend can
-                      ("own" batches)
+        clip_norm, graphs  as MLP.fit's ("own" batches); clip_norm one or a list of K
         """
         lead = self.models[0]
-        check_batches(batches, lead.backend, rows, epochs, batch_size)
+        clip_norms = check_batches(batches, self.models, rows, epochs, batch_size, clip_norm)
         with lead.context():
             Xd, T = lead.prepare(X, y)  # once, shared by every member (one device, one dtype)
             W = self._weights(sample_weight, Xd.shape[0])
@@ -158,7 +159,7 @@ class MLPPack:
             call(plan.callbacks, "on_train_begin", model)
         with lead.context(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard speaks
             if batches == "own":
-                trainers = self._trainers_for(optimizers, graphs)
+                trainers = self._trainers_for(optimizers, clip_norms, graphs)
                 for epoch in range(max((plan.epochs for plan in plans), default=0)):
                     self._epoch(Xd, T, W, shuffle, trainers, histories, val, plans, epoch)
             else:
@@ -282,11 +283,12 @@ class MLPPack:
             model.optimizer = optimizer  # as fit leaves it
         return self._optimizers[1]
 
-    def _trainers_for(self, optimizers, graphs):
-        """Each member's Trainer of its optimizer, kept while the optimizers and ``graphs`` stay."""
-        key = (tuple(id(o) for o in optimizers), graphs)  # the trainers hold the optimizers: the ids stay theirs
+    def _trainers_for(self, optimizers, clip_norms, graphs):
+        """Each member's Trainer of its optimizer and clip_norm, kept while they and ``graphs`` stay."""
+        key = (tuple(id(o) for o in optimizers), tuple(clip_norms), graphs)  # the trainers hold the optimizers
         if self._trainers is None or self._trainers[0] != key:
-            self._trainers = key, [Trainer(m, o, graphs=graphs) for m, o in zip(self.models, optimizers)]
+            self._trainers = key, [Trainer(m, o, clip_norm=c, graphs=graphs)
+                                   for m, o, c in zip(self.models, optimizers, clip_norms)]
         return self._trainers[1]
 
     def _weights(self, sample_weight, n):
@@ -318,7 +320,7 @@ class MLPPack:
         """One safetensors file: the (K, P) parameters, the sizes, seeds and settings."""
         lead = self.models[0]
         config = {"sizes": list(lead.sizes), "seeds": self.seeds, "activation": lead.activation, "loss": lead.loss,
-                  "dtype": lead.dtype, "huber_delta": lead.criterion.delta}
+                  "dtype": lead.dtype, "huber_delta": lead.criterion.delta, "dropout": [m.dropout for m in self.models]}
         state.save(path, {"params": np.ascontiguousarray(self.params)}, {"config": json.dumps(config)}, FORMAT, VERSION)
 
     @classmethod
@@ -399,12 +401,15 @@ def _check_rows(k, rows, n):
     return arr.astype(np.int64)
 
 
-def check_batches(batches, backend, rows, epochs, batch_size):
-    """batches="own" or "shared", and what shared batches cannot take, refused before anything is done."""
+def check_batches(batches, models, rows, epochs, batch_size, clip_norm):
+    """batches="own" or "shared", and what shared batches cannot take, refused before
+    anything is done; returns each member's clip_norm."""
     if batches not in BATCHES:
         raise ValueError(f"batches must be one of {BATCHES}, got {batches!r}")
+    clip_norms = [check_clip_norm(c) for c in _per_member("clip_norm", clip_norm, len(models))]
     if batches == "own":
-        return
+        return clip_norms
+    backend = models[0].backend
     if not backend.supports_members:
         raise NotImplementedError(f"batches='shared' needs the member-axis primitives, which {backend.name} "
                                   "does not have yet; use batches='own' there (each member its own steps)")
@@ -412,3 +417,7 @@ def check_batches(batches, backend, rows, epochs, batch_size):
         if isinstance(value, (list, tuple, np.ndarray)) and (name == "rows" or len(set(np.ravel(value))) > 1):
             raise ValueError(f"batches='shared' trains every member on the same batches: per-member {name} need "
                              "batches='own'")
+    if any(c is not None for c in clip_norms) or any(m.dropout for m in models):
+        raise ValueError("batches='shared' has no dropout or clip_norm yet: train members with them with "
+                         "batches='own'")
+    return clip_norms

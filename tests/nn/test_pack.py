@@ -364,3 +364,26 @@ def test_shared_batches_refuse_per_member_rows_epochs_and_batch_sizes(kwargs, wh
     pack = MLPPack(SIZES, members=2)
     with pytest.raises(ValueError, match=f"the same batches: per-member {what} need batches='own'"):
         pack.fit(X, y, batches="shared", **kwargs)
+
+
+def test_members_own_dropout_and_clip_norm_train_as_lone_fits_with_them(tmp_path, rng):
+    """Each member's dropout masks its own (drawn from its seed) and its gradients clipped
+    at its own norm: its lone MLP(dropout=...).fit(clip_norm=...), bit for bit."""
+    X, y = random_batch(rng, [5, 9, 7, 3], "cross_entropy", 50)
+    rates, norms = [0.0, 0.3, 0.5], [None, 0.5, 0.05]
+    pack = MLPPack([5, 9, 7, 3], members=3, seed=8, dtype="float64", dropout=rates)
+    histories = pack.fit(X, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.9, clip_norm=norms)
+    for k in range(3):
+        model = gb.MLP([5, 9, 7, 3], seed=8 + k, dtype="float64", dropout=rates[k])
+        history = model.fit(X, y, epochs=2, batch_size=16, optimizer=gb.optim.SGD(0.1, momentum=0.9),
+                            clip_norm=norms[k], progress=False)
+        assert histories[k] == history
+        np.testing.assert_array_equal(pack.params[k], model.backend.to_host(model.params), err_msg=f"member {k}")
+    pack.save(tmp_path / "pack.safetensors")
+    assert [m.dropout for m in MLPPack.load(tmp_path / "pack.safetensors").models] == rates
+    with pytest.raises(ValueError, match="batches='shared' has no dropout or clip_norm yet"):
+        pack.fit(X, y, batches="shared")
+    with pytest.raises(ValueError, match="batches='shared' has no dropout or clip_norm yet"):
+        MLPPack([5, 9, 7, 3], members=2).fit(X, y, batches="shared", clip_norm=1.0)
+    with pytest.raises(ValueError, match="clip_norm must be a positive number or None"):
+        MLPPack([5, 9, 7, 3], members=2).fit(X, y, clip_norm=[1.0, -1.0])
