@@ -37,7 +37,7 @@ import logging
 import re
 
 from . import cuda
-from .base import Backend, Dense, DenseBuffers, DeviceUnavailableError, LossBuffers, MemberUpdate, OutOfMemoryError
+from .base import Backend, Dense, DenseBuffers, DeviceUnavailableError, LossBuffers, MemberSettings, MemberUpdate, OutOfMemoryError
 from .cpu import NumpyBackend
 
 try:  # numba: the "fast" extra
@@ -96,5 +96,5 @@ def _cuda_backend(index):
     return cuda.CupyBackend(index)
 
 
-__all__ = ["Backend", "Dense", "DenseBuffers", "DeviceUnavailableError", "FusedCpuBackend", "LossBuffers", "MemberUpdate",
+__all__ = ["Backend", "Dense", "DenseBuffers", "DeviceUnavailableError", "FusedCpuBackend", "LossBuffers", "MemberSettings", "MemberUpdate",
            "NumpyBackend", "OutOfMemoryError", "cpu_backend", "get_backend"]

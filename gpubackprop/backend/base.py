@@ -75,6 +75,14 @@ class MemberUpdate(NamedTuple):
     steps: object  # (K,) uint32: each member's steps done; its update reads and advances its own
     skip: object  # (K,) uint32: set: the member's update is skipped, count included
     params_flag: object  # (K,) uint32: set where a member's parameters after its update hold Inf or NaN
+    scratch_steps: object  # (1,) like steps: a block's count, for member-by-member updates
+
+
+class MemberSettings(NamedTuple):
+    """Members' hyperparameters as Backend.prepare_members made them for the update."""
+
+    settings: list  # settings[k][j]: member k's for block j
+    arguments: object  # what the backend's own update loop takes for them, or None
 
 
 class Backend:
@@ -85,7 +93,7 @@ class Backend:
     note = ""
     supports_graphs = False
     supports_mixed_precision = False  # float16 / bfloat16 compute: cast_parameters, unscale_and_check, ...
-    supports_members = False  # a pack's member-axis primitives: flag_nonfinite_members, optimizer_update_members
+    supports_members = False  # whether Backend's member-axis primitives (the dense passes, the guard, the update) run here
     # Whether the primitives use the temporaries the model passes them (``scratch``
     # of the activations and the optimizers, each as large as its operand): NumPy
     # needs them for its out= chains; fused kernels need none, so none is allocated.
@@ -223,12 +231,18 @@ class Backend:
             for blk in blocks:
                 self.flag_nonfinite(member_part(g, blk, k), flags[k:k + 1])
 
-    def optimizer_update_members(self, rule, update, settings):
+    def prepare_members(self, rule, blocks, settings, dtype):
+        """What ``optimizer_update_members`` takes for members' hyperparameters ``settings``
+        (settings[k][j]: member k's for block j) of optimizer class ``rule``, made once
+        while they stay: here the settings themselves; a backend may add its arguments."""
+        return MemberSettings(settings, None)
+
+    def optimizer_update_members(self, rule, update, prepared):
         """Each member's ``optimizer_update`` of ``rule`` over its part of ``update`` (a
-        MemberUpdate), with its hyperparameters ``settings[k][j]`` for block j: block by
-        block, each counting from the member's steps, which advance once, after them."""
-        steps = self.empty((1,), update.steps.dtype)
-        for k, member_settings in enumerate(settings):
+        MemberUpdate), with its hyperparameters (``prepare_members``) for each block: block
+        by block, each counting from the member's steps, which advance once, after them."""
+        steps = update.scratch_steps
+        for k, member_settings in enumerate(prepared.settings):
             for blk, h in zip(update.blocks, member_settings):
                 self.xp.copyto(steps, update.steps[k:k + 1])
                 part = functools.partial(member_part, blk=blk, k=k)

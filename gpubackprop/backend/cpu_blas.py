@@ -62,11 +62,15 @@ class Mkl:
         self._gemm, self._batched = {}, {}
         for name, scalar, dtype in (("cblas_sgemm", ctypes.c_float, np.float32),
                                     ("cblas_dgemm", ctypes.c_double, np.float64)):
-            f, batched = getattr(lib, name), getattr(lib, name + "_batch_strided")
-            f.restype = batched.restype = None
+            f = getattr(lib, name)
+            f.restype = None
             f.argtypes = [I, I, I, I, I, I, scalar, P, I, P, I, scalar, P, I]
-            batched.argtypes = [I, I, I, I, I, I, scalar, P, I, I, P, I, I, scalar, P, I, I, I]
-            self._gemm[np.dtype(dtype)], self._batched[np.dtype(dtype)] = f, batched
+            self._gemm[np.dtype(dtype)] = f
+            batched = getattr(lib, name + "_batch_strided", None)  # MKL 2020 on; without, stacks go to NumPy
+            if batched is not None:
+                batched.restype = None
+                batched.argtypes = [I, I, I, I, I, I, scalar, P, I, I, P, I, I, scalar, P, I, I, I]
+                self._batched[np.dtype(dtype)] = batched
         buf = ctypes.create_string_buffer(256)
         lib.MKL_Get_Version_String(buf, len(buf))  # the C names: the lowercase ones are Fortran's
         self.version = buf.value.decode(errors="replace").strip()

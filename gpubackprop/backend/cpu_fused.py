@@ -26,6 +26,7 @@ import numpy as np
 
 from ..optim.base import Update
 from . import cpu_blas, cpu_kernels
+from .base import MemberSettings
 from .cpu import NumpyBackend
 
 FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -55,7 +56,6 @@ class FusedCpuBackend(NumpyBackend):
     def __init__(self, note=""):
         super().__init__(note)
         self.blas_choices = cpu_blas.Choices()
-        self._members_args = (None, None)  # (a pack's settings, the member loops' arguments for them)
 
     def matmul_for(self, sizes, act, batch, dtype, dropout):
         if fused_layer(act, dtype, dropout, act.needs_z) is None:
@@ -145,15 +145,18 @@ class FusedCpuBackend(NumpyBackend):
             return super().flag_nonfinite_members(g, blocks, flags)
         cpu_kernels.nonfinite_members(g, *block_arrays(blocks), flags)
 
-    def optimizer_update_members(self, rule, update, settings):
-        loop = cpu_kernels.OPTIMIZER_MEMBERS.get(rule.kernel)
-        if loop is None or not fused(update.p):
-            return super().optimizer_update_members(rule, update, settings)
+    def prepare_members(self, rule, blocks, settings, dtype):
+        if rule.kernel not in cpu_kernels.OPTIMIZER_MEMBERS or np.dtype(dtype) not in FUSED_DTYPES:
+            return super().prepare_members(rule, blocks, settings, dtype)
+        return MemberSettings(settings, (*block_arrays(blocks), member_scalars(rule, settings, np.dtype(dtype).type)))
+
+    def optimizer_update_members(self, rule, update, prepared):
+        if prepared.arguments is None:
+            return super().optimizer_update_members(rule, update, prepared)
         p, state = update.p, update.state
         arrays = (p, update.g, *(state or (p,)))  # sgd without momentum: its buffer is unread
-        if self._members_args[0] is not settings:  # a pack's settings stay for its fit: made once
-            self._members_args = settings, (*block_arrays(update.blocks), member_scalars(rule, settings, p.dtype.type))
-        loop(*arrays, *self._members_args[1], update.steps, update.skip, update.params_flag)
+        cpu_kernels.OPTIMIZER_MEMBERS[rule.kernel](*arrays, *prepared.arguments, update.steps, update.skip,
+                                                   update.params_flag)
 
 
 def block_arrays(blocks):

@@ -33,7 +33,7 @@ from .. import state, validation
 from ..optim import SGD, Adam
 from ..train.loop import SYNC_EVERY, validation_set, weight_total
 from ..train.callbacks import call
-from ..train.pack_trainer import SharedBatches
+from ..train.pack_trainer import SharedBatches, check_one_rule
 from ..train.trainer import Trainer, check_clip_norm, check_optimizer
 from .losses import HUBER_DELTA
 from .mlp import MLP
@@ -152,7 +152,7 @@ class MLPPack:
             W = self._weights(sample_weight, Xd.shape[0])
             val = validation_set(lead, validation_data)
         plans = member_plans(self.models, Xd.shape[0], W, epochs, batch_size, rows, callbacks)
-        optimizers = self._optimizers_for(optimizer, hyperparams)
+        optimizers = self._optimizers_for(optimizer, hyperparams, batches)
         histories = [{} for _ in self.models]
         for model, plan in zip(self.models, plans):
             model.stop_training = False
@@ -163,10 +163,7 @@ class MLPPack:
                 for epoch in range(max((plan.epochs for plan in plans), default=0)):
                     self._epoch(Xd, T, W, shuffle, trainers, histories, val, plans, epoch)
             else:
-                shared = SharedBatches(self.models, optimizers, plans[0].batch)
-                for epoch in range(plans[0].epochs):
-                    self._shared_epoch(Xd, T, W, shuffle, shared, histories, val, plans, epoch)
-                shared.store_state()
+                self._fit_shared(Xd, T, W, shuffle, optimizers, histories, val, plans)
         for model, plan in zip(self.models, plans):
             call(plan.callbacks, "on_train_end", model)
         return histories
@@ -196,43 +193,48 @@ class MLPPack:
                     self._stop_if_nonfinite(k, trainer)
                 call(plan.callbacks, "on_batch_end", model, s, {"batch_size": ws.batch})
             trainer.optimizer.sync_steps()
-            self._end_epoch(k, be.to_host(running), val, histories[k], plan, epoch)
+            end_epoch(model, be.to_host(running), val, histories[k], plan, epoch)
+
+    def _fit_shared(self, Xd, T, W, shuffle, optimizers, histories, val, plans):
+        """The epochs of batches="shared" (SharedBatches), members stopped before frozen."""
+        shared = SharedBatches(self.models, optimizers, plans[0].batch, [s is not None for s in self.stopped])
+        try:
+            for epoch in range(plans[0].epochs):
+                self._shared_epoch(Xd, T, W, shuffle, shared, histories, val, plans, epoch)
+        except BaseException:  # the members as far as they went: parameters and optimizers agree
+            shared.sync()
+            raise
 
     def _shared_epoch(self, Xd, T, W, shuffle, shared, histories, val, plans, epoch):
         """One epoch of every member still training on the same batches, member 0's order
-        of the rows (SharedBatches: each step all members'); then their parameters back in
-        the members, their metrics, and their callbacks."""
+        of the rows (SharedBatches: each step all members'); then their parameters and
+        optimizers back in the members, their metrics, and their callbacks (whose changes
+        to a learning rate the next step takes)."""
         n, be, K = Xd.shape[0], self.models[0].backend, self.members
         active = [k for k in range(K) if not plans[k].stopped and self.stopped[k] is None]
+        if not active:
+            return
+        called = any(plans[k].callbacks for k in active)
         for k in active:
             call(plans[k].callbacks, "on_epoch_begin", self.models[k], epoch)
         order = be.asarray(self.models[0].shuffle_rng.permutation(n) if shuffle else np.arange(n))
-        running, batch = be.zeros((K, 2), np.float64), plans[0].batch
+        running, batch, last = be.zeros((K, 2), np.float64), plans[0].batch, {}
         for s, start in enumerate(range(0, n, batch)):
+            if called:
+                shared.refresh()
             shared.step(order[start:start + batch], running, Xd, T, W)
-            for k, step, overflowed in shared.flagged():
-                self.stopped[k] = step
-                self._warn_stopped(k, overflowed)
+            for k, step, overflowed in shared.flagged():  # its metrics: of its steps before, as its own epoch's
+                self.stopped[k], last[k] = step, np.array(be.to_host(running[k]))
+                self._warn_stopped(k, overflowed, stacklevel=5)
             for k in active:
-                call(plans[k].callbacks, "on_batch_end", self.models[k], s, {"batch_size": min(batch, n - start)})
+                if self.stopped[k] is None:
+                    call(plans[k].callbacks, "on_batch_end", self.models[k], s, {"batch_size": min(batch, n - start)})
         shared.sync()
         running = be.to_host(running)
         for k in active:
-            self._end_epoch(k, running[k], val, histories[k], plans[k], epoch)
+            end_epoch(self.models[k], last.get(k, running[k]), val, histories[k], plans[k], epoch)
             if plans[k].stopped:
                 shared.freeze(k)
-
-    def _end_epoch(self, k, running, val, history, plan, epoch):
-        """Member k's metrics of the epoch (MLP.fit's) into its ``history``, then its
-        callbacks' on_epoch_end, which may stop it (``model.stop_training``)."""
-        model = self.models[k]
-        logs = model.metrics(running, plan.count)
-        if val is not None:  # as fit's validation: the metrics of all of (X_val, y_val)
-            logs.update({f"val_{name}": value for name, value in model.evaluation(*val).items()})
-        for name, value in logs.items():
-            history.setdefault(name, []).append(value)
-        call(plan.callbacks, "on_epoch_end", model, epoch, logs)
-        plan.stopped = bool(model.stop_training)
 
     def _stop_if_nonfinite(self, k, trainer):
         """Member k stops where its guard flagged a step, a warning naming it (its flagged
@@ -242,15 +244,15 @@ class MLPPack:
         (flagged, first), (overflowed, first_overflow) = trainer.guard.poll()
         if flagged or overflowed:
             self.stopped[k] = first + 1 if flagged else first_overflow
-            self._warn_stopped(k, overflowed and not flagged)
+            self._warn_stopped(k, overflowed and not flagged, stacklevel=5)
 
-    def _warn_stopped(self, k, overflowed):
+    def _warn_stopped(self, k, overflowed, stacklevel):
         how = "its update overflowed the parameters" if overflowed else \
             "its gradients went non-finite (the step was skipped)"
         warnings.warn(f"pack member {k} (seed {self.seeds[k]}) is stopped at step {self.stopped[k]}: {how}; "
-                      "the others train on", RuntimeWarning, stacklevel=5)
+                      "the others train on", RuntimeWarning, stacklevel=stacklevel)  # at the fit's caller
 
-    def _optimizers_for(self, name, hyperparams):
+    def _optimizers_for(self, name, hyperparams, batches):
         """An optimizer per member: the members' own objects (a list of K), or "sgd" /
         "adam" with ``hyperparams``, kept from the last fit where the optimizer and its
         settings are the same, so that their state continues."""
@@ -279,6 +281,8 @@ class MLPPack:
             optimizers = None
         if self._optimizers is None or self._optimizers[0] != key:
             self._optimizers = key, optimizers or [OPTIMIZERS[name](**s) for s in settings]  # all checked first
+        if batches == "shared":
+            check_one_rule(self._optimizers[1])
         for model, optimizer in zip(self.models, self._optimizers[1]):
             model.optimizer = optimizer  # as fit leaves it
         return self._optimizers[1]
@@ -334,6 +338,18 @@ class MLPPack:
         for model, row in zip(pack.models, params):
             model.parameters.assign(row)
         return pack
+
+
+def end_epoch(model, running, val, history, plan, epoch):
+    """A member's metrics of the epoch (MLP.fit's) into its ``history``, then its
+    callbacks' on_epoch_end, which may stop it (``model.stop_training``)."""
+    logs = model.metrics(running, plan.count)
+    if val is not None:  # as fit's validation: the metrics of all of (X_val, y_val)
+        logs.update({f"val_{name}": value for name, value in model.evaluation(*val).items()})
+    for name, value in logs.items():
+        history.setdefault(name, []).append(value)
+    call(plan.callbacks, "on_epoch_end", model, epoch, logs)
+    plan.stopped = bool(model.stop_training)
 
 
 def member_plans(models, n, W, epochs, batch_size, rows, callbacks):
@@ -420,4 +436,7 @@ def check_batches(batches, models, rows, epochs, batch_size, clip_norm):
     if any(c is not None for c in clip_norms) or any(m.dropout for m in models):
         raise ValueError("batches='shared' has no dropout or clip_norm yet: train members with them with "
                          "batches='own'")
+    if any(m.precision != "float32" for m in models):
+        raise ValueError(f"batches='shared' computes in the members' dtype; precision={models[0].precision!r} "
+                         "needs batches='own'")
     return clip_norms

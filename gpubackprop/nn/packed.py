@@ -27,9 +27,12 @@ from .activations import IDENTITY
 from .parameters import layout
 from .workspace import weight_dtype
 
-KEPT = 3  # workspaces: the batch and its last partial batch
+KEPT = 3  # workspaces: the batch, its last partial batch, and one more
 ALIGN = 64  # bytes: each block starts on a cache line (MKL's sgemm took 2.2 ms on the wide first layer of
 # [784,128,10] x 16 at batch 64 from a 16-byte aligned buffer, 1.15 ms from a 64-byte aligned one; 2-core Xeon)
+
+
+NOT_CHOSEN = object()  # a network's products before its first workspace chose them (None: the backend's own)
 
 
 class Block:
@@ -46,8 +49,7 @@ class Block:
 
 class PackedNetwork:
     """K members' parameters (``flat``, ``grads``) and their passes on shared batches.
-    ``criterion`` is the members' Loss; ``backend`` a CPU backend (the member axis has
-    no CUDA kernels yet)."""
+    ``criterion`` is the members' Loss; ``backend`` one whose ``supports_members``."""
 
     def __init__(self, backend, sizes, act, criterion, dtype, members):
         self.backend, self.sizes, self.act, self.criterion = backend, list(sizes), act, criterion
@@ -60,7 +62,7 @@ class PackedNetwork:
         self.flat, self.grads = (aligned_zeros(backend, start, self.dtype) for _ in range(2))
         self.layers = [self._layer(l) for l in range(1, len(self.sizes))]
         self._workspaces = {}
-        self._matmul = None
+        self._matmul = NOT_CHOSEN
 
     def _layer(self, l):
         """Layer l's Dense: the first layer's of all members as one (K n_1, n_0) layer;
@@ -80,12 +82,13 @@ class PackedNetwork:
         return sum(blk.size for blk in self.blocks)
 
     # ---- the members' parameters -------------------------------------------------------
-    def load(self, member_params):
-        """Every member's flat buffer (K, P), in the lone layout, into the pack's."""
-        host = np.empty(self.flat.shape, self.dtype)
+    def load(self, member_params, flat=None):
+        """Every member's flat buffer (K, P), in the lone layout, into the pack's
+        parameters (or into ``flat``, a buffer like them: optimizer state alike)."""
+        host = np.zeros(self.flat.shape, self.dtype)
         for blk in self.blocks:
             blk.rows(host, self.members)[...] = member_params[:, blk.lone]
-        self.backend.xp.copyto(self.flat, self.backend.asarray(host))
+        self.backend.xp.copyto(self.flat if flat is None else flat, self.backend.asarray(host))
 
     def to_members(self, flat=None):
         """``flat`` (the parameters by default; optimizer state alike) as (K, P) in the lone layout, on the host."""
@@ -99,12 +102,12 @@ class PackedNetwork:
     def workspace(self, batch):
         ws = self._workspaces.get(batch)
         if ws is None:
-            if self._matmul is None:  # chosen for the wide first layer, which holds most of the FLOPs
+            if self._matmul is NOT_CHOSEN:  # chosen for the wide first layer, which holds most of the FLOPs
                 self._matmul = self.backend.matmul_for(self.sizes[:1] + [self.members * self.sizes[1]], self.act,
-                                                       batch, self.dtype, False) or False
+                                                       batch, self.dtype, False)
             if len(self._workspaces) >= KEPT:
                 self._workspaces.pop(next(iter(self._workspaces)))
-            ws = self._workspaces[batch] = PackedWorkspace(self, batch, self._matmul or None)
+            ws = self._workspaces[batch] = PackedWorkspace(self, batch, self._matmul)
         return ws
 
     def forward_pass(self, ws):

@@ -33,15 +33,13 @@ GROUP_BYTES = 4 << 20
 
 
 class PackTrainer:
-    """A PackedNetwork and K optimizers of one class (SGD or Adam objects: their
-    hyperparameters, and their state and step counts, taken in and given back with
-    ``load_state`` / ``store_state``)."""
+    """A PackedNetwork and K optimizers of one class (SGD, Adam or AdamW objects: their
+    hyperparameters, read again by ``refresh`` where a callback may have changed them,
+    and their state and step counts, taken in and given back with ``load_state`` /
+    ``store_state``); ``frozen`` members (stopped) are updated no more."""
 
-    def __init__(self, net, optimizers):
-        rules = {type(o) for o in optimizers}
-        if len(rules) != 1 or not all(isinstance(o, Optimizer) for o in optimizers):
-            raise TypeError(f"a pack's members need optimizers of one class, got {sorted(r.__name__ for r in rules)}")
-        self.net, self.optimizers, self.rule = net, list(optimizers), rules.pop()
+    def __init__(self, net, optimizers, frozen=None):
+        self.net, self.optimizers, self.rule = net, list(optimizers), check_one_rule(optimizers)
         be, K = net.backend, net.members
         # every member's state buffers (SGD keeps momentum only where it has momentum; a member
         # without reads none of it)
@@ -51,9 +49,18 @@ class PackTrainer:
         self.steps = be.zeros((K,), np.uint32)
         self.flagged = be.zeros((K,), np.uint32)  # this step's gradients not finite: skip the member's update
         self.overflowed = be.zeros((K,), np.uint32)  # its parameters not finite after the update
-        self.frozen = np.zeros(K, bool)  # stopped members: never updated again
-        self.hyper = self.settings()  # fixed for the fit: a pack has no schedule
+        self.scratch_steps = be.empty((1,), np.uint32)
+        self.frozen = np.zeros(K, bool) if frozen is None else np.array(frozen, bool)
+        self.hyper = None
+        self.refresh()
         self.load_state()
+
+    def refresh(self):
+        """The members' hyperparameters for the update, made again only where they changed
+        (a callback's schedule sets an optimizer's lr)."""
+        settings = self.settings()
+        if self.hyper is None or settings != self.hyper.settings:
+            self.hyper = self.net.backend.prepare_members(self.rule, self.net.blocks, settings, self.net.dtype)
 
     def settings(self):
         """Per member, per block: the hyperparameters its update runs with (a bias block
@@ -84,7 +91,7 @@ class PackTrainer:
             self.flagged[k:k + 1].fill(1)
         self.overflowed.fill(0)
         update = MemberUpdate(net.flat, net.grads, self.state, self.scratch, tuple(net.blocks), self.steps,
-                              self.flagged, self.overflowed)
+                              self.flagged, self.overflowed, self.scratch_steps)
         be.optimizer_update_members(self.rule, update, self.hyper)
 
     def poll(self):
@@ -93,10 +100,10 @@ class PackTrainer:
         update overflowed its parameters (``overflowed``), as the lone guard counts them."""
         be = self.net.backend
         flagged, overflowed, steps = (np.asarray(be.to_host(f)) for f in (self.flagged, self.overflowed, self.steps))
-        stopped = []
+        stopped = []  # the flags are this step's: read after every step
         for k in np.flatnonzero((flagged | overflowed) & ~self.frozen):
-            stopped.append((int(k), int(steps[k]) + 1 if flagged[k] else int(steps[k]), bool(overflowed[k] and
-                                                                                               not flagged[k])))
+            overflow_alone = bool(overflowed[k] and not flagged[k])
+            stopped.append((int(k), int(steps[k]) if overflow_alone else int(steps[k]) + 1, overflow_alone))
             self.frozen[k] = True
         return stopped
 
@@ -105,11 +112,7 @@ class PackTrainer:
         """Each optimizer's state and step count (lone layout) into the pack's buffers."""
         net = self.net
         for i, name in enumerate(self.state_names):
-            rows = np.stack([_host_state(o, name, net) for o in self.optimizers])
-            scratch_net = np.empty(net.flat.shape, net.dtype)
-            for blk in net.blocks:
-                blk.rows(scratch_net, net.members)[...] = rows[:, blk.lone]
-            net.backend.xp.copyto(self.state[i], net.backend.asarray(scratch_net))
+            net.load(np.stack([_host_state(o, name, net) for o in self.optimizers]), self.state[i])
         for o in self.optimizers:
             o.sync_steps()
         net.backend.xp.copyto(self.steps, net.backend.asarray(np.array([o.steps for o in self.optimizers], np.uint32)))
@@ -123,6 +126,17 @@ class PackTrainer:
             o.state = {name: state[k].copy() for name, state in zip(self.state_names, states) if name in o.state_names}
             o.steps = int(steps[k])
             o.device_steps = None  # bind() makes it anew from steps
+            if o.bound is not None:  # its buffers for a step without a model: the new ones
+                o.bind(o.bound)
+
+
+def check_one_rule(optimizers):
+    """The one optimizer class of every member (a pack's update is one rule's loop)."""
+    rules = {type(o) for o in optimizers}
+    if len(rules) != 1 or not all(isinstance(o, Optimizer) for o in optimizers):
+        raise TypeError(f"batches='shared' updates every member by one rule: give every member an optimizer of one "
+                        f"class (got {sorted(r.__name__ for r in rules)}), or use batches='own'")
+    return rules.pop()
 
 
 def _host_state(optimizer, name, net):
@@ -151,10 +165,11 @@ class SharedBatches:
     batches, in groups of PackTrainers (``member_groups``); the models' parameters and
     optimizers hold the members' state between fits (``sync``, ``store_state``)."""
 
-    def __init__(self, models, optimizers, batch):
+    def __init__(self, models, optimizers, batch, frozen):
         lead, self.models = models[0], models
+        check_one_rule(optimizers)
         self.groups = [(g, PackTrainer(PackedNetwork(lead.backend, lead.sizes, lead.act, lead.criterion, lead.dtype,
-                                                     g.stop - g.start), optimizers[g]))
+                                                     g.stop - g.start), optimizers[g], frozen[g]))
                        for g in member_groups(len(models), batch, lead.sizes, lead.dtype, lead.backend.name == "cpu")]
         params = np.stack([lead.backend.to_host(m.params) for m in models])
         for g, trainer in self.groups:
@@ -178,12 +193,15 @@ class SharedBatches:
             if g.start <= k < g.stop:
                 trainer.frozen[k - g.start] = True
 
+    def refresh(self):
+        """The members' hyperparameters read again (after callbacks)."""
+        for _, trainer in self.groups:
+            trainer.refresh()
+
     def sync(self):
-        """The members' parameters into their models."""
+        """The members' parameters into their models, and their optimizers' state and
+        step counts into the optimizers: each member as after its lone fit's steps."""
         for g, trainer in self.groups:
             for model, row in zip(self.models[g], trainer.net.to_members()):
                 model.parameters.assign(row)
-
-    def store_state(self):
-        for _, trainer in self.groups:
             trainer.store_state()

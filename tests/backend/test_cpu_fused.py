@@ -269,8 +269,11 @@ def test_member_optimizer_updates_give_each_members_lone_update_bits(name, dtype
         scratch = tuple(poisoned(n, dtype) for _ in range(be.update_scratch(rule, dtype)))
         for _ in range(3):
             g = np.random.default_rng(7 + _).standard_normal(n).astype(dtype)
-            update = backends.MemberUpdate(p, g, state, scratch, tuple(blocks), steps, skip, np.zeros(K, np.uint32))
-            be.optimizer_update_members(rule, update, [[h] * len(blocks) for h in settings])
+            update = backends.MemberUpdate(p, g, state, scratch, tuple(blocks), steps, skip, np.zeros(K, np.uint32),
+                                           np.full(1, 7, np.uint32))  # scratch: any value
+            prepared = be.prepare_members(rule, blocks, [[h] * len(blocks) for h in settings], dtype)
+            assert (prepared.arguments is None) == (be is NUMPY)  # the fused loop's, made once per settings
+            be.optimizer_update_members(rule, update, prepared)
         results[be] = p, steps
     np.testing.assert_array_equal(results[FUSED][0], results[NUMPY][0])
     np.testing.assert_array_equal(results[FUSED][1], steps0 + np.array([3, 0, 3]))

@@ -387,3 +387,53 @@ def test_members_own_dropout_and_clip_norm_train_as_lone_fits_with_them(tmp_path
         MLPPack([5, 9, 7, 3], members=2).fit(X, y, batches="shared", clip_norm=1.0)
     with pytest.raises(ValueError, match="clip_norm must be a positive number or None"):
         MLPPack([5, 9, 7, 3], members=2).fit(X, y, clip_norm=[1.0, -1.0])
+
+
+class HalveRate(gb.callbacks.Callback):
+    """Halves its model's learning rate at every epoch's start; records the optimizer's
+    step count and state names at every epoch's end."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_begin(self, model, epoch):
+        model.optimizer.lr = model.optimizer.lr / 2
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.seen.append((model.optimizer.steps, sorted(model.optimizer.state)))
+
+
+def test_shared_batches_follow_a_callbacks_learning_rate_and_show_the_optimizers_state_each_epoch(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 40)
+    watchers = [HalveRate() for _ in range(2)]
+    pack = MLPPack(SIZES, members=2, seed=4, dtype="float64")
+    histories = pack.fit(X, y, epochs=3, batch_size=16, lr=[0.02, 0.04], callbacks=[[w] for w in watchers],
+                         batches="shared")
+    for k in range(2):
+        lone_watcher = HalveRate()
+        model, history = shared_twin(k, pack, X, y, gb.optim.Adam, [dict(lr=0.02), dict(lr=0.04)], None, epochs=3,
+                                     batch_size=16, callbacks=[lone_watcher])
+        assert_same_training(pack, k, model, history, histories[k], "float64")
+        assert watchers[k].seen == lone_watcher.seen == [(3, ["exp_avg", "exp_avg_sq"]), (6, ["exp_avg", "exp_avg_sq"]),
+                                                         (9, ["exp_avg", "exp_avg_sq"])]
+
+
+def test_a_member_stopped_in_an_earlier_fit_stays_stopped_and_warnings_name_the_callers_line(rng):
+    X, y = random_batch(rng, SIZES, "mse", 40)
+    pack = MLPPack(SIZES, members=2, loss="mse", activation="identity", dtype="float64", seed=0)
+    with pytest.warns(RuntimeWarning, match="pack member 1") as caught:
+        pack.fit(X * 1e3, y * 1e3, epochs=1, batch_size=8, optimizer="sgd", lr=[1e-9, 10.0], batches="shared")
+    assert caught[0].filename == __file__
+    before = pack.params[1]
+    histories = pack.fit(X, y, epochs=2, batch_size=8, optimizer="sgd", lr=[1e-9, 1e-3], batches="shared")
+    np.testing.assert_array_equal(pack.params[1], before)
+    assert histories[1] == {} and len(histories[0]["loss"]) == 2
+
+
+def test_shared_batches_refuse_members_of_two_optimizer_classes_before_any_callback(rng):
+    X, y = random_batch(rng, SIZES, "cross_entropy", 10)
+    watcher = HalveRate()
+    with pytest.raises(TypeError, match="one rule: give every member an optimizer of one class"):
+        MLPPack(SIZES, members=2).fit(X, y, optimizer=[gb.optim.SGD(0.1), gb.optim.Adam()], batches="shared",
+                                      callbacks=[[watcher], []])
+    assert watcher.seen == []
