@@ -74,7 +74,8 @@ def torch_sequential(sizes, batch, X, y, K):
     import torch.nn.functional as F
 
     torch.set_num_threads(n_cores())
-    nets = [_torch_net(sizes, [(W[k], b[k]) for W, b in start_weights(sizes, K)]) for k in range(K)]
+    weights = start_weights(sizes, K)  # once: K packs of K members took minutes at K = 64
+    nets = [_torch_net(sizes, [(W[k], b[k]) for W, b in weights]) for k in range(K)]
     opts = [torch.optim.SGD(net.parameters(), lr=LR) for net in nets]
     Xt, yt, rng = torch.from_numpy(X), torch.from_numpy(y), np.random.default_rng(SEED)
 
@@ -113,7 +114,8 @@ def torch_vmap(sizes, batch, X, y, K, shared=False):
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     torch.set_num_threads(n_cores())
-    nets = [_torch_net(sizes, [(W[k], b[k]) for W, b in start_weights(sizes, K)]) for k in range(K)]
+    weights = start_weights(sizes, K)  # once: K packs of K members took minutes at K = 64
+    nets = [_torch_net(sizes, [(W[k], b[k]) for W, b in weights]) for k in range(K)]
     params, buffers = stack_module_state(nets)
     params = {name: p.detach() for name, p in params.items()}
     base = copy.deepcopy(nets[0]).to("meta")
