@@ -127,6 +127,10 @@ def add_pack_arguments(t):
                    help="train a pack: N members seeded --seed .. --seed + N - 1, or the seeds listed; every other "
                         "flag as for one model (the data split stays --seed's); writes <out>/pack.safetensors, "
                         "<out>/pack.json and the best member as <out>/model.safetensors")
+    t.add_argument("--shared-batches", action="store_true",
+                   help="a pack's members train on the same batches (member 0's shuffle) in one step for all of "
+                        "them: faster where the first layer is wide and the batch small (MLPPack.fit's "
+                        "batches='shared'); member k then equals a lone run on member 0's order of the rows")
     t.add_argument("--grid", nargs="+", action="extend", metavar="KEY=V1,V2,...",
                    help=f"train a pack over every combination of these values ({', '.join(GRID_KEYS)}: the flags "
                         "of those names), each with every --seeds seed (default --seed alone); the best member "
@@ -357,6 +361,8 @@ def _pack_members(args):
     optimizer) triples: every --grid point (a dict of its keys' values) with every
     seed, its optimizer made as the lone run makes it from those flags."""
     if args.seeds is None and not args.grid:
+        if args.shared_batches:
+            raise ValueError("--shared-batches is for a pack's members: give --seeds and / or --grid, or drop it")
         return None
     _refuse_for_packs(args)
     _check_flags(args)
@@ -445,7 +451,7 @@ def _train_pack(args, members, pack, encodings, splits, out, metadata, print):
     with warnings.catch_warnings(record=True) as caught:  # a stopped member's, said as the command's words
         histories = pack.fit(*lead.encoded(X, y), epochs=args.epochs, batch_size=args.batch_size,
                              optimizer=args.optimizer, sample_weight=weights, validation_data=lead.encoded(*checked),
-                             **hyperparams)
+                             batches="shared" if args.shared_batches else "own", **hyperparams)
     for warning in caught:
         print(f"gpubackprop: warning: {warning.message}", file=sys.stderr)
     validated = metadata["val_fraction"] > 0

@@ -753,3 +753,24 @@ def test_a_pack_refuses_what_it_cannot_honour_before_anything_starts(tmp_path, c
     captured = capsys.readouterr()
     assert rc == 2 and message in captured.err, captured.err
     assert captured.out == "" and not out.exists()  # no device line: refused before the data or a device
+
+
+def test_shared_batches_train_the_packs_members_on_member_0s_batches(tmp_path, capsys):
+    """--shared-batches: each member the Python pack's with batches="shared" on the CLI's
+    split (which equals a lone fit on member 0's order: tests/nn/test_pack.py)."""
+    rc, out = train(tmp_path, "--dataset", "digits", "--hidden", "16", "--epochs", "2", "--device", "cpu",
+                    "--seeds", "3", "--shared-batches")
+    capsys.readouterr()
+    assert rc == 0
+    pack, written = gb.MLPPack.load(out / "pack.safetensors"), gb.load(out / "model.safetensors")
+    X, y = data.load_dataset("digits")
+    X_tr, X_te, y_tr, y_te = data.train_test_split(X, y, 0.2, seed=0)
+    twin = gb.MLPPack([64, 16, 10], members=3, seed=0)
+    for member in twin.models:
+        member.inputs, member.target = written.inputs, written.target
+    lead = twin.member(0)
+    twin.fit(*lead.encoded(X_tr, y_tr), epochs=2, batch_size=32, optimizer="adam", lr=1e-3,
+             validation_data=lead.encoded(X_te, y_te), batches="shared")
+    np.testing.assert_array_equal(pack.params, twin.params)
+    assert main(["train", "--dataset", "digits", "--shared-batches", "--out", str(tmp_path / "lone")]) == 2
+    assert "--shared-batches is for a pack's members: give --seeds and / or --grid" in capsys.readouterr().err
