@@ -270,3 +270,20 @@ def member_part(flat, blk, k):
     """Member k's part of block ``blk`` of a pack's flat buffer."""
     start = blk.start + k * blk.size
     return flat[start:start + blk.size]
+
+
+def gemm_layout(x):
+    """How a BLAS takes the 2-D x: (False, leading dimension) for rows of unit stride (a
+    C-contiguous array, or columns of a wider one: a pack's members), (True, leading
+    dimension) for the transpose of such, None for anything else."""
+    rows, cols = x.shape
+    step = x.itemsize
+    if x.flags.c_contiguous:
+        return False, max(cols, 1)
+    if x.flags.f_contiguous:  # a transposed view: W.T, delta.T
+        return True, max(rows, 1)
+    if x.strides[1] == step and x.strides[0] % step == 0 and x.strides[0] >= cols * step:
+        return False, x.strides[0] // step
+    if x.strides[0] == step and x.strides[1] % step == 0 and x.strides[1] >= rows * step:
+        return True, x.strides[1] // step
+    return None

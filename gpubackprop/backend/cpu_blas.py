@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from ..state import atomic_write, cache_folder
+from .base import gemm_layout
 
 log = logging.getLogger("gpubackprop")
 
@@ -84,17 +85,8 @@ class Mkl:
     @staticmethod
     def _operand(x):
         """(transpose flag, leading dimension) of a 2-D operand with one unit stride, else None."""
-        rows, cols = x.shape
-        if x.flags.c_contiguous:
-            return NO_TRANS, max(cols, 1)
-        if x.flags.f_contiguous:  # a transposed view: W.T, delta.T
-            return TRANS, max(rows, 1)
-        step = x.itemsize
-        if x.strides[1] == step and x.strides[0] % step == 0 and x.strides[0] >= cols * step:
-            return NO_TRANS, x.strides[0] // step
-        if x.strides[0] == step and x.strides[1] % step == 0 and x.strides[1] >= rows * step:
-            return TRANS, x.strides[1] // step
-        return None
+        layout = gemm_layout(x)
+        return None if layout is None else (TRANS if layout[0] else NO_TRANS, layout[1])
 
     def _forget(self):
         self._gemm.clear()

@@ -45,7 +45,7 @@ import numpy as np
 from ..nn import losses
 from ..nn.activations import ACTIVATIONS
 from ..optim import OPTIMIZERS
-from .base import Backend
+from .base import Backend, gemm_layout
 
 KERNEL_DIR = importlib.resources.files("gpubackprop.kernels")  # kernels/ in a checkout
 CTYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -340,18 +340,11 @@ def column_major_gemm(a, b, out):
         raise ValueError(f"gemm of {a.shape} by {b.shape} into {out.shape}: shapes or layout do not fit")
 
     def operand(x):
-        rows, cols = x.shape
-        step = x.itemsize
-        if x.flags.c_contiguous:
-            return 0, max(cols, 1)  # OP_N, leading dimension = row length
-        if x.flags.f_contiguous:
-            return 1, max(rows, 1)  # OP_T of the C-contiguous array x.T
-        if x.strides[1] == step and x.strides[0] % step == 0 and x.strides[0] >= cols * step:
-            return 0, x.strides[0] // step
-        if x.strides[0] == step and x.strides[1] % step == 0 and x.strides[1] >= rows * step:
-            return 1, x.strides[1] // step
-        raise ValueError("gemm operands must be rows of unit stride (C-contiguous, or columns of a wider array) "
-                         "or their transposes")
+        layout = gemm_layout(x)
+        if layout is None:
+            raise ValueError("gemm operands must be rows of unit stride (C-contiguous, or columns of a wider array) "
+                             "or their transposes")
+        return int(layout[0]), layout[1]  # OP_N or OP_T, the leading dimension
 
     (op_b, ld_b), (op_a, ld_a), (op_out, ldc) = operand(b), operand(a), operand(out)
     if op_out:
