@@ -24,7 +24,6 @@ backend, and its ``note`` says so.
 
 import numpy as np
 
-from ..optim.base import Update
 from . import cpu_blas, cpu_kernels
 from .base import MemberSettings
 from .cpu import NumpyBackend
@@ -165,8 +164,6 @@ def block_arrays(blocks):
 
 
 def member_scalars(rule, settings, c):
-    """(K, blocks, args) float64: the scalars ``rule.kernel_args`` gives the lone loop
-    after its arrays and n, for each member's settings of each block."""
-    probe = Update(*(np.zeros(1, c) for _ in range(2)), tuple(np.zeros(1, c) for _ in rule.state_names), (), None)
-    lead = 2 + max(len(probe.state), 1) + 1  # p, g, the state (sgd: its buffer, or p), n
-    return np.array([[[float(x) for x in rule.kernel_args(probe, h, c)[lead:]] for h in member] for member in settings])
+    """(K, blocks, args) float64: the scalars ``rule.kernel_scalars`` gives the lone loop,
+    for each member's settings of each block."""
+    return np.array([[[float(x) for x in rule.kernel_scalars(h, c)] for h in member] for member in settings])

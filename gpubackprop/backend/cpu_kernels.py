@@ -310,7 +310,7 @@ nonfinite = compiled(nonfinite, fastmath={"reassoc"})
 # ---- a pack's member axis (gpubackprop.nn.packed): the loops above, member by member ----------------
 # A pack's flat buffer holds blocks (starts[j], sizes[j]) of K rows each: member k's part of
 # block j is sizes[j] values from starts[j] + k sizes[j]. h[k, j] holds the scalar arguments
-# the lone loop takes after n (its kernel_args), in float64; each is cast as kernel_args casts it.
+# the lone loop takes after n (its rule's kernel_scalars), in float64; each cast as kernel_scalars casts it.
 def nonfinite_members(g, starts, sizes, flags):
     """flags[k] = whether member k's part of g holds Inf or NaN."""
     for k in range(flags.shape[0]):

@@ -107,9 +107,13 @@ class Adam(Optimizer):
     def kernel_args(u, h, c):
         """adam_update's arguments up to the step count (``c``: the compute type)."""
         m, v = u.state
-        return (u.p, u.g, m, v, np.int64(u.p.size), np.float64(h.lr), np.float64(h.beta1), np.float64(h.beta2),
-                c(1.0 - h.beta1), c(1.0 - h.beta2), c(h.eps), c(h.weight_decay), c(1.0 - h.lr * h.weight_decay),
-                np.int32(h.decoupled))
+        return (u.p, u.g, m, v, np.int64(u.p.size)) + Adam.kernel_scalars(h, c)
+
+    @staticmethod
+    def kernel_scalars(h, c):
+        """adam_update's hyperparameter arguments, after its arrays and n."""
+        return (np.float64(h.lr), np.float64(h.beta1), np.float64(h.beta2), c(1.0 - h.beta1), c(1.0 - h.beta2),
+                c(h.eps), c(h.weight_decay), c(1.0 - h.lr * h.weight_decay), np.int32(h.decoupled))
 
 
 class AdamW(Adam):

@@ -70,7 +70,8 @@ class Optimizer:
     takes them (``settings()``), and the update three ways: ``reference`` (float64,
     for the tests), ``numpy_update`` (the CPU backend's) and ``kernel`` with
     ``kernel_args`` (its CUDA kernel in kernels/optimizers.cu and the arguments
-    before the step count). ``examples`` are the hyperparameters every check runs
+    before the step count: the arrays, n, then ``kernel_scalars``, which a pack's
+    member loops take per member). ``examples`` are the hyperparameters every check runs
     (selftest, the host harness, PyTorch's torch.optim twin of the same name).
     """
 

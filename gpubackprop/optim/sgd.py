@@ -101,5 +101,10 @@ class SGD(Optimizer):
     def kernel_args(u, h, c):
         """sgd_update's arguments up to the step count (``c``: the compute type)."""
         buf = u.state[0] if u.state else u.p  # unread without momentum
-        return (u.p, u.g, buf, np.int64(u.p.size), c(h.lr), c(h.momentum), c(1.0 - h.dampening), c(h.weight_decay),
-                c(h.lr * h.momentum), np.int32(h.nesterov), np.int32(h.dampening != 0))
+        return (u.p, u.g, buf, np.int64(u.p.size)) + SGD.kernel_scalars(h, c)
+
+    @staticmethod
+    def kernel_scalars(h, c):
+        """sgd_update's hyperparameter arguments, after its arrays and n."""
+        return (c(h.lr), c(h.momentum), c(1.0 - h.dampening), c(h.weight_decay), c(h.lr * h.momentum),
+                np.int32(h.nesterov), np.int32(h.dampening != 0))
