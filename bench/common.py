@@ -5,6 +5,7 @@ engine and its peers, and the interleaved best-of timing.
     versions        versions(device=None, blas_threads=None), commit(), git_state()
     timing          time_call(fn) and time_interleaved({name: fn}) -> Timing,
                     built of calibrate, loop_mean and settle
+    results         write_result(out, name, result): bench/results/<name>-<date>.json
 
 Timing: implementations of one case are timed interleaved. Each is warmed up and
 its loop sized to ~``target_s``; then each repeat runs one loop of every
@@ -13,8 +14,10 @@ threads stop spinning), and the best repeat is kept.
 """
 
 import contextlib
+import datetime
 import functools
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -261,3 +264,15 @@ def time_interleaved(fns, target_s=TARGET_S, repeats=REPEATS, sync=_no_sync, set
                     fn()  # its own threads and caches warm again after the pause
                 means[name].append(loop_mean(fn, loops[name], sync))
     return {name: Timing(best=min(m), loop=loops[name], means=m) for name, m in means.items()}
+
+
+def write_result(out, name, result, stream=None):
+    """``result`` as the JSON file <out>/<name>-<today>.json (the folder made where
+    missing), said on ``stream`` (stderr by default: stdout holds a table alone); returns
+    the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}-{datetime.date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}", file=stream or sys.stderr)
+    return path

@@ -21,14 +21,13 @@ the Markdown table); ``--members 16 64``, ``--repeats 3``, ``--cases``.
 import argparse
 import datetime
 import functools
-import json
 import os
 import sys
 
 import numpy as np
 
 import gpubackprop as gb
-from bench.common import have, machine, n_cores, time_interleaved, versions
+from bench.common import have, machine, n_cores, time_interleaved, versions, write_result
 from bench.cpu_bench import sgemm_ceiling, step_flops
 
 CASES = (((784, 128, 10), 64, 2048), ((64, 64, 64, 64, 64, 16), 4096, 16384))  # (sizes, batch, rows)
@@ -242,13 +241,8 @@ def main(argv=None):
             rows.append(measure_case(sizes, batch, n, K, impls, args.repeats, ceiling))
     table = markdown(rows, impls)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"pack-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump({"date": stamp, "machine": facts, "versions": versions(), "lr": LR, "ceiling_gflops": ceiling,
-                   "rows": rows, "table": table}, f, indent=1)
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out, "pack", {"date": datetime.date.today().isoformat(), "machine": facts, "versions": versions(),
+                                    "lr": LR, "ceiling_gflops": ceiling, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

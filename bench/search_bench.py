@@ -16,8 +16,8 @@ prints the Markdown table); ``--rows``, ``--max-iter``, ``--folds`` and
 
 import argparse
 import datetime
-import json
 import os
+import sys
 import time
 import warnings
 
@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.neural_network import MLPClassifier as SkMLPClassifier
 
-from bench.common import machine, settle, versions
+from bench.common import machine, settle, versions, write_result
 from gpubackprop.sklearn import MLPClassifier, MLPSearchCV
 
 GRID = {"learning_rate_init": [1e-3, 3e-3, 1e-2], "alpha": [1e-4, 1e-3, 1e-2, 1e-1]}
@@ -129,12 +129,7 @@ def main(argv=None):
                          f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, "
                          f"best of {args.repeats}; MLPSearchCV's scores equal GridSearchCV's with ours: {same}")
     print(result["caption"] + ":\n\n" + result["table"])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"search-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
-    return path
+    return write_result(args.out, "search", result, sys.stdout)  # the path with the caption and table
 
 
 if __name__ == "__main__":

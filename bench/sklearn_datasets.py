@@ -18,11 +18,11 @@ bench/results/sklearn-datasets-<date>.json and prints the Markdown table).
 
 import argparse
 import datetime
-import json
 import os
+import sys
 import warnings
 
-from bench.common import machine, time_interleaved, versions
+from bench.common import machine, time_interleaved, versions, write_result
 
 # name -> (estimator kind, what its score is)
 DATASETS = {"wine": ("classifier", "accuracy"), "breast_cancer": ("classifier", "accuracy"),
@@ -125,12 +125,7 @@ def main(argv=None):
     result["caption"] = caption(result)
     result["table"] = "\n".join(table(rows))
     print(result["caption"] + ":\n\n" + result["table"])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"sklearn-datasets-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
-    return path
+    return write_result(args.out, "sklearn-datasets", result, sys.stdout)  # the path with the caption and table
 
 
 if __name__ == "__main__":
